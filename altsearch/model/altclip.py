@@ -1,0 +1,238 @@
+"""The AltCLIP model: both towers, their projections, and the user-facing :class:`Model`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from .config import AltCLIPConfig
+from .resolve import DEFAULT_MODEL, resolve
+from .runtime import pick_device, pick_dtype
+from .text import TextTransformer
+from .vision import VisionTransformer
+from . import weights as W
+
+log = logging.getLogger(__name__)
+
+TOWERS = ("text", "vision")
+
+
+class AltCLIP(nn.Module):
+    """Module tree mirroring the checkpoint keys (``text_model``, ``vision_model``, projections)."""
+
+    def __init__(self, cfg: AltCLIPConfig):
+        super().__init__()
+        self.text_model = TextTransformer(cfg.text)
+        self.vision_model = VisionTransformer(cfg.vision)
+        self.text_projection = nn.Linear(cfg.text.project_dim, cfg.projection_dim, bias=False)
+        self.visual_projection = nn.Linear(cfg.vision.hidden_size, cfg.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.empty(()))
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Unnormalised text embeddings, like ``AltCLIPModel.get_text_features``. (B, P)"""
+        return self.text_projection(self.text_model(input_ids, attention_mask))
+
+    def image_features(self, pixels: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """Unnormalised image embeddings, like ``AltCLIPModel.get_image_features``. (B, P)"""
+        return self.visual_projection(self.vision_model(pixels, interpolate_pos_encoding))
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+class Model:
+    """A loaded AltCLIP checkpoint, ready to embed text and images.
+
+    Each tower is read from disk the first time it is needed (a text query never reads the vision
+    weights), or up front with ``towers=``. Safe to share between threads: loading is locked and
+    inference runs under ``torch.inference_mode``.
+    """
+
+    def __init__(self, path: Path, *, source: str, device: torch.device, dtype: torch.dtype,
+                 max_length: int | None = None):
+        from .preprocess import PreprocessConfig
+        from .tokenizer import DEFAULT_MAX_LENGTH
+
+        self.path = path
+        self.source = source
+        self.device = device
+        self.dtype = dtype
+        self.config = AltCLIPConfig.from_file(path / "config.json")
+        self.preprocess_config = PreprocessConfig.from_dir(path)
+        self.max_length = min(max_length or DEFAULT_MAX_LENGTH, self.config.text.max_tokens)
+        self._files = W.weight_files(path)
+        with torch.device("meta"):
+            self.module = AltCLIP(self.config).eval()
+        self.module.requires_grad_(False)
+        self._loaded: set[str] = set()
+        self._lock = threading.RLock()
+        self._tokenizer = None
+        self._normalizer = None
+        self._fingerprint: str | None = None
+        self.load_seconds: dict[str, float] = {}
+        self._load_parts(["scale"])
+
+    # -- loading ------------------------------------------------------------------------------
+
+    @property
+    def dimension(self) -> int:
+        return self.config.projection_dim
+
+    @property
+    def fingerprint(self) -> str:
+        """Content hash of this model's weights, recorded by indexes built with it."""
+        if self._fingerprint is None:
+            self._fingerprint = W.fingerprint(self._files)
+        return self._fingerprint
+
+    @property
+    def loaded_towers(self) -> tuple[str, ...]:
+        return tuple(t for t in TOWERS if t in self._loaded)
+
+    def load(self, towers: Sequence[str] = TOWERS) -> "Model":
+        unknown = set(towers) - set(TOWERS)
+        if unknown:
+            raise ModelError(f"unknown tower(s) {', '.join(sorted(unknown))}; use text and/or vision")
+        self._load_parts([t for t in towers if t not in self._loaded])
+        return self
+
+    def _load_parts(self, parts: Sequence[str]) -> None:
+        with self._lock:
+            for part in parts:
+                if part in self._loaded:
+                    continue
+                t0 = time.perf_counter()
+                prefixes = W.TOWER_PREFIXES[part]
+                tensors = W.read_tensors(self._files, prefixes, self.dtype)
+                if part == "scale":  # logit_scale stays fp32, as in the reference
+                    tensors = {k: v.float() for k, v in tensors.items()}
+                W.check_fit(self.module, tensors, prefixes, str(self.path))
+                tensors = {k: v.to(self.device) for k, v in tensors.items()}
+                W.load_into(self.module, tensors, prefixes)
+                self._loaded.add(part)
+                self.load_seconds[part] = time.perf_counter() - t0
+                log.debug("loaded %s tower of %s in %.2fs", part, self.path, self.load_seconds[part])
+
+    @property
+    def tokenizer(self):
+        with self._lock:
+            if self._tokenizer is None:
+                from .tokenizer import Tokenizer
+                self._tokenizer = Tokenizer.from_dir(self.path, max_length=self.max_length)
+                if self._tokenizer.vocab_size > self.config.text.vocab_size:
+                    raise ModelError(f"{self.path}: tokenizer has {self._tokenizer.vocab_size} ids but the "
+                                     f"text tower only {self.config.text.vocab_size} embeddings")
+            return self._tokenizer
+
+    @property
+    def normalizer(self):
+        with self._lock:
+            if self._normalizer is None:
+                from .preprocess import Normalizer
+                self._normalizer = Normalizer(self.preprocess_config)
+            return self._normalizer
+
+    # -- embedding ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_text(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
+        """L2-normalised text embeddings, float32 (N, D)."""
+        if isinstance(texts, str):
+            raise TypeError("encode_text takes a list of strings")
+        self.load(["text"])
+        out = [np.zeros((0, self.dimension), np.float32)]
+        for i in range(0, len(texts), batch_size):
+            ids, mask = self.tokenizer.encode(list(texts[i:i + batch_size]))
+            feats = self.module.text_features(ids.to(self.device), mask.to(self.device))
+            out.append(_unit(feats).cpu().numpy())
+        return np.concatenate(out)
+
+    @torch.inference_mode()
+    def encode_image(self, images: Sequence, *, batch_size: int = 32, draft: int | None = None) -> np.ndarray:
+        """L2-normalised image embeddings, float32 (N, D), from PIL images or file paths.
+
+        ``draft`` enables reduced-size JPEG decoding (shortest edge kept >= ``draft`` pixels).
+        """
+        from .preprocess import open_image, resize_crop
+
+        if isinstance(images, (str, os.PathLike)):
+            raise TypeError("encode_image takes a list of images or paths")
+        out = [np.zeros((0, self.dimension), np.float32)]
+        for i in range(0, len(images), batch_size):
+            chunk = [resize_crop(open_image(im, draft=draft), self.preprocess_config)
+                     for im in images[i:i + batch_size]]
+            out.append(self.encode_pixels(np.stack(chunk)))
+        return np.concatenate(out)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Embed already resized and cropped uint8 images (B, H, W, 3); normalisation runs on the device."""
+        self.load(["vision"])
+        batch = torch.as_tensor(pixels)
+        if batch.device.type == "cpu" and self.device.type == "cuda":
+            batch = batch.pin_memory()
+        batch = self.normalizer(batch.to(self.device, non_blocking=True))
+        return _unit(self.module.image_features(batch.to(self.dtype))).cpu().numpy()
+
+    @torch.inference_mode()
+    def logits(self, images: Sequence, texts: Sequence[str]) -> np.ndarray:
+        """``logits_per_image`` (N_images, N_texts) as in ``AltCLIPModel``: cosine x exp(logit_scale)."""
+        scale = float(self.module.logit_scale.float().exp())
+        return (self.encode_image(images) @ self.encode_text(texts).T) * scale
+
+    def classify(self, image, labels: Sequence[str]) -> dict[str, float]:
+        """Zero-shot classification: softmax over ``labels`` for one image, best first."""
+        logits = self.logits([image], labels)[0]
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        return dict(sorted(zip(labels, p.tolist()), key=lambda kv: -kv[1]))
+
+    def info(self) -> dict:
+        """Architecture, parameter counts and files, without loading any tower."""
+        c = self.config
+        counts = {"text": 0, "vision": 0, "projections": 0, "logit_scale": 0}
+        for name, p in self.module.named_parameters():
+            group = ("text" if name.startswith("text_model.") else "vision" if name.startswith("vision_model.")
+                     else "logit_scale" if name == "logit_scale" else "projections")
+            counts[group] += p.numel()
+        return {
+            "source": self.source, "path": str(self.path),
+            "text": {"layers": c.text.num_hidden_layers, "width": c.text.hidden_size,
+                     "heads": c.text.num_attention_heads, "vocab": c.text.vocab_size,
+                     "max_tokens": self.max_length},
+            "vision": {"layers": c.vision.num_hidden_layers, "width": c.vision.hidden_size,
+                       "heads": c.vision.num_attention_heads, "patch": c.vision.patch_size,
+                       "image_size": c.vision.image_size},
+            "dimension": c.projection_dim,
+            "parameters": {**counts, "total": sum(counts.values())},
+            "files": sorted(p.name for p in self.path.iterdir() if p.is_file()),
+            "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+        }
+
+    def __repr__(self) -> str:
+        return (f"Model({self.source!r}, device={self.device}, dtype={self.dtype}, "
+                f"loaded={list(self.loaded_towers)})")
+
+
+def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto",
+               towers: Sequence[str] = (), max_length: int | None = None, download: bool = True) -> Model:
+    """Load an AltCLIP checkpoint from a local folder or a Hugging Face hub id.
+
+    ``towers`` loads ``"text"`` and/or ``"vision"`` now; by default each loads on first use.
+    ``max_length`` caps text tokens (default 77, as BAAI's own inference).
+    """
+    path = resolve(source, download=download)
+    dev = pick_device(device)
+    model = Model(path, source=str(source), device=dev, dtype=pick_dtype(dtype, dev), max_length=max_length)
+    return model.load(towers) if towers else model

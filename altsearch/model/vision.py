@@ -1,0 +1,113 @@
+"""CLIP ViT vision tower (pre-LN), attribute names mirroring ``vision_model.*`` checkpoint keys."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VisionConfig
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.heads = cfg.num_attention_heads
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape  # (B, T, D)
+        q, k, v = (p(x).view(b, t, self.heads, -1).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, T, d_h)
+        a = F.scaled_dot_product_attention(q, k, v)  # scale = d_h ** -0.5
+        return self.out_proj(a.transpose(1, 2).reshape(b, t, d))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(quick_gelu(self.fc1(x)))
+
+
+class VisionLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = VisionAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.class_embedding = nn.Parameter(torch.empty(d))
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, d, cfg.patch_size, cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(cfg.num_positions, d)
+
+    def positions(self, gh: int, gw: int) -> torch.Tensor:
+        """Position table for a gh x gw patch grid: the trained one, or bicubic-interpolated."""
+        pos = self.position_embedding.weight  # (1 + g*g, D)
+        g = self.cfg.grid
+        if gh == g and gw == g:
+            return pos
+        cls, grid = pos[:1], pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
+        return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)])
+
+    def forward(self, pixels: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        b, _, h, w = pixels.shape  # (B, 3, H, W)
+        if not interpolate_pos_encoding and (h != self.cfg.image_size or w != self.cfg.image_size):
+            raise ValueError(f"input image size {h}x{w} does not match the model's "
+                             f"{self.cfg.image_size}x{self.cfg.image_size}; "
+                             "pass interpolate_pos_encoding=True to allow other sizes")
+        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (B, D, gh, gw)
+        gh, gw = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # (B, gh*gw, D)
+        cls = self.class_embedding.expand(b, 1, -1)
+        return torch.cat([cls, x], dim=1) + self.positions(gh, gw)  # (B, 1 + gh*gw, D)
+
+
+class VisionTransformer(nn.Module):
+    """``vision_model``: pixels -> pooled CLS feature (before ``visual_projection``)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.embeddings = VisionEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # (sic)
+        self.encoder = VisionEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixels: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        x = self.pre_layrnorm(self.embeddings(pixels, interpolate_pos_encoding))  # (B, T, D)
+        x = self.encoder(x)
+        return self.post_layernorm(x[:, 0])  # (B, D)

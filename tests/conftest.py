@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.checkpoints import write_checkpoint
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REAL_TOKENIZER = SHARED / "data" / "xlm-roberta" / "tokenizer.json"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    """Nothing a test does touches ~ or the network: index home and HF cache live in tmp_path."""
+    monkeypatch.setenv("ALTSEARCH_HOME", str(tmp_path / "altsearch-home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random AltCLIP checkpoint (hub key layout) with the tiny tokenizer."""
+    return write_checkpoint(tmp_path_factory.mktemp("tiny-altclip"), layout="hub", seed=0)
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer_json() -> str:
+    if not REAL_TOKENIZER.is_file():
+        pytest.skip("../shared/data/xlm-roberta/tokenizer.json not present")
+    return REAL_TOKENIZER.read_text(encoding="utf-8")
