@@ -1,0 +1,749 @@
+"""The catalogue: one SQLite file (through SQLAlchemy Core) that is the truth about an index.
+
+It holds every image's row, its vector (float16), the files that failed, and the index's meta data.
+The FAISS file beside it is derived from the `vectors` table and can always be rebuilt from it.
+The on-disk format is documented in docs/format.md.
+
+Reads may run from several threads at once (the pool hands each thread its own connection); writes
+go through `Catalog.transaction()`, one SQLite transaction each, serialised by a lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection
+from sqlalchemy.pool import QueuePool
+
+from altsearch.errors import IndexLockedError, IndexStoreError, ModelMismatchError, SchemaVersionError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 30.0  # a reader or a second writer waits this long for a lock before failing
+PAGE_SIZE = 8192  # fits 5 float16 768-d vector rows per page (4096 fits 2: 30 % of the file wasted)
+VECTOR_DTYPE = np.dtype("<f2")  # little-endian IEEE half precision, `dimension` values per row
+_IN_CHUNK = 5000  # ids per `IN (...)` list, well below SQLite's bound-parameter limit
+
+metadata = sa.MetaData()
+
+images = sa.Table(
+    "images",
+    metadata,
+    # AUTOINCREMENT: an id is never reused, so a stale FAISS file can never map a deleted image's
+    # vector onto a new image.
+    sa.Column("id", sa.Integer, primary_key=True),
+    # UTF-8 bytes of the path str, surrogateescape for names that are not valid UTF-8 (= os.fsencode
+    # on POSIX): lossless, and a folder prefix of a path is a byte prefix of its encoding.
+    sa.Column("path", sa.LargeBinary, nullable=False, unique=True),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("mtime", sa.Float, nullable=False),
+    sa.Column("content_hash", sa.Text, nullable=False, index=True),
+    sa.Column("width", sa.Integer),
+    sa.Column("height", sa.Integer),
+    sa.Column("format", sa.Text),
+    sa.Column("taken_at", sa.Float),
+    sa.Column("camera_make", sa.Text),
+    sa.Column("camera_model", sa.Text),
+    sa.Column("status", sa.Text, nullable=False, server_default="ok"),
+    sa.Column("added_at", sa.Float, nullable=False),
+    sqlite_autoincrement=True,
+)
+# The date filter's own expression, so `filter_ids(taken_from=..., taken_to=...)` is an index range scan.
+_when = sa.func.coalesce(images.c.taken_at, images.c.mtime)
+sa.Index("ix_images_when", _when)
+
+vectors = sa.Table(
+    "vectors",
+    metadata,
+    sa.Column("image_id", sa.Integer, sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("vector", sa.LargeBinary, nullable=False),
+)
+
+failures = sa.Table(
+    "failures",
+    metadata,
+    sa.Column("path", sa.LargeBinary, primary_key=True),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+)
+
+meta = sa.Table(
+    "meta",
+    metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+_RECORD_FIELDS = (
+    "path", "size", "mtime", "content_hash", "width", "height", "format",
+    "taken_at", "camera_make", "camera_model", "status",
+)  # fmt: skip
+_REQUIRED_FIELDS = frozenset({"path", "size", "mtime", "content_hash"})
+
+# MIGRATIONS[v] upgrades a catalogue from schema v to v + 1; it runs inside the transaction that
+# also records the new schema_version. Schema 1 is the first one, so there is none yet.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: int
+    path: str
+    size: int
+    mtime: float
+    content_hash: str
+    width: int | None
+    height: int | None
+    format: str | None
+    taken_at: float | None
+    camera_make: str | None
+    camera_model: str | None
+    status: str
+    added_at: float
+
+
+# --- encodings ---------------------------------------------------------------------------
+
+
+def encode_path(path: str | os.PathLike[str]) -> bytes:
+    """The stored form of a path: UTF-8 with surrogateescape (os.fsencode's bytes on POSIX)."""
+    return os.fspath(path).encode("utf-8", "surrogateescape")
+
+
+def decode_path(blob: bytes) -> str:
+    return blob.decode("utf-8", "surrogateescape")
+
+
+def encode_vectors(vecs: np.ndarray) -> list[bytes]:
+    """One little-endian float16 blob per row."""
+    half = np.ascontiguousarray(vecs, dtype=VECTOR_DTYPE)
+    return [row.tobytes() for row in half]
+
+
+def decode_vectors(blobs: Sequence[bytes], dim: int) -> np.ndarray:
+    """float32 (N, dim) from float16 blobs; a blob of the wrong length raises IndexStoreError."""
+    joined = b"".join(blobs)
+    if len(joined) != len(blobs) * dim * VECTOR_DTYPE.itemsize:
+        raise IndexStoreError(f"stored vectors are not {dim}-dimensional; run integrity checks")
+    return np.frombuffer(joined, dtype=VECTOR_DTYPE).reshape(len(blobs), dim).astype(np.float32)
+
+
+def as_stored(vecs: np.ndarray) -> np.ndarray:
+    """The float32 values the catalogue gives back for `vecs` (a float16 round trip).
+
+    Adding these to the vector index, rather than the model's raw output, makes an index rebuilt
+    from the catalogue score exactly like the one built during ingestion.
+    """
+    return np.asarray(vecs, dtype=np.float32).astype(VECTOR_DTYPE).astype(np.float32)
+
+
+def _folder_range(under: str) -> tuple[bytes, bytes, bytes]:
+    """(exact, low, high): paths equal to `under` or in [low, high) lie under the folder."""
+    sep = os.sep.encode()
+    folder = encode_path(under).rstrip(sep)
+    return folder, folder + sep, folder + bytes([sep[0] + 1])
+
+
+# --- the connection ----------------------------------------------------------------------
+
+
+def _make_engine(path: Path, readonly: bool) -> sa.Engine:
+    uri = path.absolute().as_uri() + ("?mode=ro" if readonly else "")
+
+    def connect() -> sqlite3.Connection:
+        # isolation_level=None: the driver never opens transactions by itself; `_begin` does.
+        con = sqlite3.connect(
+            uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+        con.execute("PRAGMA foreign_keys = ON")
+        # WAL + FULL: a committed chunk is on disk before the engine writes a FAISS file naming its
+        # ids, so a power cut can never leave the FAISS file ahead of the catalogue. One fsync per
+        # chunk commit is nothing next to embedding the chunk.
+        con.execute("PRAGMA synchronous = FULL")
+        return con
+
+    engine = sa.create_engine(
+        "sqlite+pysqlite://",
+        creator=connect,
+        poolclass=QueuePool,
+        pool_size=4,
+        max_overflow=28,
+        pool_timeout=BUSY_TIMEOUT_S,
+    )
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        # Writers take the write lock up front (IMMEDIATE), so two writers queue on busy_timeout
+        # instead of failing when a read lock cannot be upgraded.
+        write = conn.get_execution_options().get("altsearch_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+def _message(err: BaseException) -> str:
+    orig = getattr(err, "orig", None) or err
+    return str(orig).splitlines()[0] if str(orig) else type(orig).__name__
+
+
+@contextmanager
+def _translated(path: Path, doing: str) -> Iterator[None]:
+    """Turn SQLite's errors into the altsearch hierarchy, naming the file and the operation."""
+    try:
+        yield
+    except (sa_exc.OperationalError, sqlite3.OperationalError) as err:
+        text = _message(err)
+        if "locked" in text or "busy" in text:
+            raise IndexLockedError(
+                f"catalogue {path} stayed locked by another process for {BUSY_TIMEOUT_S:.0f} s "
+                f"while {doing}"
+            ) from err
+        raise IndexStoreError(f"catalogue {path}: {text} (while {doing}){_hint(text)}") from err
+    except (sa_exc.DBAPIError, sqlite3.DatabaseError) as err:
+        text = _message(err)
+        raise IndexStoreError(f"catalogue {path}: {text} (while {doing}){_hint(text)}") from err
+
+
+def _hint(text: str) -> str:
+    if "not a database" in text or "malformed" in text:
+        return "; the file is damaged or not a SQLite database: restore it or delete the index folder and re-index"
+    return ""
+
+
+# --- writes ------------------------------------------------------------------------------
+
+
+class Tx:
+    """The writes of one open transaction; obtained from `Catalog.transaction()` only."""
+
+    def __init__(self, conn: Connection, dim: int | None) -> None:
+        self._conn = conn
+        self.dim = dim
+        self.changed = False
+        self.open = True
+
+    def add(self, records: Sequence[Mapping[str, object]], vecs: np.ndarray) -> list[int]:
+        """Insert images with their vectors; returns their new ids, in order."""
+        self._check_open()
+        vecs = self._checked_vectors(vecs, len(records))
+        if not records:
+            return []
+        first = self._next_id()
+        ids = list(range(first, first + len(records)))
+        now = time.time()
+        rows = [_image_row(rec, now) | {"id": i} for i, rec in zip(ids, records)]
+        self._conn.execute(images.insert(), rows)
+        blobs = encode_vectors(vecs)
+        self._conn.execute(vectors.insert(), [{"image_id": i, "vector": b} for i, b in zip(ids, blobs)])
+        self.changed = True
+        return ids
+
+    def update(self, image_id: int, fields: Mapping[str, object], vector: np.ndarray | None = None) -> None:
+        """Change an image's fields (a re-embedded file: size, mtime, hash, metadata) and its vector."""
+        self._check_open()
+        values = _field_values(fields, required=frozenset())
+        if values:
+            self._update_image(image_id, values)
+        elif not self._exists(image_id):
+            raise IndexStoreError(f"no image with id {image_id} in the catalogue")
+        if vector is not None:
+            blob = encode_vectors(self._checked_vectors(np.reshape(vector, (1, -1)), 1))[0]
+            stmt = sa.update(vectors).where(vectors.c.image_id == image_id).values(vector=blob)
+            if self._conn.execute(stmt).rowcount == 0:
+                self._conn.execute(vectors.insert().values(image_id=image_id, vector=blob))
+        self.changed = True
+
+    def move(self, image_id: int, new_path: str, size: int, mtime: float) -> None:
+        """A renamed or moved file: new path, size and mtime; its vector stays."""
+        self._check_open()
+        self._update_image(image_id, {"path": encode_path(new_path), "size": size, "mtime": mtime})
+        self.changed = True
+
+    def remove(self, ids: Sequence[int]) -> int:
+        """Delete images (their vectors go with them); returns how many rows existed."""
+        self._check_open()
+        removed = 0
+        for chunk in _chunks([int(i) for i in ids]):
+            removed += self._conn.execute(sa.delete(images).where(images.c.id.in_(chunk))).rowcount
+        self.changed = self.changed or removed > 0
+        return removed
+
+    def record_failure(self, path: str, reason: str) -> None:
+        self._check_open()
+        row = {"path": encode_path(path), "reason": reason, "at": time.time()}
+        self._conn.execute(failures.insert().prefix_with("OR REPLACE"), row)
+        self.changed = True
+
+    def clear_failure(self, path: str) -> None:
+        self._check_open()
+        self._conn.execute(sa.delete(failures).where(failures.c.path == encode_path(path)))
+        self.changed = True
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._check_open()
+        _put_meta(self._conn, key, value)
+        if key == "dimension":
+            self.dim = int(value)
+        self.changed = True
+
+    # -- helpers
+
+    def _check_open(self) -> None:
+        if not self.open:
+            raise IndexStoreError("this transaction has ended; open a new one with Catalog.transaction()")
+
+    def _checked_vectors(self, vecs: np.ndarray, n: int) -> np.ndarray:
+        vecs = np.asarray(vecs, dtype=np.float32)
+        if vecs.ndim != 2 or vecs.shape[0] != n:
+            raise ValueError(f"expected vectors of shape ({n}, D), got {vecs.shape}")
+        if not np.isfinite(vecs).all():
+            raise ValueError("vectors contain NaN or infinity")
+        if self.dim is None:
+            self.dim = vecs.shape[1]
+            _put_meta(self._conn, "dimension", str(self.dim))
+        elif vecs.shape[1] != self.dim:
+            raise ModelMismatchError(
+                f"vectors have {vecs.shape[1]} dimensions but this index holds {self.dim}-dimensional "
+                "ones; use the model the index was built with"
+            )
+        return vecs
+
+    def _next_id(self) -> int:
+        # Explicit ids (no RETURNING, so any SQLite 3 works) that respect AUTOINCREMENT's high-water mark.
+        seq = self._conn.exec_driver_sql(
+            "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'images'), 0), "
+            "coalesce((SELECT max(id) FROM images), 0))"
+        ).scalar_one()
+        return int(seq) + 1
+
+    def _exists(self, image_id: int) -> bool:
+        stmt = sa.select(images.c.id).where(images.c.id == image_id)
+        return self._conn.execute(stmt).first() is not None
+
+    def _update_image(self, image_id: int, values: dict[str, object]) -> None:
+        stmt = sa.update(images).where(images.c.id == image_id).values(**values)
+        if self._conn.execute(stmt).rowcount == 0:
+            raise IndexStoreError(f"no image with id {image_id} in the catalogue")
+
+
+_INT_FIELDS = ("size", "width", "height")
+_FLOAT_FIELDS = ("mtime", "taken_at")
+
+
+def _field_values(fields: Mapping[str, object], required: frozenset[str]) -> dict[str, object]:
+    """Validated column values (numpy scalars made plain, the path encoded)."""
+    unknown = set(fields) - set(_RECORD_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown image fields: {sorted(unknown)}")
+    missing = required - set(fields)
+    if missing:
+        raise ValueError(f"image record lacks {sorted(missing)}")
+    values = dict(fields)
+    for name, kind in [(n, int) for n in _INT_FIELDS] + [(n, float) for n in _FLOAT_FIELDS]:
+        if values.get(name) is not None:
+            values[name] = kind(values[name])  # type: ignore[call-overload]
+    if "path" in values:
+        values["path"] = encode_path(values["path"])  # type: ignore[arg-type]
+    return values
+
+
+def _image_row(record: Mapping[str, object], now: float) -> dict[str, object]:
+    row: dict[str, object] = dict.fromkeys(_RECORD_FIELDS)
+    row["status"] = "ok"
+    row.update(_field_values(record, _REQUIRED_FIELDS))
+    row["added_at"] = now
+    return row
+
+
+def _put_meta(conn: Connection, key: str, value: str) -> None:
+    conn.execute(meta.insert().prefix_with("OR REPLACE"), {"key": key, "value": str(value)})
+
+
+def _chunks(seq: Sequence[int], size: int = _IN_CHUNK) -> Iterator[Sequence[int]]:
+    for start in range(0, len(seq), size):
+        yield seq[start : start + size]
+
+
+def _record(row: sa.Row) -> ImageRecord:
+    values = row._asdict()
+    values["path"] = decode_path(values["path"])
+    return ImageRecord(**values)
+
+
+# --- the catalogue -----------------------------------------------------------------------
+
+
+class Catalog:
+    """One index's `catalog.sqlite`. Creates the file and its tables if missing (unless readonly)."""
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        self._write_lock = threading.Lock()
+        self._closed = False
+        if readonly and not self.path.is_file():
+            raise IndexStoreError(f"no catalogue at {self.path}")
+        if not readonly:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._engine = _make_engine(self.path, readonly)
+        try:
+            with _translated(self.path, "opening it"):
+                self._open_schema()
+        except BaseException:
+            self._engine.dispose()
+            raise
+        self._dim = self._stored_dimension()
+
+    # -- life cycle
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._engine.dispose()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _open_schema(self) -> None:
+        version = self._schema_version()
+        if version is None:
+            self._create()
+        elif version > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"index written by a newer altsearch (schema {version} > {SCHEMA_VERSION}); upgrade altsearch"
+            )
+        elif version < SCHEMA_VERSION:
+            self._migrate(version)
+
+    def _schema_version(self) -> int | None:
+        """The stored schema version; None for an empty file; IndexStoreError for a foreign one."""
+        with self._engine.connect() as conn:
+            tables = set(conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'table'").scalars())
+            if not tables:
+                return None
+            if "meta" not in tables:
+                raise IndexStoreError(f"{self.path} is a SQLite file but not an altsearch catalogue")
+            stmt = sa.select(meta.c.value).where(meta.c.key == "schema_version")
+            value = conn.execute(stmt).scalar_one_or_none()
+        if value is None or not value.isdigit():
+            raise IndexStoreError(f"{self.path} has no valid schema_version; it is not an altsearch catalogue")
+        return int(value)
+
+    def _create(self) -> None:
+        if self.readonly:
+            raise IndexStoreError(f"{self.path} is empty; open it writable once to create the catalogue")
+        raw = self._engine.raw_connection()  # outside any transaction, as these pragmas need
+        try:
+            raw.driver_connection.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # only works on an empty file
+            raw.driver_connection.execute("PRAGMA journal_mode = WAL")  # persistent: stored in the file
+        finally:
+            raw.close()
+        now = str(time.time())
+        with self._write() as conn:
+            metadata.create_all(conn)
+            initial = {
+                "schema_version": str(SCHEMA_VERSION),
+                "catalog_id": uuid.uuid4().hex,
+                "generation": "0",
+                "created_at": now,
+                "updated_at": now,
+            }
+            for key, value in initial.items():
+                conn.execute(meta.insert().prefix_with("OR IGNORE"), {"key": key, "value": value})
+        log.info("created catalogue %s", self.path)
+
+    def _migrate(self, version: int) -> None:
+        if self.readonly:
+            raise IndexStoreError(
+                f"{self.path} uses schema {version}; open it writable once to migrate it to {SCHEMA_VERSION}"
+            )
+        backup = self.path.with_name(f"{self.path.name}.bak-v{version}")
+        self._backup_to(backup)
+        log.info("migrating %s from schema %d to %d (backup: %s)", self.path, version, SCHEMA_VERSION, backup)
+        for step in range(version, SCHEMA_VERSION):
+            migration = MIGRATIONS.get(step)
+            if migration is None:
+                raise IndexStoreError(f"no migration from catalogue schema {step}; restore from {backup}")
+            with self._write() as conn:
+                migration(conn)
+                _put_meta(conn, "schema_version", str(step + 1))
+
+    def _backup_to(self, target: Path) -> None:
+        """A consistent copy (main file + WAL) through SQLite's online backup."""
+        with self._engine.connect() as conn:
+            source = conn.connection.driver_connection
+            dest = sqlite3.connect(target)
+            try:
+                source.backup(dest)  # type: ignore[union-attr]
+            finally:
+                dest.close()
+
+    def _stored_dimension(self) -> int | None:
+        value = self.get_meta("dimension")
+        return int(value) if value else None
+
+    # -- connections
+
+    @contextmanager
+    def _read(self, doing: str) -> Iterator[Connection]:
+        if self._closed:
+            raise IndexStoreError(f"catalogue {self.path} is closed")
+        with _translated(self.path, doing), self._engine.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self._engine.connect().execution_options(altsearch_write=True) as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        """One SQLite transaction: everything done through the Tx commits together or not at all.
+
+        A transaction that changed anything also bumps the `generation` meta value (and
+        `updated_at`), so a FAISS file saved with a generation can be told current or stale.
+        """
+        if self.readonly:
+            raise IndexStoreError(f"catalogue {self.path} was opened read-only")
+        if self._closed:
+            raise IndexStoreError(f"catalogue {self.path} is closed")
+        with self._write_lock:
+            with _translated(self.path, "writing"), self._write() as conn:
+                tx = Tx(conn, self._dim)
+                try:
+                    yield tx
+                    if tx.changed:
+                        _bump_generation(conn)
+                finally:
+                    tx.open = False
+            self._dim = tx.dim  # only once committed
+
+    # -- meta
+
+    def get_meta(self, key: str) -> str | None:
+        with self._read("reading meta") as conn:
+            return conn.execute(sa.select(meta.c.value).where(meta.c.key == key)).scalar_one_or_none()
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as tx:
+            tx.set_meta(key, value)
+
+    def all_meta(self) -> dict[str, str]:
+        with self._read("reading meta") as conn:
+            return {key: value for key, value in conn.execute(sa.select(meta.c.key, meta.c.value))}
+
+    @property
+    def generation(self) -> int:
+        """Bumped by every committed transaction that changed something."""
+        return int(self.get_meta("generation") or 0)
+
+    @property
+    def catalog_id(self) -> str:
+        """A random id fixed at creation: tells this catalogue's FAISS file from another's."""
+        return self.get_meta("catalog_id") or ""
+
+    @property
+    def dimension(self) -> int | None:
+        return self._dim
+
+    # -- images
+
+    def file_states(self, under: str | None = None) -> dict[str, tuple[int, int, float, str]]:
+        """path -> (id, size, mtime, content_hash) for every image (or those under a folder)."""
+        sql = "SELECT path, id, size, mtime, content_hash FROM images"
+        params: dict[str, bytes] = {}
+        if under is not None:
+            sql += " WHERE path = :exact OR (path >= :low AND path < :high)"
+            params = dict(zip(("exact", "low", "high"), _folder_range(under)))
+        with self._read("listing files") as conn:
+            cursor = conn.exec_driver_sql(sql, params).cursor
+            return {decode_path(p): (i, s, m, h) for p, i, s, m, h in cursor}
+
+    def ids_by_hash(self, content_hash: str) -> list[int]:
+        stmt = sa.select(images.c.id).where(images.c.content_hash == content_hash).order_by(images.c.id)
+        with self._read("looking up a hash") as conn:
+            return list(conn.execute(stmt).scalars())
+
+    def get(self, ids: Sequence[int]) -> list[ImageRecord]:
+        """Records in the order of `ids`; ids not in the catalogue are skipped."""
+        wanted = [int(i) for i in ids]
+        found: dict[int, ImageRecord] = {}
+        with self._read("reading images") as conn:
+            for chunk in _chunks(sorted(set(wanted))):
+                rows = conn.execute(sa.select(images).where(images.c.id.in_(chunk)))
+                found.update((rec.id, rec) for rec in map(_record, rows))
+        return [found[i] for i in wanted if i in found]
+
+    def get_by_path(self, path: str) -> ImageRecord | None:
+        with self._read("reading an image") as conn:
+            row = conn.execute(sa.select(images).where(images.c.path == encode_path(path))).first()
+        return None if row is None else _record(row)
+
+    def count(self) -> int:
+        with self._read("counting images") as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(images)).scalar_one()
+
+    def filter_ids(
+        self, *, under: str | None = None, taken_from: float | None = None, taken_to: float | None = None
+    ) -> np.ndarray:
+        """Sorted int64 ids of the images matching every given filter (all ids when none is given).
+
+        under: an absolute folder; matches the folder's files at any depth, component-wise
+            ("/a/b" matches "/a/b/x.jpg", not "/a/bc.jpg"), and the path itself.
+        taken_from <= when < taken_to (Unix seconds, either bound optional), where `when` is the
+            EXIF taken_at and the file's mtime for images without one.
+        """
+        stmt = sa.select(images.c.id).order_by(images.c.id)
+        if under is not None:
+            exact, low, high = _folder_range(under)
+            stmt = stmt.where(sa.or_(images.c.path == exact, sa.and_(images.c.path >= low, images.c.path < high)))
+        if taken_from is not None:
+            stmt = stmt.where(_when >= taken_from)
+        if taken_to is not None:
+            stmt = stmt.where(_when < taken_to)
+        with self._read("filtering images") as conn:
+            return np.fromiter(conn.execute(stmt).scalars(), dtype=np.int64)
+
+    # -- failures
+
+    def failure_count(self) -> int:
+        with self._read("counting failures") as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(failures)).scalar_one()
+
+    def failures(self) -> list[tuple[str, str, float]]:
+        """(path, reason, when) for every file that could not be indexed, by path."""
+        stmt = sa.select(failures.c.path, failures.c.reason, failures.c.at).order_by(failures.c.path)
+        with self._read("reading failures") as conn:
+            return [(decode_path(p), r, a) for p, r, a in conn.execute(stmt)]
+
+    # -- vectors
+
+    def iter_vectors(
+        self, batch: int = 65536, ids: Sequence[int] | np.ndarray | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids int64 (n,), vectors float32 (n, D)) in batches, by ascending id.
+
+        With `ids`, only those (missing ones skipped). Each batch is its own read, so a long
+        iteration never holds a snapshot that would keep the WAL from being checkpointed.
+        """
+        if batch < 1:
+            raise ValueError("batch must be >= 1")
+        if ids is None:
+            yield from self._iter_all_vectors(batch)
+            return
+        wanted = np.unique(np.asarray(ids, dtype=np.int64)).tolist()
+        for start in range(0, len(wanted), batch):
+            chunk_ids: list[int] = []
+            blobs: list[bytes] = []
+            with self._read("reading vectors") as conn:
+                for part in _chunks(wanted[start : start + batch]):
+                    stmt = sa.select(vectors).where(vectors.c.image_id.in_(part)).order_by(vectors.c.image_id)
+                    for image_id, blob in conn.execute(stmt):
+                        chunk_ids.append(image_id)
+                        blobs.append(blob)
+            if chunk_ids:
+                yield np.array(chunk_ids, dtype=np.int64), self._decode(blobs)
+
+    def _iter_all_vectors(self, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        last = -1
+        stmt = (
+            sa.select(vectors)
+            .where(vectors.c.image_id > sa.bindparam("last"))
+            .order_by(vectors.c.image_id)
+            .limit(batch)
+        )
+        while True:
+            with self._read("reading vectors") as conn:
+                rows = conn.execute(stmt, {"last": last}).all()
+            if not rows:
+                return
+            chunk_ids = np.array([r[0] for r in rows], dtype=np.int64)
+            yield chunk_ids, self._decode([r[1] for r in rows])
+            last = int(chunk_ids[-1])
+
+    def _decode(self, blobs: list[bytes]) -> np.ndarray:
+        if self._dim is None:
+            self._dim = self._stored_dimension()
+        if self._dim is None:
+            raise IndexStoreError(f"catalogue {self.path} holds vectors but no dimension in its meta table")
+        return decode_vectors(blobs, self._dim)
+
+    def vector_ids(self) -> np.ndarray:
+        """Sorted int64 ids of every stored vector."""
+        stmt = sa.select(vectors.c.image_id).order_by(vectors.c.image_id)
+        with self._read("listing vectors") as conn:
+            return np.fromiter(conn.execute(stmt).scalars(), dtype=np.int64)
+
+    # -- checks
+
+    def integrity(self, *, full: bool = False) -> list[str]:
+        """Problems found, one line each; [] when the catalogue is sound.
+
+        Runs SQLite's quick_check (integrity_check with full=True, which also checks every index
+        against its table), then looks for images without a vector, vectors without an image, and
+        vectors whose length does not match the recorded dimension.
+        """
+        problems: list[str] = []
+        with self._read("checking integrity") as conn:
+            pragma = "integrity_check" if full else "quick_check"
+            result = list(conn.exec_driver_sql(f"PRAGMA {pragma}").scalars())
+            if result != ["ok"]:
+                problems += [f"sqlite {pragma}: {line}" for line in result]
+            problems += _orphans(conn)
+            problems += _bad_lengths(conn, self.get_meta("dimension"))
+        return problems
+
+
+def _bump_generation(conn: Connection) -> None:
+    stmt = sa.select(meta.c.value).where(meta.c.key == "generation")
+    generation = int(conn.execute(stmt).scalar_one_or_none() or 0)
+    _put_meta(conn, "generation", str(generation + 1))
+    _put_meta(conn, "updated_at", str(time.time()))
+
+
+def _sample(conn: Connection, sql: str) -> tuple[int, list[int]]:
+    count = conn.exec_driver_sql(f"SELECT count(*) FROM ({sql})").scalar_one()
+    examples = list(conn.exec_driver_sql(f"{sql} LIMIT 5").scalars()) if count else []
+    return count, examples
+
+
+def _orphans(conn: Connection) -> list[str]:
+    problems = []
+    count, ids = _sample(
+        conn, "SELECT id FROM images WHERE NOT EXISTS (SELECT 1 FROM vectors WHERE image_id = images.id)"
+    )
+    if count:
+        problems.append(f"{count} image(s) without a vector, e.g. ids {ids}")
+    count, ids = _sample(
+        conn, "SELECT image_id FROM vectors WHERE NOT EXISTS (SELECT 1 FROM images WHERE id = vectors.image_id)"
+    )
+    if count:
+        problems.append(f"{count} vector(s) without an image, e.g. ids {ids}")
+    return problems
+
+
+def _bad_lengths(conn: Connection, dimension: str | None) -> list[str]:
+    if not dimension:
+        has_vectors = conn.exec_driver_sql("SELECT EXISTS (SELECT 1 FROM vectors)").scalar_one()
+        return ["vectors are stored but the meta table records no dimension"] if has_vectors else []
+    size = int(dimension) * VECTOR_DTYPE.itemsize
+    count, ids = _sample(conn, f"SELECT image_id FROM vectors WHERE length(vector) != {size}")
+    if count:
+        return [f"{count} vector(s) not {dimension}-dimensional float16, e.g. ids {ids}"]
+    return []

@@ -1,0 +1,317 @@
+"""The ``altsearch`` command: a thin typer + rich layer over :class:`altsearch.Engine`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .errors import AltsearchError
+
+app = typer.Typer(name="altsearch", no_args_is_help=True, add_completion=False,
+                  help="Bilingual (Chinese / English) image search with AltCLIP.",
+                  context_settings={"help_option_names": ["-h", "--help"]})
+model_app = typer.Typer(no_args_is_help=True, help="Inspect and convert AltCLIP checkpoints.")
+app.add_typer(model_app, name="model")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+IndexOpt = Annotated[Optional[str], typer.Option(
+    "--index", "-i", envvar="ALTSEARCH_INDEX",
+    help="Index name (under $ALTSEARCH_HOME/indexes) or folder. [default: default]")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="Hub id or model folder. [default: the index's model, else BAAI/AltCLIP]")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+KOpt = Annotated[int, typer.Option("-k", "--top", min=1, help="Number of results.")]
+UnderOpt = Annotated[Optional[Path], typer.Option("--under", help="Only images under this folder.")]
+FromOpt = Annotated[Optional[str], typer.Option(
+    "--from", help="Taken on or after this date (YYYY, YYYY-MM, YYYY-MM-DD); file time when no EXIF date.")]
+ToOpt = Annotated[Optional[str], typer.Option("--to", help="Taken on or before this date.")]
+MinScoreOpt = Annotated[Optional[float], typer.Option("--min-score", help="Drop results scoring below this.")]
+
+
+@contextmanager
+def _errors():
+    """Library errors become one line on stderr and exit code 1."""
+    try:
+        yield
+    except AltsearchError as e:
+        err.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(1) from None
+
+
+def _engine(index, model=None, device="auto", dtype="auto", create=False):
+    from .engine import Engine
+
+    return Engine.open(index, model=model, device=device, dtype=dtype, create=create)
+
+
+# -- index ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def index(
+    folder: Annotated[Path, typer.Argument(help="Folder (or single image) to index.")],
+    index: IndexOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per model batch.")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        min=0, help="Decode processes (0 = decode in this process). [default: cores - 1]")] = None,
+    full_decode: Annotated[bool, typer.Option(
+        "--full-decode", help="Decode JPEGs at full size (slower; no reduced-size decoding).")] = False,
+    hidden: Annotated[bool, typer.Option("--hidden", help="Also index hidden files and folders.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    as_json: JsonOpt = False,
+):
+    """Embed every image under FOLDER into the index (incremental: re-runs only do what changed)."""
+    from .ingest import IndexReport
+
+    show_bar = not quiet and not as_json and err.is_terminal
+    with _errors(), _engine(index, model, device, dtype, create=True) as engine:
+        with _progress(show_bar) as progress:
+            report: IndexReport = engine.index(folder, progress=progress, batch_size=batch_size,
+                                               workers=workers, draft=not full_decode, include_hidden=hidden)
+        if as_json:
+            out.print_json(json.dumps(report.to_dict(), ensure_ascii=False))
+        elif not quiet:
+            _print_report(report)
+        if report.interrupted:
+            raise typer.Exit(130)
+
+
+@contextmanager
+def _progress(enabled: bool):
+    if not enabled:
+        yield None
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(), TextColumn("ETA"),
+                   TimeRemainingColumn(), console=err, transient=True)
+    task = bar.add_task("scanning", total=None, rate="-")
+
+    def update(p):
+        rate = f"{p.report.embedded / max(bar.tasks[task].elapsed or 1e-9, 1e-9):.1f}" if p.report.embedded else "-"
+        desc = {"scan": "scanning", "embed": "embedding", "done": "done"}[p.phase]
+        bar.update(task, description=desc, completed=p.done, total=p.total, rate=rate)
+
+    with bar:
+        yield update
+
+
+def _print_report(r) -> None:
+    verb = "Interrupted" if r.interrupted else "Indexed"
+    out.print(f"{verb} {escape(r.folder)} in {r.seconds:.1f}s "
+              f"({r.embedded} embedded, {r.images_per_second:.1f} images/s)")
+    out.print(f"  added {r.added}, updated {r.updated}, moved {r.moved}, removed {r.removed}, "
+              f"unchanged {r.unchanged}, failed {r.failed}"
+              + (f" ({r.duplicates} duplicates reused a stored vector)" if r.duplicates else ""))
+    if r.failed:
+        out.print("  see the failures with: altsearch errors")
+
+
+# -- search / similar ----------------------------------------------------------------------------
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help='Text, image paths and #ids, combined with + and -, '
+                                               'e.g. "海边的日落", "beach + sunset - people".')],
+    index: IndexOpt = None, model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    k: KOpt = 10, under: UnderOpt = None, date_from: FromOpt = None, date_to: ToOpt = None,
+    min_score: MinScoreOpt = None, as_json: JsonOpt = False,
+):
+    """Find images matching a text (any language), an image, or a combination."""
+    with _errors(), _engine(index, model, device, dtype) as engine:
+        hits = engine.search(query, k=k, under=under, taken_from=date_from, taken_to=date_to,
+                             min_score=min_score)
+        _print_hits(hits, as_json)
+
+
+@app.command()
+def similar(
+    image: Annotated[str, typer.Argument(help="An image file (indexed or not), or #ID of an indexed image.")],
+    index: IndexOpt = None, model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    k: KOpt = 10, under: UnderOpt = None, date_from: FromOpt = None, date_to: ToOpt = None,
+    min_score: MinScoreOpt = None, as_json: JsonOpt = False,
+):
+    """Find images that look like IMAGE."""
+    target = int(image[1:]) if image.startswith("#") and image[1:].isdigit() else image
+    with _errors(), _engine(index, model, device, dtype) as engine:
+        hits = engine.similar(target, k=k, under=under, taken_from=date_from, taken_to=date_to,
+                              min_score=min_score)
+        _print_hits(hits, as_json)
+
+
+def _print_hits(hits, as_json: bool) -> None:
+    if as_json:
+        out.print_json(json.dumps([h.to_dict() for h in hits], ensure_ascii=False))
+        return
+    if not hits:
+        out.print("no results")
+        return
+    table = Table(show_edge=False, pad_edge=False)
+    for col, justify in (("#", "right"), ("score", "right"), ("date", "left"), ("size", "right"),
+                         ("path", "left")):
+        table.add_column(col, justify=justify, overflow="fold" if col == "path" else "ellipsis")
+    for rank, h in enumerate(hits, 1):
+        link = Path(h.path).as_uri() if Path(h.path).is_absolute() else h.path
+        table.add_row(str(rank), f"{h.score:.3f}", h.date.strftime("%Y-%m-%d"), _human(h.size),
+                      f"[link={escape(link)}]{escape(h.path)}[/link]")
+    out.print(table)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# -- maintenance ---------------------------------------------------------------------------------
+
+
+@app.command()
+def info(index: IndexOpt = None, as_json: JsonOpt = False):
+    """Show what an index holds: images, vectors, failures, model, dimension."""
+    with _errors(), _engine(index) as engine:
+        stats = engine.stats()
+        if as_json:
+            out.print_json(json.dumps(stats, ensure_ascii=False))
+            return
+        table = Table(show_header=False, show_edge=False, pad_edge=False)
+        for key, value in stats.items():
+            table.add_row(key, escape(str(value)))
+        out.print(table)
+
+
+@app.command()
+def errors(index: IndexOpt = None, as_json: JsonOpt = False):
+    """List the files that could not be indexed, with the reason."""
+    with _errors(), _engine(index) as engine:
+        failures = engine.failures()
+        if as_json:
+            out.print_json(json.dumps(failures, ensure_ascii=False))
+            return
+        if not failures:
+            out.print("no failures")
+            return
+        table = Table(show_edge=False, pad_edge=False)
+        table.add_column("path", overflow="fold")
+        table.add_column("reason")
+        for f in failures:
+            table.add_row(escape(f["path"]), escape(f["reason"]))
+        out.print(table)
+
+
+@app.command()
+def remove(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders to drop from the index.")],
+    index: IndexOpt = None, as_json: JsonOpt = False,
+):
+    """Drop files (or whole folders) from the index. The files themselves are not touched."""
+    with _errors(), _engine(index) as engine:
+        n = engine.remove(paths)
+        out.print_json(json.dumps({"removed": n})) if as_json else out.print(f"removed {n} images")
+
+
+@app.command()
+def optimize(
+    index: IndexOpt = None,
+    kind: Annotated[str, typer.Option(help="auto (by size), flat (exact), hnsw or ivf.")] = "auto",
+    as_json: JsonOpt = False,
+):
+    """Rebuild the vector index from stored vectors (exact while small, approximate when large)."""
+    with _errors(), _engine(index) as engine:
+        result = engine.optimize(kind)
+        if as_json:
+            out.print_json(json.dumps(result))
+        else:
+            out.print(f"vector index: {result['kind']}, {result['vectors']} vectors")
+
+
+@app.command()
+def check(
+    index: IndexOpt = None,
+    repair: Annotated[bool, typer.Option("--repair", help="Rebuild the vector file from stored vectors.")] = False,
+    as_json: JsonOpt = False,
+):
+    """Verify that catalogue and vector index agree (exit code 1 when they do not and --repair is off)."""
+    with _errors(), _engine(index) as engine:
+        problems = engine.check(repair=repair)
+        ok = not problems or repair
+        if as_json:
+            out.print_json(json.dumps({"problems": problems, "repaired": bool(problems and repair)}))
+        elif not problems:
+            out.print("index is consistent")
+        else:
+            for p in problems:
+                out.print(f"problem: {escape(p)}")
+            out.print("repaired: vector file rebuilt from the catalogue" if repair
+                      else "run `altsearch check --repair` to rebuild the vector file")
+        if not ok:
+            raise typer.Exit(1)
+
+
+# -- model ---------------------------------------------------------------------------------------
+
+
+@model_app.command("info")
+def model_info(source: Annotated[str, typer.Argument(help="Hub id or model folder.")] = "BAAI/AltCLIP",
+               as_json: JsonOpt = False):
+    """Architecture, parameter counts and files of a checkpoint (no weights are read)."""
+    from .model import load_model
+
+    with _errors():
+        info = load_model(source, device="cpu", dtype="fp32").info()
+        if as_json:
+            out.print_json(json.dumps(info))
+            return
+        p = info["parameters"]
+        out.print(f"[bold]{escape(info['source'])}[/bold]  ({escape(info['path'])})")
+        t, v = info["text"], info["vision"]
+        out.print(f"  text:   XLM-R, {t['layers']} layers, width {t['width']}, {t['heads']} heads, "
+                  f"vocab {t['vocab']}, max {t['max_tokens']} tokens, {p['text']:,} parameters")
+        out.print(f"  vision: ViT, {v['layers']} layers, width {v['width']}, {v['heads']} heads, "
+                  f"patch {v['patch']}, {v['image_size']} px, {p['vision']:,} parameters")
+        out.print(f"  joint space: {info['dimension']} dimensions; total {p['total']:,} parameters")
+        out.print(f"  files: {', '.join(info['files'])}")
+
+
+@model_app.command("convert")
+def model_convert(src: Annotated[Path, typer.Argument(help="Checkpoint folder (pytorch_model.bin and/or "
+                                                             "sentencepiece.bpe.model).")],
+                  dst: Annotated[Path, typer.Argument(help="New folder for the safetensors copy.")]):
+    """Convert pytorch_model.bin to model.safetensors and sentencepiece.bpe.model to tokenizer.json."""
+    from .model.weights import convert_checkpoint
+
+    with _errors():
+        written = convert_checkpoint(src, dst)
+        out.print(f"wrote {escape(str(dst))}: {', '.join(written)}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

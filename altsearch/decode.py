@@ -1,0 +1,346 @@
+"""Decode image files in worker processes: bytes -> hash, metadata and a 224x224 uint8 crop.
+
+Ingestion hands :class:`DecodePool` an iterable of paths and gets one :class:`Decoded` per path,
+in completion order. Each file is read once; the hash, the EXIF metadata and the pixels all come
+from those bytes. Bad files never raise: they come back with ``error`` set to a one-line reason.
+
+Workers are started with the ``spawn`` method and import only numpy + Pillow (via
+:mod:`altsearch.model.preprocess`); the normalisation to model input happens in the parent, on the
+model's device (:class:`altsearch.model.preprocess.Normalizer`). Note that ``spawn`` re-imports the
+parent's ``__main__`` module in each worker, so entry-point modules should keep heavy imports lazy.
+
+JPEGs are decoded at reduced DCT scale (:data:`DEFAULT_DRAFT`): libjpeg's 1/2, 1/4 or 1/8 scaling
+is chosen so that the shortest edge stays >= ``DRAFT_SCALE * 224`` = 448 px, then PIL's bicubic takes
+it to 224. A 12 Mpx photo decodes at 1/4 scale (1008 x 756); the 224 crop differs from a full decode
+by about one grey level on average (tests/model/test_preprocess.py measures it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from multiprocessing import get_context
+
+import numpy as np
+from PIL import ExifTags, Image
+
+from altsearch.errors import ImageError
+from altsearch.model.preprocess import (
+    DEFAULT_MAX_PIXELS,
+    DecodedImage,
+    PreprocessConfig,
+    decode_bytes,
+    read_error_reason,
+    resize_crop,
+)
+
+log = logging.getLogger(__name__)
+
+DRAFT_SCALE = 2
+"""JPEGs are decoded with their shortest edge >= DRAFT_SCALE x the resize target."""
+DEFAULT_DRAFT = DRAFT_SCALE * PreprocessConfig.shortest_edge
+"""448 for CLIP's 224: the ``draft`` ingestion decodes with."""
+CRASHED = "decoder crashed"
+"""The error of a path whose decoding killed its worker process (segfault, OOM kill)."""
+
+_HASH_BYTES = 16  # blake2b-128
+_CHUNK = 1 << 20
+_WORKERS_PER_IN_FLIGHT = 4
+_START_METHOD = "spawn"  # fork is unsafe once torch (threads, CUDA) is loaded in the parent
+# Test hook: a worker process exits abruptly when this variable is set and the file name contains
+# its value (see tests/test_decode.py). Read only in worker processes, never in-process.
+CRASH_HOOK_ENV = "ALTSEARCH_TEST_DECODER_CRASH_ON"
+
+_EXIF_DATE_FORMAT = "%Y:%m:%d %H:%M:%S"
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """What an image file says about itself.
+
+    ``width``/``height`` are the full-resolution size as displayed (after EXIF orientation), not the
+    draft-decoded size. ``taken_at`` is EXIF DateTimeOriginal (else DateTime) as a POSIX timestamp;
+    with an EXIF OffsetTime* it is exact, without one the naive camera clock is read as UTC.
+    """
+
+    width: int
+    height: int
+    format: str | None
+    taken_at: float | None
+    camera_make: str | None
+    camera_model: str | None
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """The outcome for one path: pixels + metadata, or an error (``pixels`` is None)."""
+
+    path: str
+    content_hash: str | None  # blake2b-128 hex of the file's bytes; None when it could not be read
+    pixels: np.ndarray | None  # uint8 (crop_h, crop_w, 3)
+    meta: ImageMeta | None
+    error: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def hash_bytes(data: bytes) -> str:
+    """The content hash of a file's bytes (blake2b, 128-bit, hex)."""
+    return hashlib.blake2b(data, digest_size=_HASH_BYTES).hexdigest()
+
+
+def hash_file(path: str | os.PathLike[str]) -> str:
+    """The same hash as :attr:`Decoded.content_hash`, streamed; raises OSError if unreadable."""
+    digest = hashlib.blake2b(digest_size=_HASH_BYTES)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def decode_one(
+    path: str | os.PathLike[str],
+    cfg: PreprocessConfig,
+    draft: int | None = DEFAULT_DRAFT,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Decoded:
+    """Read, hash and decode one file. Never raises for a bad or missing file."""
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return Decoded(name, None, None, None, "file vanished")
+    except OSError as exc:
+        return Decoded(name, None, None, None, read_error_reason(exc))
+    content_hash = hash_bytes(data)
+    try:
+        decoded = decode_bytes(data, draft=draft, max_pixels=max_pixels)
+    except ImageError as exc:
+        return Decoded(name, content_hash, None, None, str(exc))
+    return Decoded(name, content_hash, resize_crop(decoded.image, cfg), image_meta(decoded), None)
+
+
+# --- metadata ------------------------------------------------------------------------------
+
+
+def image_meta(decoded: DecodedImage) -> ImageMeta:
+    width, height = decoded.header_size
+    if _orientation(decoded.exif) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+        width, height = height, width
+    exif = decoded.exif
+    return ImageMeta(
+        width=width,
+        height=height,
+        format=decoded.format,
+        taken_at=_taken_at(exif) if exif is not None else None,
+        camera_make=_text(exif.get(ExifTags.Base.Make)) if exif is not None else None,
+        camera_model=_text(exif.get(ExifTags.Base.Model)) if exif is not None else None,
+    )
+
+
+def _orientation(exif: Image.Exif | None) -> int | None:
+    value = exif.get(ExifTags.Base.Orientation) if exif is not None else None
+    return value if isinstance(value, int) else None
+
+
+def _taken_at(exif: Image.Exif) -> float | None:
+    try:
+        sub = exif.get_ifd(ExifTags.IFD.Exif)
+    except (KeyError, ValueError, TypeError, SyntaxError, OSError) as exc:
+        log.debug("unreadable EXIF sub-IFD: %s", exc)
+        sub = {}
+    candidates = (
+        (sub.get(ExifTags.Base.DateTimeOriginal), sub.get(ExifTags.Base.OffsetTimeOriginal)),
+        (exif.get(ExifTags.Base.DateTime), sub.get(ExifTags.Base.OffsetTime)),
+    )
+    for stamp, offset in candidates:
+        moment = _parse_exif_time(_text(stamp), _text(offset))
+        if moment is not None:
+            return moment.timestamp()
+    return None
+
+
+def _parse_exif_time(stamp: str | None, offset: str | None) -> datetime | None:
+    if not stamp:
+        return None
+    try:
+        naive = datetime.strptime(stamp[:19], _EXIF_DATE_FORMAT)
+    except ValueError:
+        return None  # "0000:00:00 00:00:00", blanks, garbage
+    return naive.replace(tzinfo=_parse_offset(offset) or timezone.utc)
+
+
+def _parse_offset(offset: str | None) -> timezone | None:
+    """``"+08:00"`` -> UTC+8; anything else -> None."""
+    if not offset or len(offset) != 6 or offset[0] not in "+-" or offset[3] != ":":
+        return None
+    try:
+        hours, minutes = int(offset[1:3]), int(offset[4:6])
+    except ValueError:
+        return None
+    if hours > 23 or minutes > 59:
+        return None
+    sign = -1 if offset[0] == "-" else 1
+    return timezone(sign * timedelta(hours=hours, minutes=minutes))
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    if not isinstance(value, str):
+        return None
+    value = value.replace("\x00", "").strip()
+    return value or None
+
+
+# --- the pool ------------------------------------------------------------------------------
+
+
+def default_workers() -> int:
+    """One worker per core, leaving one core for the parent (at least one)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) - 1)
+
+
+def _decode_in_worker(path: str, cfg: PreprocessConfig, draft: int | None, max_pixels: int) -> Decoded:
+    marker = os.environ.get(CRASH_HOOK_ENV)
+    if marker and marker in os.path.basename(path):
+        os._exit(70)  # test hook: simulate a decoder segfault
+    return decode_one(path, cfg, draft, max_pixels=max_pixels)
+
+
+@dataclass(frozen=True)
+class _Job:
+    path: str
+    generation: int  # which executor ran it
+    isolated: bool  # run alone, so a crash can only be its own
+
+
+class DecodePool:
+    """Decode files in ``workers`` processes (0: in this process). Use as a context manager.
+
+    :meth:`imap` keeps at most ``max_in_flight`` paths submitted and not yet yielded, consuming
+    its input lazily, so memory stays flat for any number of paths. If a worker dies, the pool is
+    restarted and the paths that were in flight are retried one at a time: the one that kills its
+    worker again comes back with ``error == "decoder crashed"``, the others decode normally.
+    """
+
+    def __init__(
+        self,
+        cfg: PreprocessConfig,
+        *,
+        workers: int | None = None,
+        draft: int | None = DEFAULT_DRAFT,
+        max_in_flight: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        self.cfg = cfg
+        self.workers = default_workers() if workers is None else workers
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.max_in_flight = max_in_flight or _WORKERS_PER_IN_FLIGHT * max(self.workers, 1)
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        self.draft = draft
+        self.max_pixels = max_pixels
+        self._executor: ProcessPoolExecutor | None = None
+        self._generation = 0
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the worker processes (pending work is cancelled)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def imap(self, paths: Iterable[str | os.PathLike[str]]) -> Iterator[Decoded]:
+        """One :class:`Decoded` per path, in completion order."""
+        if self.workers == 0:
+            return (decode_one(p, self.cfg, self.draft, max_pixels=self.max_pixels) for p in paths)
+        return self._imap_processes(iter(paths))
+
+    def _imap_processes(self, source: Iterator[str | os.PathLike[str]]) -> Iterator[Decoded]:
+        pending: dict[Future[Decoded], _Job] = {}
+        suspects: deque[str] = deque()  # in flight when a worker died: retried one at a time
+        exhausted = False
+        try:
+            while True:
+                exhausted = self._refill(pending, suspects, source, exhausted)
+                if not pending:
+                    return
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    outcome = self._outcome(future, pending.pop(future), suspects)
+                    if outcome is not None:
+                        yield outcome
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def _refill(self, pending, suspects, source, exhausted: bool) -> bool:
+        """Submit work up to the in-flight limit; returns whether ``source`` is exhausted."""
+        if suspects:
+            if not pending:
+                self._submit(pending, suspects.popleft(), isolated=True)
+            return exhausted
+        while not exhausted and len(pending) < self.max_in_flight:
+            try:
+                path = next(source)
+            except StopIteration:
+                return True
+            self._submit(pending, os.fspath(path), isolated=False)
+        return exhausted
+
+    def _submit(self, pending, path: str, *, isolated: bool) -> None:
+        for _ in range(2):  # a pool found broken on submit is restarted once
+            executor = self._running_executor()
+            try:
+                future = executor.submit(_decode_in_worker, path, self.cfg, self.draft, self.max_pixels)
+            except BrokenProcessPool:
+                self._restart(self._generation)
+                continue
+            pending[future] = _Job(path, self._generation, isolated)
+            return
+        raise BrokenProcessPool("decode workers could not be started")
+
+    def _outcome(self, future: Future[Decoded], job: _Job, suspects: deque[str]) -> Decoded | None:
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            self._restart(job.generation)
+        if job.isolated:
+            log.warning("decoding %s killed its worker process", job.path)
+            return Decoded(job.path, None, None, None, CRASHED)
+        suspects.append(job.path)
+        return None
+
+    def _running_executor(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(self.workers, mp_context=get_context(_START_METHOD))
+        return self._executor
+
+    def _restart(self, broken_generation: int) -> None:
+        """Replace the executor that broke (once, however many of its futures report it)."""
+        if broken_generation != self._generation:
+            return
+        log.warning("a decode worker died; restarting the worker pool")
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor = None
+        self._generation += 1

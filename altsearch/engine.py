@@ -1,0 +1,277 @@
+"""The Python API: an index folder plus the model that fills and queries it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import AltsearchError, ModelMismatchError, QueryError
+from .home import WriteLock, index_dir
+from .ingest import Ingestor, IndexReport, Progress
+from .query import Query, Term, combine, parse_query
+from .store import IndexStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result. ``score`` is the cosine similarity (higher is closer)."""
+
+    id: int
+    path: str
+    score: float
+    taken_at: float | None
+    mtime: float
+    size: int
+    width: int | None
+    height: int | None
+    format: str | None
+
+    @property
+    def date(self) -> dt.datetime:
+        """When the photo was taken (EXIF), else when the file was last modified (UTC)."""
+        return dt.datetime.fromtimestamp(self.taken_at if self.taken_at is not None else self.mtime,
+                                         tz=dt.timezone.utc)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["score"] = round(self.score, 6)
+        d["date"] = self.date.isoformat()
+        return d
+
+
+def to_timestamp(value, *, end: bool = False) -> float | None:
+    """Accept a POSIX timestamp, a date/datetime, or ISO text (``2024``, ``2024-06``, ``2024-06-01``,
+    ``2024-06-01T12:00``). With ``end=True`` a partial date means the end of that period."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    if isinstance(value, dt.datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).timestamp()
+    if isinstance(value, dt.date):
+        value = value.isoformat()
+    text = str(value).strip()
+    for fmt, step in (("%Y", "year"), ("%Y-%m", "month"), ("%Y-%m-%d", "day")):
+        try:
+            start = dt.datetime.strptime(text, fmt).replace(tzinfo=dt.timezone.utc)
+        except ValueError:
+            continue
+        if not end:
+            return start.timestamp()
+        if step == "year":
+            nxt = start.replace(year=start.year + 1)
+        elif step == "month":
+            nxt = (start.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
+        else:
+            nxt = start + dt.timedelta(days=1)
+        return nxt.timestamp() - 1e-6
+    try:
+        parsed = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise QueryError(f"not a date: {text!r} (use YYYY, YYYY-MM, YYYY-MM-DD or an ISO date-time)") from None
+    return to_timestamp(parsed)
+
+
+class Engine:
+    """An index of images and the AltCLIP model that embeds them.
+
+    >>> with Engine.open("photos") as engine:          # doctest: +SKIP
+    ...     engine.index("~/Pictures")
+    ...     hits = engine.search("海边的日落", k=10)
+    """
+
+    def __init__(self, store: IndexStore, *, model=None, device: str = "auto", dtype: str = "auto"):
+        self.store = store
+        self._model = model if not isinstance(model, (str, os.PathLike)) else None
+        self._model_source = None if self._model is not None else model
+        self._device = device
+        self._dtype = dtype
+
+    @classmethod
+    def open(cls, index: str | os.PathLike | None = None, *, model=None, device: str = "auto",
+             dtype: str = "auto", create: bool = True) -> "Engine":
+        """Open (or create) the index ``index``: a name under the altsearch home, or a folder.
+
+        ``model`` is a hub id, a folder or a loaded :class:`~altsearch.Model`; by default the model the
+        index was built with (``BAAI/AltCLIP`` for a new index).
+        """
+        store = IndexStore(index_dir(index), create=create, device=device)
+        return cls(store, model=model, device=device, dtype=dtype)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.store.close()
+
+    @property
+    def path(self) -> Path:
+        return self.store.folder
+
+    # -- the model --------------------------------------------------------------------------------
+
+    @property
+    def model(self):
+        """The model, loaded on first use and checked against the one that built the index."""
+        if self._model is None:
+            from .model import load_model
+            from .model.resolve import DEFAULT_MODEL
+
+            source = self._model_source or self.store.catalog.get_meta("model_id") or DEFAULT_MODEL
+            self._model = load_model(source, device=self._device, dtype=self._dtype)
+        self.store.bind_model(self._model.source, self._model.fingerprint, self._model.dimension)
+        return self._model
+
+    # -- building ---------------------------------------------------------------------------------
+
+    def index(self, folder: str | os.PathLike, *, progress: Callable[[Progress], None] | None = None,
+              batch_size: int | None = None, workers: int | None = None, draft: bool = True,
+              include_hidden: bool = False, follow_symlinks: bool = True) -> IndexReport:
+        """Bring ``folder`` into the index: new files embedded, changed ones re-embedded, moved ones
+        followed, deleted ones dropped. Safe to interrupt; the next run resumes."""
+        folder = Path(folder).expanduser()
+        if not folder.exists():
+            raise AltsearchError(f"folder not found: {folder}")
+        with WriteLock(self.path):
+            model = self.model
+            ingestor = Ingestor(self.store, model, batch_size=batch_size, workers=workers, draft=draft,
+                                progress=progress)
+            return ingestor.run(str(folder), include_hidden=include_hidden, follow_symlinks=follow_symlinks)
+
+    def remove(self, paths: Iterable[str | os.PathLike]) -> int:
+        """Drop these files (or every file under these folders) from the index; returns how many."""
+        roots = [os.path.abspath(os.path.expanduser(p)) for p in paths]
+        with WriteLock(self.path):
+            ids = np.unique(np.concatenate([self.store.catalog.filter_ids(under=r) for r in roots]
+                                           or [np.zeros(0, np.int64)]))
+            if len(ids):
+                self.store.commit(lambda tx: tx.remove(ids.tolist()), removed_ids=ids)
+                self.store.save_vectors()
+            return len(ids)
+
+    def optimize(self, kind: str = "auto") -> dict:
+        """Rebuild the vector index from stored vectors, choosing exact or approximate search by size."""
+        with WriteLock(self.path):
+            index = self.store.rebuild(kind=kind)
+            self.store.save_vectors()
+            return {"kind": index.kind, "vectors": len(index)}
+
+    def check(self, *, repair: bool = False) -> list[str]:
+        """Problems in the catalogue or the vector file; with ``repair`` the vector file is rebuilt from
+        the catalogue's stored vectors. Returns the problems found (before any repair)."""
+        problems = self.store.check()
+        if repair and problems:
+            with WriteLock(self.path):
+                self.store.repair()
+        return problems
+
+    # -- querying ---------------------------------------------------------------------------------
+
+    def search(self, query: str, k: int = 10, *, under: str | os.PathLike | None = None,
+               taken_from=None, taken_to=None, min_score: float | None = None) -> list[Hit]:
+        """Images best matching ``query``: text in any XLM-R language, image paths, ``#id`` terms, with
+        ``+``/``-`` and ``:weight`` (``"beach + sunset - people"``). Best first."""
+        q = parse_query(query) if isinstance(query, str) else query
+        vector = self._query_vector(q)
+        exclude = {t.value for t in q.terms if t.kind == "id"} if len(q.terms) == 1 else set()
+        return self._nearest(vector, k, under=under, taken_from=taken_from, taken_to=taken_to,
+                             min_score=min_score, exclude=exclude)
+
+    def similar(self, image: str | os.PathLike | int, k: int = 10, **filters) -> list[Hit]:
+        """Images that look like ``image``: a file (indexed or not) or a catalogue id."""
+        if isinstance(image, (int, np.integer)):
+            term = Term("id", int(image), 1.0)
+            exclude = {int(image)}
+        else:
+            path = os.path.abspath(os.path.expanduser(os.fspath(image)))
+            term = Term("image", path, 1.0)
+            rec = self.store.catalog.get_by_path(path)
+            exclude = {rec.id} if rec is not None else set()
+        return self._nearest(self._query_vector(Query((term,))), k, exclude=exclude, **filters)
+
+    def _query_vector(self, q: Query) -> np.ndarray:
+        texts = [t for t in q.terms if t.kind == "text"]
+        images = [t for t in q.terms if t.kind == "image"]
+        ids = [t for t in q.terms if t.kind == "id"]
+        parts, weights = [], []
+        if texts:
+            parts.append(self.model.encode_text([t.value for t in texts]))
+            weights += [t.weight for t in texts]
+        if images:
+            from .decode import DEFAULT_DRAFT
+
+            parts.append(self.model.encode_image([t.value for t in images], draft=DEFAULT_DRAFT))
+            weights += [t.weight for t in images]
+        if ids:
+            wanted = np.asarray([t.value for t in ids], np.int64)
+            found = {}
+            for got, vecs in self.store.catalog.iter_vectors(ids=wanted):
+                found.update(zip(got.tolist(), vecs))
+            lost = [i for i in wanted.tolist() if i not in found]
+            if lost:
+                raise QueryError(f"no image with id {lost[0]} in the index")
+            parts.append(np.stack([found[i] for i in wanted.tolist()]))
+            weights += [t.weight for t in ids]
+        vectors = np.concatenate(parts).astype(np.float32)
+        dim = self.store.dimension
+        if dim is not None and vectors.shape[1] != dim:
+            raise ModelMismatchError(f"query vectors have {vectors.shape[1]} dimensions, the index {dim}")
+        return combine(vectors, weights)
+
+    def _nearest(self, vector: np.ndarray, k: int, *, under=None, taken_from=None, taken_to=None,
+                 min_score: float | None = None, exclude: set[int] = frozenset()) -> list[Hit]:
+        if k <= 0:
+            raise QueryError(f"k must be positive, got {k}")
+        cat = self.store.catalog
+        allowed = None
+        if under is not None or taken_from is not None or taken_to is not None:
+            allowed = cat.filter_ids(
+                under=os.path.abspath(os.path.expanduser(os.fspath(under))) if under is not None else None,
+                taken_from=to_timestamp(taken_from), taken_to=to_timestamp(taken_to, end=True))
+            if not len(allowed):
+                return []
+        scores, ids = self.store.vectors.search(vector[None, :], k + len(exclude), allowed=allowed)
+        pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0])
+                 if i >= 0 and int(i) not in exclude and (min_score is None or s >= min_score)][:k]
+        records = {r.id: r for r in cat.get([i for i, _ in pairs])}
+        return [Hit(id=i, path=records[i].path, score=s, taken_at=records[i].taken_at, mtime=records[i].mtime,
+                    size=records[i].size, width=records[i].width, height=records[i].height,
+                    format=records[i].format)
+                for i, s in pairs if i in records]
+
+    # -- reporting --------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Counts and identity of the index (no model is loaded)."""
+        cat = self.store.catalog
+        path = self.store.folder
+        sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}
+        vectors = self.store.vectors if self.store.dimension is not None else None
+        return {
+            "index": str(path),
+            "images": cat.count(),
+            "vectors": len(vectors) if vectors is not None else 0,
+            "failures": cat.failure_count(),
+            "model": cat.get_meta("model_id"),
+            "model_fingerprint": cat.get_meta("model_fingerprint"),
+            "dimension": self.store.dimension,
+            "vector_index": vectors.kind if vectors is not None else None,
+            "bytes_on_disk": sum(sizes.values()),
+            "schema_version": cat.get_meta("schema_version"),
+        }
+
+    def failures(self) -> list[dict]:
+        """Files that could not be indexed, with the reason and when it was recorded."""
+        return [{"path": p, "reason": r, "at": t} for p, r, t in self.store.catalog.failures()]
+
+
+__all__ = ["Engine", "Hit", "IndexReport", "Progress", "to_timestamp"]

@@ -1,0 +1,332 @@
+"""The XLM-R tokenizer of the AltCLIP text tower, run by the ``tokenizers`` library alone.
+
+Ids follow fairseq's XLM-R dictionary: ``<s>``=0 ``<pad>``=1 ``</s>``=2 ``<unk>``=3, then
+SentencePiece piece *i* (i >= 3) is id *i* + 1, and ``<mask>`` is the last id. Every text is
+encoded as ``<s> pieces </s>``, truncated to ``max_length`` with ``</s>`` kept last, and a batch
+is right-padded with ``<pad>`` to its longest row: the ids of transformers 5's
+``XLMRobertaTokenizer.from_pretrained(...)(texts, padding=True, truncation=True, max_length=...)``.
+Whitespace is split as sentencepiece splits it, so trailing or only whitespace adds no token (a
+hub tokenizer.json run as-is would add a "▁"; see ``_split_whitespace_first``).
+
+A model folder normally ships ``tokenizer.json``. Folders that only carry the SentencePiece
+``sentencepiece.bpe.model`` (BAAI/AltCLIP-m9) are converted in memory: the ``.model`` protobuf
+is read by the small wire-format reader below, so neither ``protobuf`` nor ``sentencepiece`` is
+needed at run time.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as _Backend
+from tokenizers.models import Unigram
+
+from altsearch.errors import TokenizerError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_LENGTH = 77  # what BAAI's own AltCLIP inference uses
+TOKENIZER_JSON = "tokenizer.json"
+SENTENCEPIECE_MODEL = "sentencepiece.bpe.model"
+
+BOS, PAD, EOS, UNK, MASK = "<s>", "<pad>", "</s>", "<unk>", "<mask>"
+METASPACE = "\u2581"
+
+
+class Tokenizer:
+    """Batches of texts -> ``(input_ids, attention_mask)`` int64 tensors for the text tower."""
+
+    def __init__(self, backend: _Backend, max_length: int = DEFAULT_MAX_LENGTH) -> None:
+        """Wrap a ``tokenizers.Tokenizer``; its padding and truncation settings are replaced."""
+        if max_length < 3:
+            raise ValueError(f"max_length must be at least 3 (<s>, one piece, </s>), got {max_length}")
+        pad_id = backend.token_to_id(PAD)
+        if pad_id is None:
+            raise TokenizerError(f"the tokenizer has no {PAD} token; it is not an XLM-R tokenizer")
+        if backend.post_processor is None:
+            raise TokenizerError(
+                f"the tokenizer adds no {BOS}/{EOS} (no post_processor); it is not an XLM-R tokenizer"
+            )
+        _split_whitespace_first(backend)
+        backend.enable_truncation(max_length=max_length, strategy="longest_first", direction="right")
+        backend.enable_padding(direction="right", pad_id=pad_id, pad_token=PAD)
+        self._backend = backend
+        self.pad_id = pad_id
+        self.max_length = max_length
+
+    @classmethod
+    def from_str(
+        cls, json_text: str, max_length: int = DEFAULT_MAX_LENGTH, *, source: str = "tokenizer.json text"
+    ) -> Tokenizer:
+        """A tokenizer from the text of a ``tokenizer.json``; ``source`` names it in errors."""
+        try:
+            backend = _Backend.from_str(json_text)
+        except Exception as exc:  # tokenizers raises a plain Exception from Rust for any bad input
+            raise TokenizerError(f"{source} is not a valid tokenizer.json: {_first_line(exc)}") from exc
+        return cls(backend, max_length)
+
+    @classmethod
+    def from_file(cls, path: str | Path, max_length: int = DEFAULT_MAX_LENGTH) -> Tokenizer:
+        """A tokenizer from a ``tokenizer.json`` file."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TokenizerError(f"cannot read tokenizer file {path}: {_first_line(exc)}") from exc
+        return cls.from_str(text, max_length, source=str(path))
+
+    @classmethod
+    def from_dir(cls, folder: str | Path, max_length: int = DEFAULT_MAX_LENGTH) -> Tokenizer:
+        """``tokenizer.json`` from ``folder``, else its ``sentencepiece.bpe.model`` converted in memory."""
+        folder = Path(folder)
+        if (folder / TOKENIZER_JSON).is_file():
+            return cls.from_file(folder / TOKENIZER_JSON, max_length)
+        if (folder / SENTENCEPIECE_MODEL).is_file():
+            log.info("no %s in %s: converting %s", TOKENIZER_JSON, folder, SENTENCEPIECE_MODEL)
+            text = sentencepiece_to_tokenizer_json(folder / SENTENCEPIECE_MODEL)
+            return cls.from_str(text, max_length, source=str(folder / SENTENCEPIECE_MODEL))
+        raise TokenizerError(
+            f"no tokenizer in {folder}: looked for {TOKENIZER_JSON} and {SENTENCEPIECE_MODEL}"
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens (``<mask>``) included: 250,002 for XLM-R."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_ids`` and ``attention_mask``, int64 ``(B, T)``, T = longest row (at most max_length)."""
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a sequence of texts, not a single str")
+        texts = list(texts)
+        if not texts:
+            empty = torch.zeros((0, 0), dtype=torch.int64)
+            return empty, empty.clone()
+        encodings = self._backend.encode_batch(texts)
+        ids = torch.tensor([e.ids for e in encodings], dtype=torch.int64)  # (B, T)
+        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.int64)  # (B, T)
+        return ids, mask
+
+
+def _split_whitespace_first(backend: _Backend) -> None:
+    """Split on whitespace before a bare Metaspace pre-tokenizer, as transformers 5 does for XLM-R.
+
+    The hub's tokenizer.json (written by transformers 4.x) runs Metaspace on the whole text, so
+    trailing whitespace becomes an extra "▁" token and "   " encodes as <s> ▁ </s>.
+    Splitting on whitespace first gives sentencepiece's answer (trailing and repeated whitespace
+    dropped) and the ids of transformers 5's ``XLMRobertaTokenizer.from_pretrained``. Ordinary
+    texts without trailing whitespace get the same ids either way; the two differ only on
+    whitespace at the end, before a special token, or that the charsmap keeps (U+0085).
+    """
+    if isinstance(backend.pre_tokenizer, pre_tokenizers.Metaspace):
+        split = pre_tokenizers.WhitespaceSplit()
+        backend.pre_tokenizer = pre_tokenizers.Sequence([split, backend.pre_tokenizer])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --- SentencePiece .model -> tokenizer.json ----------------------------------------------------
+
+# sentencepiece_model.proto: SentencePiece.Type and TrainerSpec.ModelType values used here.
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4
+_UNIGRAM = 1
+
+
+class _WireError(ValueError):
+    """Bytes that are not a well-formed protobuf message."""
+
+
+@dataclass(frozen=True)
+class _Piece:
+    piece: str
+    score: float = 0.0
+    type: int = _NORMAL
+
+
+@dataclass(frozen=True)
+class _SpmModel:
+    """The fields of a sentencepiece ``ModelProto`` that the conversion needs (proto2 defaults)."""
+
+    pieces: tuple[_Piece, ...]
+    model_type: int = _UNIGRAM
+    byte_fallback: bool = False
+    precompiled_charsmap: bytes = b""
+    add_dummy_prefix: bool = True
+    remove_extra_whitespaces: bool = True
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """Decode a base-128 varint at ``pos``; return (value, next position)."""
+    value = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise _WireError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise _WireError("varint longer than 10 bytes")
+
+
+def _fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) of each field: an int for varints, raw bytes for the other wire types."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire in (1, 2, 5):
+            if wire == 2:
+                size, pos = _varint(buf, pos)
+            else:
+                size = 8 if wire == 1 else 4
+            if pos + size > len(buf):
+                raise _WireError(f"field {number} runs past the end of the data")
+            value, pos = buf[pos:pos + size], pos + size
+        else:
+            raise _WireError(f"unsupported wire type {wire} (field {number})")
+        if number == 0:
+            raise _WireError("field number 0")
+        yield number, value
+
+
+def _parse_piece(buf: bytes) -> _Piece:
+    piece, score, kind = None, 0.0, _NORMAL
+    for number, value in _fields(buf):
+        if number == 1:
+            piece = _as_bytes(value).decode("utf-8")
+        elif number == 2:
+            score = struct.unpack("<f", _as_bytes(value, 4))[0]
+        elif number == 3:
+            kind = _as_int(value)
+    if piece is None:
+        raise _WireError("a piece without text")
+    return _Piece(piece, score, kind)
+
+
+def _parse_spm(data: bytes) -> _SpmModel:
+    """Pieces (1), trainer_spec (2) and normalizer_spec (3) of a ``ModelProto``."""
+    pieces, trainer, normalizer = [], {}, {}
+    for number, value in _fields(data):
+        if number == 1:
+            pieces.append(_parse_piece(_as_bytes(value)))
+        elif number == 2:
+            trainer.update(_fields(_as_bytes(value)))
+        elif number == 3:
+            normalizer.update(_fields(_as_bytes(value)))
+    return _SpmModel(
+        pieces=tuple(pieces),
+        model_type=_as_int(trainer.get(3, _UNIGRAM)),
+        byte_fallback=bool(_as_int(trainer.get(35, 0))),
+        precompiled_charsmap=_as_bytes(normalizer.get(2, b"")),
+        add_dummy_prefix=bool(_as_int(normalizer.get(3, 1))),
+        remove_extra_whitespaces=bool(_as_int(normalizer.get(4, 1))),
+    )
+
+
+def _as_bytes(value: int | bytes, size: int | None = None) -> bytes:
+    if not isinstance(value, bytes) or (size is not None and len(value) != size):
+        raise _WireError("a field has the wrong wire type")
+    return value
+
+
+def _as_int(value: int | bytes) -> int:
+    if not isinstance(value, int):
+        raise _WireError("a field has the wrong wire type")
+    return value
+
+
+def _read_spm(path: Path) -> _SpmModel:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TokenizerError(f"cannot read sentencepiece model {path}: {_first_line(exc)}") from exc
+    try:
+        model = _parse_spm(data)
+    except (_WireError, UnicodeDecodeError, struct.error) as exc:
+        raise TokenizerError(f"{path} is not a sentencepiece model: {exc}") from exc
+    _check_xlmr_layout(model, path)
+    return model
+
+
+def _check_xlmr_layout(model: _SpmModel, path: Path) -> None:
+    """The fairseq id mapping assumes spm's default layout: <unk>, <s>, </s>, then the pieces."""
+    if model.model_type != _UNIGRAM:
+        raise TokenizerError(f"{path} is not a Unigram sentencepiece model (model_type {model.model_type})")
+    types = [p.type for p in model.pieces[:3]]
+    if len(model.pieces) < 4 or types != [_UNKNOWN, _CONTROL, _CONTROL]:
+        raise TokenizerError(
+            f"{path} does not have the XLM-R piece layout (<unk>, <s>, </s>, pieces...): "
+            f"{len(model.pieces)} pieces, first types {types}"
+        )
+    if any(p.type == _UNKNOWN for p in model.pieces[3:]):
+        raise TokenizerError(f"{path} has more than one <unk> piece")
+    if not (model.add_dummy_prefix and model.remove_extra_whitespaces):
+        raise TokenizerError(
+            f"{path} uses add_dummy_prefix={model.add_dummy_prefix}, "
+            f"remove_extra_whitespaces={model.remove_extra_whitespaces}; "
+            "only the XLM-R settings (both true) are supported"
+        )
+    if model.byte_fallback:
+        log.warning("%s uses byte fallback, which XLM-R does not: unknown characters become <unk>", path)
+
+
+def _build_backend(model: _SpmModel) -> _Backend:
+    """The pipeline transformers 5 builds for XLM-R from a ``.model``: fairseq vocabulary,
+    Precompiled normaliser, WhitespaceSplit + Metaspace, ``<s> $A </s>`` template."""
+    vocab = [(BOS, 0.0), (PAD, 0.0), (EOS, 0.0), (UNK, 0.0)]
+    vocab += [(p.piece, p.score) for p in model.pieces[3:]]
+    vocab.append((MASK, 0.0))
+    backend = _Backend(Unigram(vocab, unk_id=3, byte_fallback=False))
+
+    if model.precompiled_charsmap:
+        backend.normalizer = normalizers.Precompiled(model.precompiled_charsmap)
+    metaspace = pre_tokenizers.Metaspace(replacement=METASPACE, prepend_scheme="always")
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), metaspace])
+    backend.decoder = decoders.Metaspace(replacement=METASPACE, prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}",
+        pair=f"{BOS} $A {EOS} {EOS} $B {EOS}",
+        special_tokens=[(BOS, 0), (EOS, 2)],
+    )
+    # As in transformers: control pieces become special tokens and user-defined pieces plain
+    # added tokens (both matched before segmentation, keeping their vocab ids); unused, byte and
+    # unknown piece types stay ordinary vocabulary entries.
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (BOS, PAD, EOS, UNK)])
+    added = [
+        AddedToken(p.piece, special=p.type == _CONTROL, normalized=False)
+        for p in model.pieces[3:]
+        if p.type in (_CONTROL, _USER_DEFINED)
+    ]
+    backend.add_tokens(added)
+    backend.add_special_tokens([AddedToken(MASK, lstrip=True, special=True, normalized=False)])
+    return backend
+
+
+def sentencepiece_to_tokenizer_json(spm_path: str | Path) -> str:
+    """The ``tokenizer.json`` text of an XLM-R ``sentencepiece.bpe.model`` (Unigram), fairseq ids."""
+    return _build_backend(_read_spm(Path(spm_path))).to_str()
+
+
+def convert_sentencepiece(spm_path: str | Path, out_path: str | Path) -> Path:
+    """Convert ``spm_path`` and write the result to ``out_path`` (a ``tokenizer.json``)."""
+    out_path = Path(out_path)
+    text = sentencepiece_to_tokenizer_json(spm_path)
+    try:
+        out_path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise TokenizerError(f"cannot write {out_path}: {_first_line(exc)}") from exc
+    return out_path

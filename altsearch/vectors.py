@@ -1,0 +1,575 @@
+"""The vector index: an ID-mapped FAISS inner-product index over the catalogue's image ids.
+
+Two kinds:
+- "flat": exact search, IndexIDMap2 over IndexFlatIP. Used up to EXACT_MAX vectors.
+- "ivf": approximate, IndexIVFFlat (inner product, spherical k-means, a hashtable direct map so
+  ids can be removed and vectors read back), with nprobe tuned at build time for recall@10.
+  Unlike HNSW it supports removal, moves to the GPU, and builds in seconds.
+
+The CPU index is always the master copy (it is what is saved); with a GPU, searches run on a
+copy made with `faiss.index_cpu_to_gpu`, remade after the next add or remove.
+
+A saved index is two files: the FAISS file itself (readable by `faiss.read_index`) and a JSON
+header beside it (`<name>.json`) holding kind, dimension, count, size and SHA-256 of the FAISS
+file, and the catalogue generation it reflects. Loading checks the checksum before FAISS parses
+a byte. See docs/format.md.
+
+Searches may run from several threads at once; add and remove must not overlap a search.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import faiss
+import numpy as np
+
+from altsearch.errors import IndexStoreError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("flat", "ivf")
+# Exact search up to here. A flat search reads every vector: at 200k x 768 float32 (600 MB) one
+# query takes tens of milliseconds on a 2-core CPU (figures in docs/format.md), still interactive;
+# beyond, IVF answers in a few milliseconds at recall@10 >= 0.95.
+EXACT_MAX = 200_000
+RECALL_TARGET = 0.95  # what "auto" promises for recall@10 against exact search
+TUNE_TARGET = 0.97  # what nprobe is tuned for on synthetic queries, leaving a margin for real ones
+TUNE_QUERIES = 256
+TRAIN_PER_LIST = 64  # k-means training points per inverted list (FAISS wants at least 39)
+ALLOWED_EXACT_MAX = 65_536  # an IVF search restricted to at most this many ids is done exactly
+GPU_MAX_K = 2048  # FAISS GPU k-selection limit (also bounds nprobe)
+REBUILD_GROWTH = 4.0  # rebuild an IVF whose size moved this factor away from its build size
+HEADER_FORMAT = 1
+_HASH_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True)
+class IndexHeader:
+    """The JSON sidecar of a saved FAISS file."""
+
+    kind: str
+    dim: int
+    count: int
+    size_bytes: int  # of the FAISS file
+    sha256: str  # of the FAISS file
+    generation: int  # catalogue generation the saved index reflects (see Catalog.generation)
+    catalog_id: str  # the catalogue it belongs to
+    built_count: int  # vectors when the index was built (IVF: trained)
+    nlist: int  # IVF lists (0 for flat)
+    nprobe: int  # IVF lists probed per query (0 for flat)
+    faiss_version: str
+    saved_at: float
+    format: int = HEADER_FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: Path) -> IndexHeader:
+        try:
+            data = json.loads(text)
+            header = cls(**data)
+        except (ValueError, TypeError) as err:
+            raise IndexStoreError(f"vector index header {where} is damaged ({err}); rebuild the index") from err
+        if header.format > HEADER_FORMAT:
+            raise IndexStoreError(f"vector index header {where} is from a newer altsearch; upgrade altsearch")
+        if header.kind not in KINDS:
+            raise IndexStoreError(f"vector index header {where} names an unknown kind {header.kind!r}")
+        return header
+
+
+def header_path(path: Path) -> Path:
+    """Where the JSON header of the FAISS file `path` lives."""
+    return path.with_name(path.name + ".json")
+
+
+def read_header(path: Path) -> IndexHeader:
+    """The header saved with `path`, without reading or checking the FAISS file itself."""
+    where = header_path(Path(path))
+    try:
+        text = where.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise IndexStoreError(f"vector index {path} has no header {where.name}; rebuild the index") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise IndexStoreError(f"cannot read vector index header {where}: {err}") from err
+    return IndexHeader.from_json(text, where)
+
+
+# --- small functions ---------------------------------------------------------------------
+
+
+def kind_for(n: int) -> str:
+    """The kind `build(kind="auto")` picks for n vectors."""
+    return "flat" if n <= EXACT_MAX else "ivf"
+
+
+def nlist_for(n: int) -> int:
+    """IVF lists for n vectors: about 4 sqrt(n), with enough training points for each."""
+    return max(1, min(int(4 * math.sqrt(n)), n // TRAIN_PER_LIST))
+
+
+def gpu_for(device: str) -> int | None:
+    """The GPU FAISS should search on for a device string (auto, cpu, cuda, cuda:N, mps), or None."""
+    if device in ("cpu", "mps"):
+        return None
+    if device == "auto" or device in ("cuda", "gpu"):
+        wanted = 0
+    elif device.startswith("cuda:") and device[5:].isdigit():
+        wanted = int(device[5:])
+    else:
+        raise ValueError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)")
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+    if wanted < gpus:
+        return wanted
+    if device != "auto":
+        log.warning("device %r asked for, but FAISS sees %d GPU(s); vector search runs on the CPU", device, gpus)
+    return None
+
+
+def recall_at_k(exact_ids: np.ndarray, approx_ids: np.ndarray, k: int = 10) -> float:
+    """Mean over queries of |exact top-k & approx top-k| / |exact top-k| (ids < 0 are empty slots)."""
+    exact = np.asarray(exact_ids)[:, :k]
+    approx = np.asarray(approx_ids)[:, :k]
+    if exact.shape[0] != approx.shape[0]:
+        raise ValueError(f"{exact.shape[0]} exact rows but {approx.shape[0]} approximate rows")
+    found = ((exact[:, :, None] == approx[:, None, :]) & (exact[:, :, None] >= 0)).any(axis=2)
+    wanted = (exact >= 0).sum(axis=1)
+    rows = wanted > 0
+    if not rows.any():
+        return 1.0
+    return float((found.sum(axis=1)[rows] / wanted[rows]).mean())
+
+
+def exact_search(queries: np.ndarray, ids: np.ndarray, vecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force inner-product top-k in numpy: (scores (Q, k), ids (Q, k)), best first, padded."""
+    scores = np.asarray(queries, dtype=np.float32) @ np.asarray(vecs, dtype=np.float32).T  # (Q, N)
+    n = scores.shape[1]
+    top = min(k, n)
+    out_scores = np.full((scores.shape[0], k), -np.inf, dtype=np.float32)
+    out_ids = np.full((scores.shape[0], k), -1, dtype=np.int64)
+    if top == 0:
+        return out_scores, out_ids
+    part = np.argpartition(-scores, top - 1, axis=1)[:, :top]  # (Q, top), unordered
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-part_scores, axis=1, kind="stable")
+    out_scores[:, :top] = np.take_along_axis(part_scores, order, axis=1)
+    out_ids[:, :top] = np.asarray(ids, dtype=np.int64)[np.take_along_axis(part, order, axis=1)]
+    return out_scores, out_ids
+
+
+def _pad(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, k) results with empty slots as id -1, score -inf."""
+    out_scores = np.full((ids.shape[0], k), -np.inf, dtype=np.float32)
+    out_ids = np.full((ids.shape[0], k), -1, dtype=np.int64)
+    out_scores[:, : ids.shape[1]] = np.where(ids >= 0, scores, -np.inf)
+    out_ids[:, : ids.shape[1]] = ids
+    return out_scores, out_ids
+
+
+def _as_vectors(vecs: np.ndarray, dim: int, what: str) -> np.ndarray:
+    vecs = np.ascontiguousarray(vecs, dtype=np.float32)
+    if vecs.ndim != 2 or vecs.shape[1] != dim:
+        raise ValueError(f"{what} must have shape (N, {dim}), got {vecs.shape}")
+    if not np.isfinite(vecs).all():
+        raise ValueError(f"{what} contain NaN or infinity")
+    return vecs
+
+
+def _as_ids(ids: np.ndarray | list[int]) -> np.ndarray:
+    ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    if (ids < 0).any():
+        raise ValueError("ids must be >= 0")
+    return ids
+
+
+# --- IVF building ------------------------------------------------------------------------
+
+
+def _train_ivf(vecs: np.ndarray, rng: np.random.Generator) -> faiss.IndexIVFFlat:
+    n, dim = vecs.shape
+    nlist = nlist_for(n)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    sample = vecs[np.sort(rng.choice(n, size=min(n, nlist * TRAIN_PER_LIST), replace=False))]
+    index.train(sample)  # spherical k-means: IVF with inner product normalises its centroids
+    index.set_direct_map_type(faiss.DirectMap.Hashtable)  # any ids, removable, readable back
+    return index
+
+
+def _probe_queries(vecs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Stand-ins for real queries: stored vectors blurred by isotropic noise of equal norm."""
+    picks = vecs[rng.choice(len(vecs), size=min(TUNE_QUERIES, len(vecs)), replace=False)]
+    noise = rng.standard_normal(picks.shape).astype(np.float32)
+    noise *= np.linalg.norm(picks, axis=1, keepdims=True) / np.linalg.norm(noise, axis=1, keepdims=True)
+    queries = picks + noise
+    return queries / np.linalg.norm(queries, axis=1, keepdims=True)
+
+
+def _nprobe_steps(nlist: int) -> list[int]:
+    steps = sorted({int(round(2 ** (i / 2))) for i in range(2 * int(math.log2(nlist)) + 2)} | {nlist})
+    return [s for s in steps if s <= nlist]
+
+
+def _tune_nprobe(index: faiss.IndexIVFFlat, ids: np.ndarray, vecs: np.ndarray, rng: np.random.Generator) -> int:
+    """The smallest nprobe reaching TUNE_TARGET recall@10 on probe queries."""
+    queries = _probe_queries(vecs, rng)
+    k = min(10, len(ids))
+    _, positions = faiss.knn(queries, vecs, k, metric=faiss.METRIC_INNER_PRODUCT)
+    exact = ids[positions]
+    for nprobe in _nprobe_steps(index.nlist):
+        _, approx = index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
+        recall = recall_at_k(exact, approx, k)
+        if recall >= TUNE_TARGET:
+            log.info("IVF%d over %d vectors: nprobe %d gives recall@10 %.3f", index.nlist, len(ids), nprobe, recall)
+            return nprobe
+    return index.nlist
+
+
+# --- the index ---------------------------------------------------------------------------
+
+
+class VectorIndex:
+    """An ID-mapped inner-product FAISS index (see the module docstring)."""
+
+    def __init__(
+        self,
+        index: faiss.Index,
+        kind: str,
+        *,
+        device: str = "auto",
+        built_count: int = 0,
+        header: IndexHeader | None = None,
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown index kind {kind!r} (use one of {KINDS})")
+        self._cpu = index
+        self.kind = kind
+        self.dim = int(index.d)
+        self.built_count = built_count
+        self.header = header  # as saved or loaded; None for an index never saved
+        self._gpu = gpu_for(device)
+        self._gpu_index: faiss.Index | None = None
+        self._gpu_resources: object | None = None
+        self._lock = threading.Lock()
+
+    # -- construction
+
+    @classmethod
+    def create(cls, dim: int, *, kind: str = "flat", device: str = "auto") -> VectorIndex:
+        """An empty exact index (an IVF cannot exist before it is trained: use `build`)."""
+        if kind != "flat":
+            raise ValueError(f"only a flat index can be created empty; build a {kind!r} index from vectors")
+        return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), "flat", device=device)
+
+    @classmethod
+    def build(
+        cls, ids: np.ndarray, vecs: np.ndarray, *, kind: str = "auto", device: str = "auto", seed: int = 0
+    ) -> VectorIndex:
+        """An index over these vectors; "auto" is exact flat up to EXACT_MAX vectors, else IVF
+        with nprobe tuned for recall@10 (deterministic for a given seed)."""
+        ids = _as_ids(ids)
+        vecs = np.ascontiguousarray(vecs, dtype=np.float32)
+        if vecs.ndim != 2 or len(vecs) != len(ids):
+            raise ValueError(f"expected vectors of shape ({len(ids)}, D), got {vecs.shape}")
+        kind = kind_for(len(ids)) if kind == "auto" else kind
+        if kind == "flat":
+            index = cls.create(vecs.shape[1], device=device)
+            index.add(ids, vecs)
+            index.built_count = len(ids)
+            return index
+        if kind != "ivf":
+            raise ValueError(f"unknown index kind {kind!r} (use auto or one of {KINDS})")
+        if len(ids) < TRAIN_PER_LIST:
+            raise ValueError(f"an IVF index needs at least {TRAIN_PER_LIST} vectors, got {len(ids)}")
+        vecs = _as_vectors(vecs, vecs.shape[1], "vectors")
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError("ids repeat")
+        rng = np.random.default_rng(seed)
+        ivf = _train_ivf(vecs, rng)
+        ivf.add_with_ids(vecs, ids)
+        ivf.nprobe = _tune_nprobe(ivf, ids, vecs, rng)
+        return cls(ivf, "ivf", device=device, built_count=len(ids))
+
+    # -- contents
+
+    def __len__(self) -> int:
+        return int(self._cpu.ntotal)
+
+    @property
+    def nlist(self) -> int:
+        return int(self._cpu.nlist) if self.kind == "ivf" else 0
+
+    @property
+    def nprobe(self) -> int:
+        return int(self._cpu.nprobe) if self.kind == "ivf" else 0
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self._gpu is None else f"cuda:{self._gpu}"
+
+    def needs_rebuild(self) -> bool:
+        """True when `build(kind="auto")` would now pick another kind, or an IVF's size has moved
+        REBUILD_GROWTH-fold away from the size it was trained for."""
+        n = len(self)
+        if kind_for(n) != self.kind:
+            return True
+        if self.kind == "ivf":
+            built = max(self.built_count, 1)
+            return n > built * REBUILD_GROWTH or n * REBUILD_GROWTH < built
+        return False
+
+    def ids(self) -> np.ndarray:
+        """Every id in the index, sorted (int64)."""
+        return np.sort(self._raw_ids())
+
+    def _raw_ids(self) -> np.ndarray:
+        if self.kind == "flat":
+            return faiss.vector_to_array(self._cpu.id_map).astype(np.int64)
+        invlists = self._cpu.invlists
+        parts = [
+            faiss.rev_swig_ptr(invlists.get_ids(lst), invlists.list_size(lst)).copy()
+            for lst in range(self._cpu.nlist)
+            if invlists.list_size(lst)
+        ]
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+    def add(self, ids: np.ndarray, vecs: np.ndarray) -> None:
+        """Add vectors under these ids; ids already in the index are replaced."""
+        ids = _as_ids(ids)
+        vecs = _as_vectors(vecs, self.dim, "vectors")
+        if len(vecs) != len(ids):
+            raise ValueError(f"{len(ids)} ids for {len(vecs)} vectors")
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError("ids repeat")
+        if not len(ids):
+            return
+        with self._lock:
+            present = ids[np.isin(ids, self._raw_ids())]
+            if len(present):
+                self._remove(present)
+            self._cpu.add_with_ids(vecs, ids)
+            self._gpu_index = None
+
+    def remove(self, ids: np.ndarray | list[int]) -> int:
+        """Remove these ids (absent ones are ignored); returns how many were removed."""
+        ids = np.unique(_as_ids(ids))
+        if not len(ids):
+            return 0
+        with self._lock:
+            removed = self._remove(ids)
+            self._gpu_index = None
+        return removed
+
+    def _remove(self, ids: np.ndarray) -> int:
+        if self.kind == "flat":
+            return int(self._cpu.remove_ids(faiss.IDSelectorBatch(ids)))
+        # the hashtable direct map removes by looking each id up: it takes an explicit array
+        selector = faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids))
+        return int(self._cpu.remove_ids(selector))
+
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of these ids (float32 (N, D)); an absent id raises KeyError."""
+        ids = _as_ids(ids)
+        missing = np.setdiff1d(ids, self._raw_ids())
+        if len(missing):
+            raise KeyError(f"ids not in the vector index: {missing[:5].tolist()}")
+        return self._cpu.reconstruct_batch(ids) if len(ids) else np.empty((0, self.dim), np.float32)
+
+    # -- search
+
+    def search(
+        self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores float32 (Q, k), ids int64 (Q, k)), best first; empty slots are id -1, score -inf.
+
+        `allowed` restricts the results to those ids: exact for a flat index (a FAISS ID selector),
+        and for an IVF either exact over the allowed vectors (few of them) or a selector search
+        probing proportionally more lists.
+        """
+        queries = _as_vectors(queries, self.dim, "queries")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        top = min(k, len(self))
+        if top == 0 or not len(queries):
+            return _pad(np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64), k)
+        if allowed is not None:
+            scores, ids = self._search_allowed(queries, top, np.unique(_as_ids(allowed)))
+        else:
+            scores, ids = self._searcher(top).search(queries, top)
+        return _pad(scores, ids, k)
+
+    def _search_allowed(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not len(allowed):
+            return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
+        if self.kind == "ivf" and len(allowed) <= ALLOWED_EXACT_MAX:
+            present = np.intersect1d(allowed, self._raw_ids(), assume_unique=True)
+            return exact_search(queries, present, self._cpu.reconstruct_batch(present), k)
+        selector = faiss.IDSelectorBatch(allowed)  # kept referenced until the search returns
+        if self.kind == "flat":
+            params = faiss.SearchParameters(sel=selector)
+        else:  # a fraction f of the ids allowed: probe 1/f times more lists to see as many of them
+            nprobe = min(self.nlist, math.ceil(self.nprobe * len(self) / len(allowed)))
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+        return self._cpu.search(queries, k, params=params)
+
+    def _searcher(self, k: int) -> faiss.Index:
+        """The GPU copy when there is one and it can answer, else the CPU master."""
+        if self._gpu is None or k > GPU_MAX_K or self.nprobe > GPU_MAX_K:
+            return self._cpu
+        with self._lock:
+            if self._gpu_index is None:
+                self._gpu_index = self._to_gpu()
+            return self._gpu_index if self._gpu_index is not None else self._cpu
+
+    def _to_gpu(self) -> faiss.Index | None:
+        try:
+            if self._gpu_resources is None:
+                self._gpu_resources = faiss.StandardGpuResources()
+            return faiss.index_cpu_to_gpu(self._gpu_resources, self._gpu, self._cpu)
+        except (RuntimeError, AttributeError) as err:
+            log.warning("could not copy the vector index to GPU %s (%s); searching on the CPU", self._gpu, err)
+            self._gpu = None
+            return None
+
+    # -- files
+
+    def save(self, path: Path, *, generation: int = 0, catalog_id: str = "") -> IndexHeader:
+        """Write the FAISS file and its header atomically (temp file, fsync, rename, fsync folder).
+
+        Between the two renames a crash leaves a new FAISS file beside the old header: `load` then
+        reports a checksum mismatch and the index is rebuilt from the catalogue.
+        """
+        path = Path(path)
+        with self._lock:
+            faiss_tmp, size, digest = _write_temp(path, lambda f: _write_faiss(self._cpu, f))
+            header = IndexHeader(
+                kind=self.kind, dim=self.dim, count=len(self), size_bytes=size, sha256=digest,
+                generation=int(generation), catalog_id=catalog_id, built_count=self.built_count,
+                nlist=self.nlist, nprobe=self.nprobe, faiss_version=faiss.__version__, saved_at=time.time(),
+            )  # fmt: skip
+        try:
+            json_tmp, _, _ = _write_temp(path, lambda f: f.write(header.to_json().encode()))
+        except BaseException:
+            faiss_tmp.unlink(missing_ok=True)
+            raise
+        os.replace(faiss_tmp, path)
+        os.replace(json_tmp, header_path(path))
+        _fsync_folder(path.parent)
+        self.header = header
+        return header
+
+    @classmethod
+    def load(cls, path: Path, *, device: str = "auto") -> VectorIndex:
+        """Read a saved index; its `header` says which catalogue generation it reflects.
+
+        Raises IndexStoreError for a missing, truncated, altered or foreign file; the checksum is
+        verified before FAISS parses anything. Nothing is unpickled.
+        """
+        path = Path(path)
+        header = read_header(path)
+        try:
+            with path.open("rb") as f:
+                _verify(f, header, path)
+                index = _read_faiss(f, path)
+        except OSError as err:
+            raise IndexStoreError(f"cannot read vector index {path}: {err}") from err
+        _check_matches(index, header, path)
+        return cls(index, header.kind, device=device, built_count=header.built_count, header=header)
+
+
+# --- file helpers ------------------------------------------------------------------------
+
+
+class _HashingWriter:
+    """A file wrapper that hashes and counts what goes through it."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+
+def _write_temp(path: Path, fill: Callable[[_HashingWriter], object]) -> tuple[Path, int, str]:
+    """Fill a temp file beside `path` and fsync it; returns (temp path, size, sha256)."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            writer = _HashingWriter(f)
+            fill(writer)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp, writer.size, writer.sha.hexdigest()
+
+
+def _write_faiss(index: faiss.Index, writer: _HashingWriter) -> None:
+    faiss.write_index(index, faiss.PyCallbackIOWriter(writer.write))
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # platforms that cannot open a folder (Windows) order renames themselves
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _verify(f: BinaryIO, header: IndexHeader, path: Path) -> None:
+    size = os.fstat(f.fileno()).st_size
+    if size != header.size_bytes:
+        raise IndexStoreError(
+            f"vector index {path} is {size} bytes, its header says {header.size_bytes}: "
+            "truncated or replaced; rebuild the index"
+        )
+    sha = hashlib.sha256()
+    while chunk := f.read(_HASH_CHUNK):
+        sha.update(chunk)
+    if sha.hexdigest() != header.sha256:
+        raise IndexStoreError(f"vector index {path} does not match its checksum: damaged; rebuild the index")
+    f.seek(0)
+
+
+def _read_faiss(f: BinaryIO, path: Path) -> faiss.Index:
+    try:
+        return faiss.read_index(faiss.PyCallbackIOReader(f.read))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise IndexStoreError(f"vector index {path} is not a readable FAISS file ({first})") from err
+
+
+def _check_matches(index: faiss.Index, header: IndexHeader, path: Path) -> None:
+    expected = faiss.IndexIDMap2 if header.kind == "flat" else faiss.IndexIVFFlat
+    if not isinstance(index, expected):
+        raise IndexStoreError(f"vector index {path} holds a {type(index).__name__}, not a {header.kind} index")
+    if header.kind == "flat" and not isinstance(faiss.downcast_index(index.index), faiss.IndexFlatIP):
+        raise IndexStoreError(f"vector index {path} is not an inner-product flat index")
+    if header.kind == "ivf" and index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise IndexStoreError(f"vector index {path} is not an inner-product IVF index")
+    if index.d != header.dim or index.ntotal != header.count:
+        raise IndexStoreError(
+            f"vector index {path} holds {index.ntotal} x {index.d}, its header says {header.count} x {header.dim}"
+        )

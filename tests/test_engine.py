@@ -1,0 +1,259 @@
+"""End to end through the Python API with the tiny checkpoint: index, search, similar, re-index."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from altsearch import Engine, load_model
+from altsearch.errors import IndexLockedError, ModelMismatchError, QueryError
+from altsearch.home import WriteLock
+from tests.checkpoints import write_checkpoint
+from tests.photos import make_folder, photo, save_photo
+
+
+@pytest.fixture
+def photos(tmp_path):
+    root = tmp_path / "photos"
+    make_folder(root, 12)
+    return root
+
+
+@pytest.fixture
+def engine(tmp_path, tiny_checkpoint):
+    with Engine.open(tmp_path / "index", model=str(tiny_checkpoint), device="cpu") as e:
+        yield e
+
+
+def _index(engine, folder, **kw):
+    return engine.index(folder, workers=kw.pop("workers", 0), **kw)
+
+
+def test_index_then_search_matches_brute_force(engine, photos, tiny_checkpoint):
+    report = _index(engine, photos)
+    assert (report.added, report.failed, report.embedded) == (12, 0, 12)
+    stats = engine.stats()
+    assert stats["images"] == stats["vectors"] == 12
+    assert stats["dimension"] == 24 and stats["model"] == str(tiny_checkpoint)
+
+    model = load_model(tiny_checkpoint, device="cpu")
+    files = sorted(str(p) for p in photos.rglob("*") if p.is_file())
+    img = model.encode_image(files, draft=448)
+    for query in ("sunset over the sea", "海边的日落"):
+        q = model.encode_text([query])[0]
+        want = [files[i] for i in np.argsort(-(img @ q))[:5]]
+        hits = engine.search(query, k=5)
+        assert [h.path for h in hits] == want
+        assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+        np.testing.assert_allclose([h.score for h in hits], np.sort(img @ q)[::-1][:5], atol=2e-3)
+
+
+def test_similar_finds_the_original_of_a_resized_reencoded_copy(engine, photos, tmp_path):
+    _index(engine, photos)
+    originals = sorted(p for p in photos.rglob("*.jpg"))[:4]
+    for original in originals:
+        copy = tmp_path / "query" / (original.stem + "_small.jpg")
+        copy.parent.mkdir(exist_ok=True)
+        with Image.open(original) as im:
+            im.convert("RGB").resize((200, 150), Image.Resampling.LANCZOS).save(copy, quality=70)
+        hits = engine.similar(copy, k=3)
+        assert hits[0].path == str(original)
+
+
+def test_similar_by_id_excludes_itself(engine, photos):
+    _index(engine, photos)
+    first = engine.search("a photo", k=1)[0]
+    hits = engine.similar(first.id, k=20)
+    assert first.id not in [h.id for h in hits] and len(hits) == 11
+
+
+def test_reindex_counts_every_kind_of_change(engine, photos, tmp_path):
+    _index(engine, photos)
+    files = sorted(p for p in photos.rglob("*.jpg"))
+    moved_id = engine.store.catalog.get_by_path(str(files[3])).id
+    # two new files
+    save_photo(photos / "new" / "a.jpg", seed=100)
+    save_photo(photos / "new" / "b.png", seed=101)
+    # content changed
+    save_photo(files[0], seed=200)
+    # touched only (same bytes, new mtime)
+    os.utime(files[1], (1_700_000_000, 1_700_000_000))
+    # deleted
+    files[2].unlink()
+    # moved to another folder
+    (photos / "moved").mkdir()
+    shutil.move(files[3], photos / "moved" / "renamed.jpg")
+    # byte-identical duplicate of an indexed file
+    shutil.copy2(files[4], photos / "new" / "dup.jpg")
+
+    report = _index(engine, photos)
+    assert (report.added, report.updated, report.moved, report.removed) == (3, 1, 1, 1)
+    assert report.unchanged == 12 - 1 - 1 - 1  # all but changed, deleted, moved
+    assert report.duplicates == 1 and report.embedded == 3  # dup reused the stored vector
+    assert report.failed == 0
+    stats = engine.stats()
+    assert stats["images"] == stats["vectors"] == 12 + 3 - 1
+    assert engine.check() == []
+    # the moved file kept its catalogue entry (and vector) under the new path
+    assert engine.store.catalog.get_by_path(str(photos / "moved" / "renamed.jpg")).id == moved_id
+    # the duplicate shares its twin's vector exactly
+    twin = engine.similar(files[4], k=1)[0]
+    assert twin.path == str(photos / "new" / "dup.jpg") and twin.score == pytest.approx(1.0, abs=1e-3)
+
+    again = _index(engine, photos)
+    assert (again.added, again.updated, again.moved, again.removed, again.embedded) == (0, 0, 0, 0, 0)
+    assert again.unchanged == 14
+
+
+def test_filters(engine, photos):
+    _index(engine, photos)
+    under = engine.search("a photo", k=50, under=photos / "trips")
+    assert under and all(h.path.startswith(str(photos / "trips") + os.sep) for h in under)
+    assert len(under) == 6
+    in_2022 = engine.search("a photo", k=50, taken_from="2022-01-01", taken_to="2022-12-31")
+    assert in_2022
+    for h in in_2022:
+        assert h.date.year == 2022
+    scores = [h.score for h in engine.search("a photo", k=50)]
+    cut = scores[5]
+    assert [h.score for h in engine.search("a photo", k=50, min_score=cut)] == scores[:6]
+    assert engine.search("a photo", k=5, under=photos / "nothing-here") == []
+
+
+def test_query_combinations(engine, photos):
+    _index(engine, photos)
+    model = engine.model
+    t = model.encode_text(["beach", "sunset", "people"])
+    want = t[0] + t[1] - t[2]
+    want /= np.linalg.norm(want)
+    hits = engine.search("beach + sunset - people", k=3)
+    base = engine._nearest(want, 3)
+    assert [h.id for h in hits] == [h.id for h in base]
+    img = sorted(photos.rglob("*.jpg"))[0]
+    assert engine.search(f"{img} + sunset", k=1)
+    assert engine.search(f"#{hits[0].id}", k=1)[0].id != hits[0].id  # an id alone excludes itself
+    with pytest.raises(QueryError):
+        engine.search("   ")
+    with pytest.raises(QueryError):
+        engine.search("#99999")
+
+
+def test_bad_files_are_recorded_and_never_abort(engine, photos):
+    bad = photos / "bad"
+    bad.mkdir()
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "text.jpg").write_text("not an image")
+    good = (photos / "home").rglob("*.jpg").__next__().read_bytes()
+    (bad / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (bad / "海边 的日落.jpg").write_bytes(good)
+    os.symlink(bad / "missing.jpg", bad / "broken.jpg")
+    report = _index(engine, photos)
+    reasons = {os.path.basename(f["path"]): f["reason"] for f in engine.failures()}
+    assert {"empty.jpg", "text.jpg", "truncated.jpg", "broken.jpg"} <= set(reasons)
+    assert report.failed == len(reasons)
+    assert engine.stats()["images"] == 13  # 12 + the Chinese-named copy (a duplicate: no new embedding)
+    # a fixed file is picked up and its failure cleared
+    (bad / "text.jpg").write_bytes(good)
+    _index(engine, photos)
+    assert "text.jpg" not in {os.path.basename(f["path"]) for f in engine.failures()}
+
+
+def test_model_mismatch_is_refused(tmp_path, photos, tiny_checkpoint):
+    with Engine.open(tmp_path / "index", model=str(tiny_checkpoint), device="cpu") as e:
+        _index(e, photos)
+    other = write_checkpoint(tmp_path / "other-model", seed=99)
+    with Engine.open(tmp_path / "index", model=str(other), device="cpu") as e:
+        with pytest.raises(ModelMismatchError, match="built with model"):
+            e.search("a cat")
+        with pytest.raises(ModelMismatchError):
+            _index(e, photos)
+    with Engine.open(tmp_path / "index", device="cpu") as e:  # the recorded model by default
+        assert len(e.search("a cat", k=3)) == 3
+
+
+def test_second_writer_is_refused(engine, photos):
+    with WriteLock(engine.path):
+        with pytest.raises(IndexLockedError, match=f"process {os.getpid()}"):
+            _index(engine, photos)
+
+
+def test_crash_mid_index_resumes_without_duplicates(engine, photos, monkeypatch):
+    model = engine.model
+    real = model.encode_pixels
+    calls = {"n": 0}
+
+    def dying(pixels):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return real(pixels)
+
+    monkeypatch.setattr(model, "encode_pixels", dying)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        engine.index(photos, workers=0, batch_size=2)
+    committed = engine.stats()["images"]
+    assert committed == 4  # two batches of two landed before the crash
+    monkeypatch.setattr(model, "encode_pixels", real)
+    report = _index(engine, photos)
+    assert report.added == 12 - committed and report.unchanged == committed
+    assert engine.stats()["images"] == engine.stats()["vectors"] == 12
+    assert engine.check() == []
+
+
+def test_interrupt_commits_finished_work(engine, photos, monkeypatch):
+    model = engine.model
+    real = model.encode_pixels
+    calls = {"n": 0}
+
+    def interrupted(pixels):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(pixels)
+
+    monkeypatch.setattr(model, "encode_pixels", interrupted)
+    report = engine.index(photos, workers=0, batch_size=3)
+    assert report.interrupted and report.added == 3
+    monkeypatch.setattr(model, "encode_pixels", real)
+    assert _index(engine, photos).added == 9
+
+
+def test_vector_file_lagging_behind_is_caught_up(tmp_path, photos, tiny_checkpoint):
+    index = tmp_path / "index"
+    with Engine.open(index, model=str(tiny_checkpoint), device="cpu") as e:
+        _index(e, photos)
+        saved = (index / "vectors.faiss").read_bytes()
+        save_photo(photos / "late.jpg", seed=500)
+        _index(e, photos)
+    (index / "vectors.faiss").write_bytes(saved)  # as if killed before the last save
+    with Engine.open(index, device="cpu") as e:
+        assert e.stats()["vectors"] == 13
+        assert e.similar(photos / "late.jpg", k=1)  # found through the caught-up vectors
+        assert any(h.path.endswith("late.jpg") for h in e.search("a photo", k=13))
+
+
+def test_decode_workers_give_the_same_index(tmp_path, photos, tiny_checkpoint):
+    results = []
+    for workers in (0, 2):
+        with Engine.open(tmp_path / f"index-{workers}", model=str(tiny_checkpoint), device="cpu") as e:
+            e.index(photos, workers=workers)
+            results.append([(h.path, round(h.score, 5)) for h in e.search("sunset", k=12)])
+    assert results[0] == results[1]
+
+
+def test_remove_and_check_repair(engine, photos):
+    _index(engine, photos)
+    assert engine.remove([photos / "trips"]) == 6
+    assert engine.stats()["images"] == engine.stats()["vectors"] == 6
+    assert all("trips" not in h.path for h in engine.search("a photo", k=12))
+    (engine.path / "vectors.faiss").write_bytes(b"garbage")
+    problems = engine.check()
+    assert problems
+    assert engine.check(repair=True) == problems
+    assert engine.check() == []
+    assert len(engine.search("a photo", k=12)) == 6
