@@ -25,10 +25,10 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 IndexOpt = Annotated[Optional[str], typer.Option(
-    "--index", "-i", envvar="ALTSEARCH_INDEX",
-    help="Index name (under $ALTSEARCH_HOME/indexes) or folder. [default: default]")]
+    "--index", "-i", envvar="ALTSEARCH_INDEX", show_default="default",
+    help="Index name (under $ALTSEARCH_HOME/indexes) or folder.")]
 ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m", help="Hub id or model folder. [default: the index's model, else BAAI/AltCLIP]")]
+    "--model", "-m", show_default="the index's model, else BAAI/AltCLIP", help="Hub id or model folder.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
@@ -68,7 +68,7 @@ def index(
     dtype: DtypeOpt = "auto",
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per model batch.")] = None,
     workers: Annotated[Optional[int], typer.Option(
-        min=0, help="Decode processes (0 = decode in this process). [default: cores - 1]")] = None,
+        min=0, show_default="cores - 1", help="Decode processes (0 = decode in this process).")] = None,
     full_decode: Annotated[bool, typer.Option(
         "--full-decode", help="Decode JPEGs at full size (slower; no reduced-size decoding).")] = False,
     hidden: Annotated[bool, typer.Option("--hidden", help="Also index hidden files and folders.")] = False,

@@ -140,6 +140,17 @@ def test_pixel_limit_is_applied(corpus):
     assert result.content_hash is not None
 
 
+@pytest.fixture(scope="module")
+def pools():
+    """Pools shared by the tests below (starting workers is the slow part). Their workers exit
+    abruptly on files whose name contains CRASH-ME (the decode test hook)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CRASH_HOOK_ENV, "CRASH-ME")
+        with DecodePool(CFG, workers=1, max_in_flight=2) as one:
+            with DecodePool(CFG, workers=2, max_in_flight=4) as two:
+                yield {1: one, 2: two}
+
+
 def _summary(results) -> dict[str, tuple]:
     return {
         r.path: (r.content_hash, r.error, None if r.pixels is None else r.pixels.tobytes(), r.meta)
@@ -147,30 +158,29 @@ def _summary(results) -> dict[str, tuple]:
     }
 
 
-def test_pool_sizes_agree_and_cover_every_input(corpus):
+def test_pool_sizes_agree_and_cover_every_input(corpus, pools):
     paths = [str(p) for p in corpus.values()] * 2  # duplicates are separate inputs
     summaries = []
-    for workers in (0, 1, 2):
-        with DecodePool(CFG, workers=workers, max_in_flight=3) as pool:
+    with DecodePool(CFG, workers=0) as in_process:
+        for pool in (in_process, pools[1], pools[2]):
             results = list(pool.imap(paths))
-        assert sorted(r.path for r in results) == sorted(paths)
-        summaries.append(_summary(results))
+            assert sorted(r.path for r in results) == sorted(paths)
+            summaries.append(_summary(results))
     assert summaries[0] == summaries[1] == summaries[2]
     for key in ("good", "one_pixel", "chinese_spaces"):
         assert summaries[0][str(corpus[key])][1] is None
 
 
-def test_pool_draft_matches_decode_one(corpus):
-    big = corpus["good"].parent / "big.jpg"
+def test_pool_decodes_with_the_default_draft(tmp_path, pools):
+    big = tmp_path / "big.jpg"
     big.write_bytes(jpeg_bytes(1200, 1000, seed=5))
-    with DecodePool(CFG, workers=1) as pool:
-        (result,) = pool.imap([big])
+    (result,) = pools[1].imap([big])
     assert np.array_equal(result.pixels, decode_one(big, CFG, decode.DEFAULT_DRAFT).pixels)
-    assert not np.array_equal(result.pixels, decode_one(big, CFG, None).pixels)  # draft was used
+    assert not np.array_equal(result.pixels, decode_one(big, CFG, None).pixels)  # the draft was used
     assert decode.DEFAULT_DRAFT == 2 * CFG.shortest_edge
 
 
-def test_in_flight_work_is_bounded(tmp_path):
+def test_in_flight_work_is_bounded(tmp_path, pools):
     path = tmp_path / "a.jpg"
     path.write_bytes(jpeg_bytes(64, 48))
     consumed = 0
@@ -182,26 +192,24 @@ def test_in_flight_work_is_bounded(tmp_path):
             yield path
 
     yielded = 0
-    with DecodePool(CFG, workers=1, max_in_flight=2) as pool:
-        for result in pool.imap(paths()):
-            yielded += 1
-            assert result.error is None
-            assert consumed - (yielded - 1) <= 2  # submitted and not yet yielded, before this one
+    for result in pools[1].imap(paths()):  # max_in_flight=2
+        yielded += 1
+        assert result.error is None
+        assert consumed - (yielded - 1) <= 2  # submitted and not yet yielded, counting this one
     assert yielded == consumed == 12
 
 
-def test_worker_crash_is_contained_and_the_pool_keeps_working(corpus, monkeypatch):
-    monkeypatch.setenv(CRASH_HOOK_ENV, "CRASH-ME")
-    crasher = corpus["good"].parent / "CRASH-ME.jpg"
-    crasher.write_bytes(jpeg_bytes(64, 48))
+def test_worker_crash_is_contained_and_the_pool_keeps_working(corpus, pools):
+    crasher = str(corpus["good"].parent / "CRASH-ME.jpg")
+    Path(crasher).write_bytes(jpeg_bytes(64, 48))
     good = [str(corpus["good"]), str(corpus["chinese_spaces"]), str(corpus["one_pixel"])]
-    with DecodePool(CFG, workers=2, max_in_flight=4) as pool:
-        results = {r.path: r for r in pool.imap([good[0], str(crasher), *good[1:], str(corpus["text"])])}
-        assert results[str(crasher)].error == CRASHED
-        assert all(results[p].error is None for p in good)  # in flight with the crash, retried alone
-        assert results[str(corpus["text"])].error == "not an image (unrecognised format)"
-        again = list(pool.imap(good))
-        assert [r.error for r in again] == [None, None, None]
+    text = str(corpus["text"])
+    results = {r.path: r for r in pools[2].imap([good[0], crasher, *good[1:], text])}
+    assert len(results) == 5
+    assert results[crasher].error == CRASHED and results[crasher].pixels is None
+    assert all(results[p].error is None for p in good)  # in flight with the crash, retried alone
+    assert results[text].error == "not an image (unrecognised format)"
+    assert [r.error for r in pools[2].imap(good)] == [None, None, None]
 
 
 def test_the_crash_hook_is_inert_in_process(corpus, monkeypatch):

@@ -39,7 +39,7 @@ def test_index_then_search_matches_brute_force(engine, photos, tiny_checkpoint):
     assert (report.added, report.failed, report.embedded) == (12, 0, 12)
     stats = engine.stats()
     assert stats["images"] == stats["vectors"] == 12
-    assert stats["dimension"] == 24 and stats["model"] == str(tiny_checkpoint)
+    assert stats["dimension"] == 24 and stats["model"] == str(tiny_checkpoint.absolute())
 
     model = load_model(tiny_checkpoint, device="cpu")
     files = sorted(str(p) for p in photos.rglob("*") if p.is_file())

@@ -233,6 +233,8 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto
     ``max_length`` caps text tokens (default 77, as BAAI's own inference).
     """
     path = resolve(source, download=download)
+    # A local folder is recorded by its absolute path, so an index built from it works from any folder.
+    name = str(path.absolute()) if Path(source).expanduser().exists() else str(source)
     dev = pick_device(device)
-    model = Model(path, source=str(source), device=dev, dtype=pick_dtype(dtype, dev), max_length=max_length)
+    model = Model(path, source=name, device=dev, dtype=pick_dtype(dtype, dev), max_length=max_length)
     return model.load(towers) if towers else model

@@ -16,6 +16,7 @@ decompression bombs. Everything else matches the reference exactly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -45,6 +46,9 @@ ImageSource = Union[Image.Image, str, "os.PathLike[str]", bytes, IO[bytes]]
 
 _FLAGS = ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb")
 _RESAMPLE_FILTERS = frozenset(int(f) for f in Image.Resampling)
+# What open_image decodes. Not EPS (Pillow runs Ghostscript on it), nor Pillow's exotic formats:
+# a hostile file should meet as little parsing code as possible.
+_FORMATS = ("JPEG", "PNG", "WEBP", "HEIF", "AVIF", "GIF", "TIFF", "BMP", "DIB", "JPEG2000", "PPM", "ICO")
 _DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
 _HIGH_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 _WHITE = (255, 255, 255, 255)
@@ -102,7 +106,8 @@ class PreprocessConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.resample not in _RESAMPLE_FILTERS:
-            raise ConfigError(f"resample must be a PIL filter {sorted(_RESAMPLE_FILTERS)}, got {self.resample!r}")
+            raise ConfigError(f"resample must be one of PIL's filters {sorted(_RESAMPLE_FILTERS)}, "
+                              f"got {self.resample!r}")
         if not self.rescale_factor > 0:
             raise ConfigError(f"rescale_factor must be positive, got {self.rescale_factor!r}")
         for name in ("image_mean", "image_std"):
@@ -224,7 +229,7 @@ def open_image(
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """An RGB image and what its file said about itself, before draft scaling and orientation."""
+    """A decoded RGB image (oriented, maybe draft-reduced) and what its file said about itself."""
 
     image: Image.Image
     header_size: tuple[int, int]  # (width, height) as stored in the file
@@ -232,7 +237,9 @@ class DecodedImage:
     exif: Image.Exif | None
 
 
-def decode_bytes(data: bytes, *, draft: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def decode_bytes(
+    data: bytes, *, draft: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> DecodedImage:
     """Decode an in-memory image file; raises :class:`ImageError` with a one-line reason."""
     if not data:
         raise ImageError("empty file")
@@ -263,17 +270,35 @@ def read_error_reason(exc: OSError) -> str:
 @contextlib.contextmanager
 def _opened(fp: IO[bytes], draft: int | None, max_pixels: int) -> Iterator[tuple[Image.Image, tuple[int, int]]]:
     """Open, refuse oversized images by header, set up draft decoding, load the first frame."""
+    formats = decodable_formats()
     with warnings.catch_warnings():
         # Our own max_pixels check replaces Pillow's warning; EXIF/chunk chatter is not actionable.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-        with Image.open(fp) as im:
+        with Image.open(fp, formats=formats) as im:
             header_size = im.size
             _check_size(header_size, max_pixels)
             if draft is not None and im.format in _DRAFT_FORMATS:
                 im.draft("RGB", (draft, draft))  # DCT scale chosen so both edges stay >= draft
             im.load()
             yield im, header_size
+
+
+@functools.cache
+def decodable_formats() -> tuple[str, ...]:
+    """The Pillow formats :func:`open_image` tries, in this order; anything else is "not an image".
+
+    HEIC/HEIF is included when pillow-heif is installed (its opener is added to Pillow's plugin
+    registry once per process, which changes nothing for other formats).
+    """
+    try:
+        import pillow_heif
+    except ImportError:
+        log.debug("pillow-heif not installed: HEIC/HEIF files will not decode")
+    else:
+        pillow_heif.register_heif_opener()
+    Image.init()
+    return tuple(f for f in _FORMATS if f in Image.OPEN)
 
 
 def _check_size(size: tuple[int, int], max_pixels: int) -> None:

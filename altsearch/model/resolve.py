@@ -37,7 +37,11 @@ def missing_files(folder: Path) -> list[str]:
     """What a usable model folder lacks ([] when complete)."""
     missing = [n for n in CONFIG_FILES if not (folder / n).is_file()]
     if not any((folder / n).is_file() for n in WEIGHT_FILES):
-        missing.append("model.safetensors")
+        if (folder / "pytorch_model.bin").is_file():
+            missing.append(f"model.safetensors (only pytorch_model.bin is there: convert it once with "
+                           f"`altsearch model convert {folder} NEW_FOLDER`)")
+        else:
+            missing.append("model.safetensors")
     if not any((folder / n).is_file() for n in TOKENIZER_FILES):
         missing.append("tokenizer.json")
     return missing

@@ -21,6 +21,7 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, processors
@@ -89,8 +90,7 @@ class Tokenizer:
             return cls.from_file(folder / TOKENIZER_JSON, max_length)
         if (folder / SENTENCEPIECE_MODEL).is_file():
             log.info("no %s in %s: converting %s", TOKENIZER_JSON, folder, SENTENCEPIECE_MODEL)
-            text = sentencepiece_to_tokenizer_json(folder / SENTENCEPIECE_MODEL)
-            return cls.from_str(text, max_length, source=str(folder / SENTENCEPIECE_MODEL))
+            return cls(_build_backend(_read_spm(folder / SENTENCEPIECE_MODEL)), max_length)
         raise TokenizerError(
             f"no tokenizer in {folder}: looked for {TOKENIZER_JSON} and {SENTENCEPIECE_MODEL}"
         )
@@ -145,11 +145,10 @@ class _WireError(ValueError):
     """Bytes that are not a well-formed protobuf message."""
 
 
-@dataclass(frozen=True)
-class _Piece:
+class _Piece(NamedTuple):  # a NamedTuple, not a dataclass: 250k of them are built per model
     piece: str
-    score: float = 0.0
-    type: int = _NORMAL
+    score: float
+    type: int
 
 
 @dataclass(frozen=True)
@@ -166,6 +165,8 @@ class _SpmModel:
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     """Decode a base-128 varint at ``pos``; return (value, next position)."""
+    if pos < len(buf) and buf[pos] < 0x80:  # fast path: one byte
+        return buf[pos], pos + 1
     value = shift = 0
     while True:
         if pos >= len(buf):
@@ -180,52 +181,85 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
             raise _WireError("varint longer than 10 bytes")
 
 
+def _read_value(buf: bytes, pos: int, key: int, end: int | None = None) -> tuple[int | bytes, int]:
+    """The value of the field whose key ends at ``pos`` (within ``buf[:end]``): an int for varints,
+    else raw bytes; and the position after it."""
+    number, wire = key >> 3, key & 7
+    if number == 0:
+        raise _WireError("field number 0")
+    if wire == 0:
+        return _varint(buf, pos)
+    if wire == 2:
+        size, pos = _varint(buf, pos)
+    elif wire in (1, 5):
+        size = 8 if wire == 1 else 4
+    else:
+        raise _WireError(f"unsupported wire type {wire} (field {number})")
+    if pos + size > (len(buf) if end is None else end):
+        raise _WireError(f"field {number} runs past the end of its message")
+    return buf[pos:pos + size], pos + size
+
+
 def _fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """(field number, value) of each field: an int for varints, raw bytes for the other wire types."""
+    """(field number, value) of each field of a message."""
     pos = 0
     while pos < len(buf):
         key, pos = _varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire in (1, 2, 5):
-            if wire == 2:
-                size, pos = _varint(buf, pos)
-            else:
-                size = 8 if wire == 1 else 4
-            if pos + size > len(buf):
-                raise _WireError(f"field {number} runs past the end of the data")
-            value, pos = buf[pos:pos + size], pos + size
-        else:
-            raise _WireError(f"unsupported wire type {wire} (field {number})")
-        if number == 0:
-            raise _WireError("field number 0")
-        yield number, value
+        value, pos = _read_value(buf, pos, key)
+        yield key >> 3, value
 
 
-def _parse_piece(buf: bytes) -> _Piece:
+# Keys (field number << 3 | wire type) read on the hot path: ModelProto.pieces (bytes) and
+# SentencePiece.piece (bytes), .score (float), .type (enum).
+_MODEL_PIECE = _PIECE_TEXT = 0x0A
+_PIECE_SCORE, _PIECE_TYPE = 0x15, 0x18
+_FLOAT32 = struct.Struct("<f")
+
+
+def _parse_piece(buf: bytes, pos: int, end: int) -> _Piece:
+    """The ``SentencePiece`` message in ``buf[pos:end]``, its usual keys decoded inline."""
     piece, score, kind = None, 0.0, _NORMAL
-    for number, value in _fields(buf):
-        if number == 1:
-            piece = _as_bytes(value).decode("utf-8")
-        elif number == 2:
-            score = struct.unpack("<f", _as_bytes(value, 4))[0]
-        elif number == 3:
-            kind = _as_int(value)
+    while pos < end:
+        key = buf[pos]
+        if key == _PIECE_TEXT:
+            size, pos = _varint(buf, pos + 1)
+            if pos + size > end:
+                raise _WireError("a piece runs past the end of its message")
+            piece, pos = buf[pos:pos + size].decode("utf-8"), pos + size
+        elif key == _PIECE_SCORE and pos + 5 <= end:
+            score, pos = _FLOAT32.unpack_from(buf, pos + 1)[0], pos + 5
+        elif key == _PIECE_TYPE:
+            kind, pos = _varint(buf, pos + 1)
+        else:  # a field this reader does not use, or a malformed one: skip it or fail
+            key, pos = _varint(buf, pos)
+            _, pos = _read_value(buf, pos, key, end)
+    if pos != end:
+        raise _WireError("a piece runs past the end of its message")
     if piece is None:
         raise _WireError("a piece without text")
     return _Piece(piece, score, kind)
 
 
 def _parse_spm(data: bytes) -> _SpmModel:
-    """Pieces (1), trainer_spec (2) and normalizer_spec (3) of a ``ModelProto``."""
+    """Pieces (1), trainer_spec (2) and normalizer_spec (3) of a ``ModelProto``.
+
+    The 250k pieces of XLM-R are parsed in place, without copying sub-messages (about a second).
+    """
     pieces, trainer, normalizer = [], {}, {}
-    for number, value in _fields(data):
-        if number == 1:
-            pieces.append(_parse_piece(_as_bytes(value)))
-        elif number == 2:
+    pos, end = 0, len(data)
+    while pos < end:
+        if data[pos] == _MODEL_PIECE:
+            size, pos = _varint(data, pos + 1)
+            if pos + size > end:
+                raise _WireError("a piece runs past the end of the data")
+            pieces.append(_parse_piece(data, pos, pos + size))
+            pos += size
+            continue
+        key, pos = _varint(data, pos)
+        value, pos = _read_value(data, pos, key)
+        if key >> 3 == 2:
             trainer.update(_fields(_as_bytes(value)))
-        elif number == 3:
+        elif key >> 3 == 3:
             normalizer.update(_fields(_as_bytes(value)))
     return _SpmModel(
         pieces=tuple(pieces),
@@ -237,8 +271,8 @@ def _parse_spm(data: bytes) -> _SpmModel:
     )
 
 
-def _as_bytes(value: int | bytes, size: int | None = None) -> bytes:
-    if not isinstance(value, bytes) or (size is not None and len(value) != size):
+def _as_bytes(value: int | bytes) -> bytes:
+    if not isinstance(value, bytes):
         raise _WireError("a field has the wrong wire type")
     return value
 

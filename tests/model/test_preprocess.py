@@ -56,7 +56,8 @@ def natural_image(width: int, height: int, seed: int = 0) -> Image.Image:
         cx, cy = rng.integers(0, width), rng.integers(0, height)
         r = int(rng.integers(max(width // 50, 1), max(width // 6, 2)))
         fill = tuple(int(c) for c in rng.integers(0, 256, 3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([cx - r, cy - r // 2, cx + r, cy + r // 2], fill=fill)
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape([cx - r, cy - r // 2, cx + r, cy + r // 2], fill=fill)
     noise = rng.integers(-5, 6, (height, width, 3), dtype=np.int16)
     return Image.fromarray(np.clip(np.asarray(im, np.int16) + noise, 0, 255).astype(np.uint8))
 
@@ -245,7 +246,8 @@ def test_exif_orientation_is_applied():
 
 
 def test_broken_exif_is_ignored():
-    data = encode(Image.fromarray(noisy(32, 24, seed=19)), "JPEG", exif=b"Exif\x00\x00II*\x00\xff\xff\xff\x7f garbage")
+    garbage = b"Exif\x00\x00II*\x00\xff\xff\xff\x7f garbage"
+    data = encode(Image.fromarray(noisy(32, 24, seed=19)), "JPEG", exif=garbage)
     assert open_image(data).size == (32, 24)
 
 
@@ -286,6 +288,15 @@ def test_animated_gif_gives_its_first_frame():
     assert set(map(tuple, np.asarray(open_image(data)).reshape(-1, 3))) == {(255, 0, 0)}
 
 
+def test_heif_decodes_when_pillow_heif_is_installed():
+    pillow_heif = pytest.importorskip("pillow_heif")
+    buf = io.BytesIO()
+    pillow_heif.from_pillow(Image.new("RGB", (64, 48), (200, 30, 40))).save(buf, quality=95)
+    rgb = np.asarray(open_image(buf.getvalue())).astype(int)
+    assert rgb.shape == (48, 64, 3)
+    assert np.abs(rgb - (200, 30, 40)).max() <= 3
+
+
 def test_transparent_png_is_composited_on_white():
     rgba = np.zeros((10, 10, 4), np.uint8)
     rgba[:, :5] = (0, 0, 0, 255)  # opaque black left half, fully transparent right half
@@ -310,6 +321,13 @@ def test_too_many_pixels_are_refused_before_decoding():
 def test_bad_bytes_raise_image_error(data, reason):
     with pytest.raises(ImageError, match=reason):
         open_image(data)
+
+
+def test_formats_outside_the_allowed_list_are_refused():
+    eps = encode(Image.new("RGB", (8, 8)), "EPS")  # Pillow would hand this to Ghostscript
+    assert Image.open(io.BytesIO(eps)).format == "EPS"
+    with pytest.raises(ImageError, match="not an image"):
+        open_image(eps)
 
 
 def test_truncated_image_raises_and_leaves_pillow_settings_alone():
@@ -358,7 +376,10 @@ def test_draft_decodes_smaller_with_a_close_crop(photo_jpeg):
     assert np.abs(shifted - reference).mean() > 1.0
 
 
-@pytest.mark.parametrize(("size", "draft", "expected"), [((900, 1800), 448, (450, 900)), ((2000, 449), 448, (2000, 449)), ((1799, 1799), 224, (225, 225))])
+@pytest.mark.parametrize(
+    ("size", "draft", "expected"),
+    [((900, 1800), 448, (450, 900)), ((2000, 449), 448, (2000, 449)), ((1799, 1799), 224, (225, 225))],
+)
 def test_draft_never_goes_below_the_requested_edge(size, draft, expected):
     data = encode(Image.fromarray(noisy(*size, seed=24)), "JPEG")
     decoded = open_image(data, draft=draft)

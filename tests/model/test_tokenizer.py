@@ -25,7 +25,8 @@ from altsearch.model.tokenizer import (
 )
 from tests.checkpoints import tiny_tokenizer_json
 
-REAL_JSON = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "xlm-roberta" / "tokenizer.json"
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
+REAL_JSON = SHARED / "data" / "xlm-roberta" / "tokenizer.json"
 
 EN = "the a cat dog sunset over sea beach mountain city night snow photo of on in with people sky".split()
 ZH = "海边的日落一只猫在沙发上睡觉狗山城市夜晚雪树花车人红绿蓝色照片天空水"
@@ -147,16 +148,16 @@ def test_full_width_letters_are_normalised(real):
 
 
 @pytest.mark.parametrize("max_length", [DEFAULT_MAX_LENGTH, 16])
-def test_truncation_keeps_eos(real_path, hf_v5, max_length):
-    tok = Tokenizer.from_file(real_path, max_length=max_length)
+def test_truncation_keeps_eos(real, real_path, hf_v5, max_length):
+    tok = real if max_length == real.max_length else Tokenizer.from_file(real_path, max_length=max_length)
     long_en = "a photo of a cat on the beach at sunset " * 40
     long_zh = "海边的日落" * 100
     ids, mask = tok.encode([long_en, long_zh, "short"])
     assert ids.shape == (3, max_length)
     assert ids[:2, 0].tolist() == [0, 0] and ids[:2, -1].tolist() == [2, 2]
     assert mask[:2].all() and mask[2].sum() < max_length
-    full = Tokenizer.from_file(real_path, max_length=512).encode([long_en])[0][0]
-    assert ids[0, :-1].tolist() == full[: max_length - 1].tolist()  # a prefix, then </s>
+    full = hf_v5(long_en)["input_ids"]  # not truncated
+    assert len(full) > 200 and ids[0, :-1].tolist() == full[: max_length - 1]  # a prefix, then </s>
     assert_same(tok, hf_v5, [long_en, long_zh, "short"])
 
 
@@ -302,6 +303,29 @@ def test_convert_sentencepiece_writes_a_readable_tokenizer_json(spm_model, conve
         assert encoding.ids == b[0][row, : len(encoding.ids)].tolist(), repr(texts[row])
 
 
+def test_full_size_xlmr_model_converts_to_the_real_ids(real_path, real, tmp_path):
+    """Rebuild XLM-R's 250k-piece .model from the real tokenizer.json (with protobuf), convert it back."""
+    pb2 = pytest.importorskip("sentencepiece.sentencepiece_model_pb2")
+    doc = json.loads(real_path.read_text(encoding="utf-8"))
+    proto = pb2.ModelProto()
+    for piece, kind in (("<unk>", 2), ("<s>", 3), ("</s>", 3)):
+        proto.pieces.add(piece=piece, score=0.0, type=kind)
+    for piece, score in doc["model"]["vocab"][4:-1]:  # fairseq id i + 1 -> spm id i
+        proto.pieces.add(piece=piece, score=score)
+    proto.trainer_spec.model_type = 1
+    proto.normalizer_spec.name = "nmt_nfkc"
+    charsmap = doc["normalizer"]["normalizers"][0]["precompiled_charsmap"]
+    proto.normalizer_spec.precompiled_charsmap = base64.b64decode(charsmap)
+    (tmp_path / "sentencepiece.bpe.model").write_bytes(proto.SerializeToString())
+
+    converted = Tokenizer.from_dir(tmp_path)
+    assert converted.vocab_size == real.vocab_size == 250_002
+    alphabet = EN + list(ZH) + OTHER + EMOJI + SPACES + ODD + SPECIALS
+    texts = fuzz_texts(seed=5, n=300, alphabet=alphabet, max_parts=40) + CASES
+    a, b = converted.encode(texts), real.encode(texts)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
 def test_from_dir_prefers_tokenizer_json(spm_model, tmp_path):
     (tmp_path / "sentencepiece.bpe.model").write_bytes(spm_model.read_bytes())
     (tmp_path / "tokenizer.json").write_text(tiny_tokenizer_json(), encoding="utf-8")
@@ -330,7 +354,9 @@ def test_missing_tokenizer_file(tmp_path):
         Tokenizer.from_file(tmp_path / "nope.json")
 
 
-@pytest.mark.parametrize("content", [b"not json at all", b"{}", b'{"model": {"type": "Unigram"}}', b"\xff\xfe\x00garbage"])
+@pytest.mark.parametrize(
+    "content", [b"not json at all", b"{}", b'{"model": {"type": "Unigram"}}', b"\xff\xfe\x00garbage"]
+)
 def test_garbled_tokenizer_json(tmp_path, content):
     path = tmp_path / "tokenizer.json"
     path.write_bytes(content)
@@ -348,8 +374,10 @@ def test_tokenizer_without_pad_token_is_refused():
         Tokenizer.from_str(backend.to_str())
 
 
-@pytest.mark.parametrize("content", [b"", b"\x00\x01\x02 random bytes \xff\xff\xff\xff", b'{"json": "not a model"}',
-                                     bytes(range(256)) * 4])
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"\x00\x01\x02 random bytes \xff\xff\xff\xff", b'{"json": "not a model"}', bytes(range(256)) * 4],
+)
 def test_garbled_sentencepiece_model(tmp_path, content):
     path = tmp_path / "sentencepiece.bpe.model"
     path.write_bytes(content)

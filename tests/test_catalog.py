@@ -1,0 +1,475 @@
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from altsearch import catalog as catalog_module
+from altsearch.catalog import SCHEMA_VERSION, Catalog, ImageRecord, as_stored, failures
+from altsearch.errors import IndexStoreError, ModelMismatchError, SchemaVersionError
+
+DIM = 16
+
+
+def record(path: str, **fields: object) -> dict[str, object]:
+    base: dict[str, object] = {"path": path, "size": 100, "mtime": 1_000.0, "content_hash": f"h:{path}"}
+    return base | fields
+
+
+def unit(n: int, dim: int = DIM, seed: int = 0) -> np.ndarray:
+    vecs = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def cat(tmp_path: Path):
+    catalog = Catalog(tmp_path / "index" / "catalog.sqlite")
+    yield catalog
+    catalog.close()
+
+
+def add(cat: Catalog, paths: list[str], seed: int = 0, **fields: object) -> list[int]:
+    with cat.transaction() as tx:
+        return tx.add([record(p, **fields) for p in paths], unit(len(paths), seed=seed))
+
+
+def all_vectors(cat: Catalog) -> dict[int, np.ndarray]:
+    return {int(i): v for ids, vecs in cat.iter_vectors() for i, v in zip(ids, vecs)}
+
+
+# --- writes ------------------------------------------------------------------------------
+
+
+def test_add_then_read_back(cat: Catalog) -> None:
+    vecs = unit(3)
+    with cat.transaction() as tx:
+        ids = tx.add(
+            [
+                record("/p/a.jpg", width=640, height=480, format="JPEG", taken_at=5.0, camera_make="Canon"),
+                record("/p/b.png", content_hash="same"),
+                record("/p/c.png", content_hash="same", size=np.int64(7)),
+            ],
+            vecs,
+        )
+    assert ids == [1, 2, 3]
+    assert cat.count() == 3
+    a = cat.get_by_path("/p/a.jpg")
+    assert isinstance(a, ImageRecord)
+    assert (a.id, a.width, a.height, a.format, a.taken_at, a.camera_make, a.status) == (
+        1, 640, 480, "JPEG", 5.0, "Canon", "ok",
+    )  # fmt: skip
+    assert cat.get_by_path("/p/missing.jpg") is None
+    assert [r.path for r in cat.get([3, 99, 1])] == ["/p/c.png", "/p/a.jpg"]
+    assert cat.ids_by_hash("same") == [2, 3]
+    assert cat.file_states() == {
+        "/p/a.jpg": (1, 100, 1000.0, "h:/p/a.jpg"),
+        "/p/b.png": (2, 100, 1000.0, "same"),
+        "/p/c.png": (3, 7, 1000.0, "same"),
+    }
+    np.testing.assert_array_equal(cat.vector_ids(), [1, 2, 3])
+    stored = all_vectors(cat)
+    for i, v in zip(ids, vecs):
+        np.testing.assert_array_equal(stored[i], as_stored(v))
+    assert cat.dimension == DIM and cat.get_meta("dimension") == str(DIM)
+
+
+def test_update_move_remove(cat: Catalog) -> None:
+    a, b, c = add(cat, ["/p/a.jpg", "/p/b.jpg", "/p/c.jpg"])
+    b_vector = all_vectors(cat)[b]
+    new = unit(1, seed=9)[0]
+    with cat.transaction() as tx:
+        tx.update(a, {"size": 5, "mtime": 2_000.0, "content_hash": "new", "width": 10}, new)
+        tx.move(b, "/q/b-renamed.jpg", 101, 3_000.0)
+        assert tx.remove([c, 12345]) == 1
+    assert set(cat.file_states()) == {"/p/a.jpg", "/q/b-renamed.jpg"}
+    (rec_a,) = cat.get([a])
+    assert (rec_a.size, rec_a.mtime, rec_a.content_hash, rec_a.width) == (5, 2000.0, "new", 10)
+    rec_b = cat.get_by_path("/q/b-renamed.jpg")
+    assert rec_b is not None and (rec_b.id, rec_b.size, rec_b.mtime) == (b, 101, 3000.0)
+    stored = all_vectors(cat)
+    assert set(stored) == {a, b}  # c's vector went with its row
+    np.testing.assert_array_equal(stored[a], as_stored(new))
+    np.testing.assert_array_equal(stored[b], b_vector)  # moved: vector kept
+    assert cat.integrity() == []
+
+
+def test_update_only_vector_and_errors(cat: Catalog) -> None:
+    (a,) = add(cat, ["/p/a.jpg"])
+    add(cat, ["/p/b.jpg"], seed=1)
+    with cat.transaction() as tx:
+        tx.update(a, {}, unit(1, seed=3)[0])
+    np.testing.assert_array_equal(all_vectors(cat)[a], as_stored(unit(1, seed=3)[0]))
+    with pytest.raises(IndexStoreError, match="no image with id 999"), cat.transaction() as tx:
+        tx.update(999, {"size": 1})
+    with pytest.raises(IndexStoreError, match="UNIQUE"), cat.transaction() as tx:
+        tx.move(a, "/p/b.jpg", 1, 1.0)
+    with pytest.raises(IndexStoreError, match="UNIQUE"):
+        add(cat, ["/p/a.jpg"])
+    with pytest.raises(ValueError, match="unknown image fields"), cat.transaction() as tx:
+        tx.update(a, {"colour": "red"})
+    with pytest.raises(ValueError, match="lacks"), cat.transaction() as tx:
+        tx.add([{"path": "/p/x.jpg"}], unit(1))
+    assert cat.count() == 2
+
+
+def test_vectors_are_checked(cat: Catalog) -> None:
+    add(cat, ["/p/a.jpg"])
+    with pytest.raises(ModelMismatchError, match="16-dimensional"), cat.transaction() as tx:
+        tx.add([record("/p/b.jpg")], unit(1, dim=DIM + 1))
+    with pytest.raises(ValueError, match="shape"), cat.transaction() as tx:
+        tx.add([record("/p/b.jpg"), record("/p/c.jpg")], unit(1))
+    bad = unit(1)
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"), cat.transaction() as tx:
+        tx.add([record("/p/b.jpg")], bad)
+    assert cat.count() == 1
+
+
+def test_failed_transaction_leaves_nothing(cat: Catalog) -> None:
+    add(cat, ["/p/keep.jpg"])
+    generation = cat.generation
+    with pytest.raises(RuntimeError, match="boom"), cat.transaction() as tx:
+        tx.add([record("/p/a.jpg"), record("/p/b.jpg")], unit(2))
+        tx.remove([1])
+        tx.record_failure("/p/bad.jpg", "corrupt")
+        tx.set_meta("model_id", "x")
+        raise RuntimeError("boom")
+    assert list(cat.file_states()) == ["/p/keep.jpg"]
+    assert cat.vector_ids().tolist() == [1]
+    assert cat.failure_count() == 0
+    assert cat.get_meta("model_id") is None
+    assert cat.generation == generation
+    assert cat.integrity() == []
+
+
+def test_transaction_object_dies_with_its_transaction(cat: Catalog) -> None:
+    with cat.transaction() as tx:
+        pass
+    with pytest.raises(IndexStoreError, match="ended"):
+        tx.add([record("/p/a.jpg")], unit(1))
+
+
+def test_ids_are_never_reused(cat: Catalog) -> None:
+    ids = add(cat, ["/p/a.jpg", "/p/b.jpg"])
+    with cat.transaction() as tx:
+        tx.remove([ids[-1]])  # the highest id
+    assert add(cat, ["/p/c.jpg"]) == [3]
+
+
+def test_generation_counts_committed_changes(cat: Catalog) -> None:
+    start = cat.generation
+    with cat.transaction():
+        pass  # nothing written: no new generation
+    assert cat.generation == start
+    add(cat, ["/p/a.jpg"])
+    cat.set_meta("model_id", "BAAI/AltCLIP")
+    assert cat.generation == start + 2
+    assert cat.get_meta("model_id") == "BAAI/AltCLIP"
+    meta = cat.all_meta()
+    assert meta["schema_version"] == str(SCHEMA_VERSION)
+    assert {"created_at", "updated_at", "catalog_id"} <= set(meta)
+    assert float(meta["updated_at"]) >= float(meta["created_at"])
+
+
+def test_failures(cat: Catalog) -> None:
+    with cat.transaction() as tx:
+        tx.record_failure("/p/b.jpg", "truncated")
+        tx.record_failure("/p/a.jpg", "not an image")
+        tx.record_failure("/p/b.jpg", "still truncated")  # replaces
+    assert cat.failure_count() == 2
+    assert [(p, r) for p, r, _ in cat.failures()] == [("/p/a.jpg", "not an image"), ("/p/b.jpg", "still truncated")]
+    with cat.transaction() as tx:
+        tx.clear_failure("/p/a.jpg")
+        tx.clear_failure("/p/never.jpg")
+    assert [p for p, _, _ in cat.failures()] == ["/p/b.jpg"]
+
+
+# --- paths and filters -------------------------------------------------------------------
+
+
+def test_non_utf8_and_unicode_paths_round_trip(cat: Catalog) -> None:
+    latin1 = os.fsdecode(b"/photos/caf\xe9/\xff.jpg")  # not UTF-8: lone surrogates in the str
+    chinese = "/photos/海边/日落.jpg"
+    with cat.transaction() as tx:
+        ids = tx.add([record(latin1, content_hash="1"), record(chinese, content_hash="2")], unit(2))
+    assert set(cat.file_states()) == {latin1, chinese}
+    assert cat.get_by_path(latin1).id == ids[0]  # type: ignore[union-attr]
+    assert [r.path for r in cat.get(ids)] == [latin1, chinese]
+    assert cat.filter_ids(under=os.fsdecode(b"/photos/caf\xe9")).tolist() == [ids[0]]
+    assert cat.filter_ids(under="/photos/海边").tolist() == [ids[1]]
+    with cat.transaction() as tx:
+        tx.record_failure(latin1, "bad")
+    assert cat.failures()[0][0] == latin1
+
+
+def test_filter_ids_folder_prefix_is_component_wise(cat: Catalog) -> None:
+    paths = [
+        "/a/b/x.jpg", "/a/b/c/d.jpg", "/a/bc.jpg", "/a/b.jpg", "/a/b-1/e.jpg", "/a/b0/f.jpg", "/z/g.jpg",
+    ]  # fmt: skip
+    ids = dict(zip(paths, add(cat, paths)))
+
+    def under(folder: str) -> set[str]:
+        found = set(cat.filter_ids(under=folder).tolist())
+        return {p for p, i in ids.items() if i in found}
+
+    assert under("/a/b") == {"/a/b/x.jpg", "/a/b/c/d.jpg"}
+    assert under("/a/b/") == under("/a/b")
+    assert under("/a") == set(paths) - {"/z/g.jpg"}
+    assert under("/") == set(paths)
+    assert under("/a/b/x.jpg") == {"/a/b/x.jpg"}  # a file is "under" itself
+    assert under("/nowhere") == set()
+    assert set(cat.file_states(under="/a/b")) == {"/a/b/x.jpg", "/a/b/c/d.jpg"}
+    assert cat.filter_ids().tolist() == sorted(ids.values())
+
+
+def test_filter_ids_dates_fall_back_to_mtime(cat: Catalog) -> None:
+    with cat.transaction() as tx:
+        ids = tx.add(
+            [
+                record("/p/exif-2020.jpg", taken_at=2020.0, mtime=9999.0),
+                record("/p/no-exif.jpg", taken_at=None, mtime=2021.0),
+                record("/p/exif-2022.jpg", taken_at=2022.0, mtime=2021.0),
+                record("/q/no-exif.jpg", mtime=2020.5),
+            ],
+            unit(4),
+        )
+    old, plain, new, other = ids
+    assert cat.filter_ids(taken_from=2021.0).tolist() == [plain, new]
+    assert cat.filter_ids(taken_to=2021.0).tolist() == [old, other]  # half-open: 2021.0 excluded
+    assert cat.filter_ids(taken_from=2020.0, taken_to=2022.0).tolist() == [old, plain, other]
+    assert cat.filter_ids(under="/p", taken_from=2020.0, taken_to=2022.0).tolist() == [old, plain]
+    assert cat.filter_ids(taken_from=3000.0).tolist() == []
+
+
+# --- vectors -----------------------------------------------------------------------------
+
+
+def test_float16_storage_keeps_cosine() -> None:
+    vecs = unit(2000, dim=768, seed=4)
+    back = as_stored(vecs)
+    blobs = catalog_module.encode_vectors(vecs)
+    assert all(len(b) == 768 * 2 for b in blobs)
+    np.testing.assert_array_equal(catalog_module.decode_vectors(blobs, 768), back)
+    cosine = (vecs * back).sum(axis=1) / np.linalg.norm(back, axis=1)
+    assert cosine.min() >= 0.9999
+
+
+def test_iter_vectors_batches_and_selection(cat: Catalog) -> None:
+    ids = add(cat, [f"/p/{i:03}.jpg" for i in range(25)])
+    batches = list(cat.iter_vectors(batch=10))
+    assert [len(b[0]) for b in batches] == [10, 10, 5]
+    assert np.concatenate([b[0] for b in batches]).tolist() == ids
+    assert all(b[1].dtype == np.float32 and b[1].shape[1] == DIM for b in batches)
+    picked = list(cat.iter_vectors(batch=3, ids=[ids[7], 999, ids[2], ids[7], ids[20]]))
+    assert [b[0].tolist() for b in picked] == [[ids[2], ids[7], ids[20]]]
+    np.testing.assert_array_equal(picked[0][1][1], all_vectors(cat)[ids[7]])
+
+
+def test_integrity_finds_problems(cat: Catalog) -> None:
+    ids = add(cat, ["/p/a.jpg", "/p/b.jpg", "/p/c.jpg"])
+    assert cat.integrity() == [] and cat.integrity(full=True) == []
+    with sqlite3.connect(cat.path) as raw:
+        raw.execute("DELETE FROM vectors WHERE image_id = ?", (ids[1],))
+        raw.execute("UPDATE vectors SET vector = x'0000' WHERE image_id = ?", (ids[2],))
+    problems = cat.integrity()
+    assert any("1 image(s) without a vector" in p and str(ids[1]) in p for p in problems)
+    assert any("not 16-dimensional" in p and str(ids[2]) in p for p in problems)
+    with pytest.raises(IndexStoreError, match="16-dimensional"):
+        list(cat.iter_vectors())
+
+
+# --- files, versions, processes ----------------------------------------------------------
+
+
+def test_reopen_and_readonly(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.sqlite"
+    with pytest.raises(IndexStoreError, match="no catalogue"):
+        Catalog(path, readonly=True)
+    with Catalog(path) as cat:
+        add(cat, ["/p/a.jpg"])
+    with Catalog(path, readonly=True) as ro:
+        assert ro.count() == 1 and ro.dimension == DIM
+        assert ro.get_by_path("/p/a.jpg") is not None
+        with pytest.raises(IndexStoreError, match="read-only"):
+            ro.set_meta("k", "v")
+    with Catalog(path) as cat:
+        assert add(cat, ["/p/b.jpg"]) == [2]
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_closed_catalog_refuses(cat: Catalog) -> None:
+    cat.close()
+    with pytest.raises(IndexStoreError, match="closed"):
+        cat.count()
+
+
+def test_not_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.sqlite"
+    path.write_bytes(b"this is not sqlite at all\n" * 100)
+    with pytest.raises(IndexStoreError, match="not a SQLite database"):
+        Catalog(path)
+
+
+def test_truncated_database(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.sqlite"
+    with Catalog(path) as cat:
+        add(cat, [f"/p/{i:05}.jpg" for i in range(3000)])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(IndexStoreError, match="malformed|damaged"):
+        Catalog(path)
+
+
+def test_foreign_sqlite_file(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.sqlite"
+    with sqlite3.connect(path) as raw:
+        raw.execute("CREATE TABLE photos (x)")
+    with pytest.raises(IndexStoreError, match="not an altsearch catalogue"):
+        Catalog(path)
+
+
+def _set_schema_version(path: Path, version: int) -> None:
+    with sqlite3.connect(path) as raw:
+        raw.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
+    raw.close()
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.sqlite"
+    Catalog(path).close()
+    _set_schema_version(path, SCHEMA_VERSION + 1)
+    with pytest.raises(SchemaVersionError, match=rf"newer altsearch \(schema {SCHEMA_VERSION + 1} > {SCHEMA_VERSION}\)"):
+        Catalog(path)
+
+
+def _make_v0(path: Path) -> None:
+    """A fake schema-0 catalogue: schema 1 without the failures table."""
+    with Catalog(path) as cat:
+        add(cat, ["/p/a.jpg"])
+    with sqlite3.connect(path) as raw:
+        raw.execute("DROP TABLE failures")
+    raw.close()
+    _set_schema_version(path, 0)
+
+
+def test_older_schema_is_migrated_after_a_backup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "catalog.sqlite"
+    _make_v0(path)
+    ran: list[int] = []
+
+    def v0_to_v1(conn) -> None:  # noqa: ANN001
+        ran.append(0)
+        failures.create(conn)
+
+    monkeypatch.setattr(catalog_module, "MIGRATIONS", {0: v0_to_v1})
+    with Catalog(path) as cat:
+        assert ran == [0]
+        assert cat.get_meta("schema_version") == str(SCHEMA_VERSION)
+        assert cat.count() == 1
+        with cat.transaction() as tx:
+            tx.record_failure("/p/x.jpg", "works now")
+    backup = tmp_path / "catalog.sqlite.bak-v0"
+    with sqlite3.connect(backup) as raw:
+        assert raw.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("0",)
+        assert raw.execute("SELECT count(*) FROM images").fetchone() == (1,)
+        tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    raw.close()
+    assert "failures" not in tables
+    with Catalog(path) as cat:  # opening again migrates nothing
+        assert ran == [0]
+
+
+def test_failed_migration_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "catalog.sqlite"
+    _make_v0(path)
+
+    def broken(conn) -> None:  # noqa: ANN001
+        failures.create(conn)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(catalog_module, "MIGRATIONS", {0: broken})
+    with pytest.raises(IndexStoreError, match="disk I/O error"):
+        Catalog(path)
+    monkeypatch.setattr(catalog_module, "MIGRATIONS", {})
+    with pytest.raises(IndexStoreError, match="no migration from catalogue schema 0"):
+        Catalog(path)
+    with pytest.raises(IndexStoreError, match="open it writable once to migrate"):
+        Catalog(path, readonly=True)
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("0",)
+        assert raw.execute("SELECT count(*) FROM sqlite_master WHERE name = 'failures'").fetchone() == (0,)
+    raw.close()
+
+
+def test_threads_read_concurrently(cat: Catalog) -> None:
+    ids = add(cat, [f"/p/{i:04}.jpg" for i in range(200)])
+    expected = cat.file_states()
+
+    def read(i: int) -> bool:
+        return cat.file_states() == expected and [r.id for r in cat.get(ids[i : i + 5])] == ids[i : i + 5]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert all(pool.map(read, range(64)))
+
+
+def _reader_process(path: str, ready, stop, results) -> None:  # noqa: ANN001
+    """Reads in a loop (bounded) while another process writes; reports errors instead of dying."""
+    try:
+        with Catalog(Path(path), readonly=True) as cat:
+            ready.set()
+            rounds = 0
+            while not stop.is_set() and rounds < 5000:
+                states = cat.file_states()
+                vector_ids = cat.vector_ids()
+                for ids, vecs in cat.iter_vectors(batch=64):
+                    assert vecs.shape == (len(ids), DIM)
+                assert len(vector_ids) >= len(states) - 50  # a commit may land between the two reads
+                rounds += 1
+        results.put(("ok", rounds))
+    except BaseException as err:  # noqa: BLE001 - the parent asserts on whatever happened
+        results.put(("error", repr(err)))
+
+
+def test_reader_in_another_process_never_fails_while_writing(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.sqlite"
+    with Catalog(path) as cat:
+        add(cat, ["/seed.jpg"])
+        ctx = multiprocessing.get_context("spawn")
+        ready, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
+        reader = ctx.Process(target=_reader_process, args=(str(path), ready, stop, results))
+        reader.start()
+        try:
+            assert ready.wait(60), "reader process did not start"
+            for round_ in range(40):
+                paths = [f"/w/{round_:02}/{i:02}.jpg" for i in range(50)]
+                ids = add(cat, paths, seed=round_)
+                with cat.transaction() as tx:
+                    tx.remove(ids[:10])
+        finally:
+            stop.set()
+            outcome = results.get(timeout=60)
+            reader.join(timeout=30)
+        assert outcome[0] == "ok", outcome[1]
+        assert outcome[1] >= 1
+        assert cat.count() == 1 + 40 * 40
+
+
+def test_threads_write_one_at_a_time(cat: Catalog) -> None:
+    barrier = threading.Barrier(4)
+
+    def write(t: int) -> list[int]:
+        barrier.wait()
+        return add(cat, [f"/t{t}/{i}.jpg" for i in range(20)], seed=t)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(write, range(4)))
+    all_ids = sorted(i for ids in results for i in ids)
+    assert all_ids == list(range(1, 81))
+    assert cat.integrity() == []

@@ -1,0 +1,171 @@
+"""The altsearch command driven through typer's CliRunner: exit codes, JSON output, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from altsearch.cli import app
+from altsearch.ingest import IndexReport
+from tests.checkpoints import write_checkpoint
+from tests.photos import make_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def run():
+    runner = CliRunner()
+
+    def invoke(*args, code=0):
+        result = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+        assert result.exit_code == code, (result.output, result.exception)
+        return result
+
+    return invoke
+
+
+@pytest.fixture
+def indexed(tmp_path, tiny_checkpoint, run):
+    photos = tmp_path / "photos"
+    make_folder(photos, 8)
+    index = tmp_path / "idx"
+    report = json.loads(run("index", photos, "--index", index, "--model", tiny_checkpoint, "--workers", "0",
+                            "--json").stdout)
+    assert report["added"] == 8 and report["failed"] == 0
+    return index, photos
+
+
+def test_index_report_counts_and_reruns(indexed, run):
+    index, photos = indexed
+    (photos / "home" / "2021" / "img_000.jpg").unlink()
+    r = json.loads(run("index", photos, "--index", index, "--workers", "0", "--json").stdout)
+    assert {k: r[k] for k in ("added", "updated", "moved", "removed", "unchanged", "failed")} == \
+        dict(added=0, updated=0, moved=0, removed=1, unchanged=7, failed=0)
+    text = run("index", photos, "--index", index, "--workers", "0").stdout
+    assert "added 0, updated 0, moved 0, removed 0, unchanged 7, failed 0" in text
+
+
+def test_search_json_is_ranked_objects(indexed, run):
+    index, _ = indexed
+    for query in ("海边的日落", "sunset over the sea"):
+        hits = json.loads(run("search", query, "--index", index, "-k", "3", "--json").stdout)
+        assert len(hits) == 3
+        assert all({"path", "score", "id", "date", "size"} <= set(h) for h in hits)
+        assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+
+
+def test_search_table_and_filters(indexed, run):
+    index, photos = indexed
+    out = run("search", "a photo", "--index", index, "--under", photos / "trips").stdout
+    assert str(photos / "trips") in out and str(photos / "home") not in out
+    hits = json.loads(run("search", "a photo", "--index", index, "--from", "2022", "--to", "2022",
+                          "--json").stdout)
+    assert hits and all(h["date"].startswith("2022") for h in hits)
+    assert run("search", "a photo", "--index", index, "--min-score", "1.5").stdout.strip() == "no results"
+
+
+def test_similar_by_path_and_id(indexed, run):
+    index, photos = indexed
+    path = photos / "home" / "2021" / "img_000.jpg"
+    by_path = json.loads(run("similar", path, "--index", index, "--json", "-k", "3").stdout)
+    assert str(path) not in [h["path"] for h in by_path]
+    first = by_path[0]["id"]
+    by_id = json.loads(run("similar", f"#{first}", "--index", index, "--json").stdout)
+    assert first not in [h["id"] for h in by_id]
+
+
+def test_info_json(indexed, run, tiny_checkpoint):
+    index, _ = indexed
+    info = json.loads(run("info", "--index", index, "--json").stdout)
+    assert {k: info[k] for k in ("images", "vectors", "failures", "dimension")} == \
+        dict(images=8, vectors=8, failures=0, dimension=24)
+    assert info["model"] == str(tiny_checkpoint.absolute())
+
+
+def test_errors_lists_failures(indexed, run):
+    index, photos = indexed
+    (photos / "broken.jpg").write_text("not a jpeg")
+    r = json.loads(run("index", photos, "--index", index, "--workers", "0", "--json").stdout)
+    assert r["failed"] == 1 and r["failures"][0]["path"].endswith("broken.jpg")
+    failures = json.loads(run("errors", "--index", index, "--json").stdout)
+    assert [Path(f["path"]).name for f in failures] == ["broken.jpg"] and failures[0]["reason"]
+    assert "broken.jpg" in run("errors", "--index", index).stdout
+
+
+def test_remove_optimize_check(indexed, run):
+    index, photos = indexed
+    assert json.loads(run("remove", photos / "trips", "--index", index, "--json").stdout) == {"removed": 4}
+    assert json.loads(run("optimize", "--index", index, "--json").stdout) == {"kind": "flat", "vectors": 4}
+    assert "consistent" in run("check", "--index", index).stdout
+    (index / "vectors.faiss").write_bytes(b"tampered")
+    bad = run("check", "--index", index, code=1)
+    assert "problem:" in bad.stdout
+    run("check", "--index", index, "--repair")
+    assert json.loads(run("check", "--index", index, "--json").stdout)["problems"] == []
+
+
+def test_model_mismatch_is_one_line_error(indexed, run, tmp_path):
+    index, _ = indexed
+    other = write_checkpoint(tmp_path / "other", seed=5)
+    r = run("search", "a cat", "--index", index, "--model", other, code=1)
+    assert r.stderr.count("\n") == 1 and "built with model" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["search", "x", "--index", "nowhere"], "no index at"),
+    (["search", "   ", "--index", "{index}"], "empty"),
+    (["similar", "/no/such/file.jpg", "--index", "{index}"], "file"),
+    (["index", "/no/such/folder", "--index", "{index}"], "not found"),
+    (["model", "info", "/no/such/model"], "not found"),
+])
+def test_bad_input_is_one_line_error(indexed, run, args, message):
+    index, _ = indexed
+    r = run(*[a.replace("{index}", str(index)) for a in args], code=1)
+    assert r.stderr.startswith("error:") and r.stderr.count("\n") == 1
+    assert message in r.stderr.lower()
+
+
+def test_interrupted_index_exits_130(indexed, run, monkeypatch):
+    index, photos = indexed
+    from altsearch import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod.Engine, "index",
+                        lambda self, folder, **kw: IndexReport(folder=str(folder), added=2, interrupted=True))
+    r = run("index", photos, "--index", index, code=130)
+    assert "Interrupted" in r.stdout and "added 2" in r.stdout
+
+
+def test_model_info_and_convert_bin(tmp_path, tiny_checkpoint, run):
+    info = json.loads(run("model", "info", tiny_checkpoint, "--json").stdout)
+    assert info["dimension"] == 24 and info["vision"]["patch"] == 32
+    assert info["parameters"]["total"] == sum(info["parameters"][k] for k in
+                                              ("text", "vision", "projections", "logit_scale"))
+    # a checkpoint shipped as pytorch_model.bin is refused at run time and converted on request
+    from safetensors.torch import load_file
+
+    src = tmp_path / "bin-model"
+    src.mkdir()
+    for name in ("config.json", "preprocessor_config.json", "tokenizer.json"):
+        (src / name).write_bytes((tiny_checkpoint / name).read_bytes())
+    torch.save(load_file(tiny_checkpoint / "model.safetensors"), src / "pytorch_model.bin")
+    r = run("model", "info", src, code=1)
+    assert "missing model.safetensors (only pytorch_model.bin" in r.stderr and "model convert" in r.stderr
+    out = run("model", "convert", src, tmp_path / "converted").stdout
+    assert "model.safetensors" in out
+    from altsearch import load_model
+
+    a = load_model(tiny_checkpoint, device="cpu").encode_text(["a cat"])
+    b = load_model(tmp_path / "converted", device="cpu").encode_text(["a cat"])
+    assert (a == b).all()
+
+
+def test_cli_reference_is_current():
+    from altsearch.clidoc import render
+
+    assert (ROOT / "docs" / "cli.md").read_text(encoding="utf-8") == render(), \
+        "docs/cli.md is stale: run python -m altsearch.clidoc > docs/cli.md"

@@ -1,0 +1,49 @@
+"""Every example in README.md and docs/ runs, unmodified, in a sandbox (tests/sandbox.py)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.sandbox import make_sandbox
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
+
+
+def examples(path: Path) -> list[tuple[str, str]]:
+    """(kind, code) for each runnable block: ``console`` lines starting with ``$ altsearch`` and
+    ``python`` blocks. Install and test commands (```bash) are run by CI itself."""
+    out = []
+    for lang, body in FENCE.findall(path.read_text(encoding="utf-8")):
+        if lang == "console":
+            out += [("shell", line[2:]) for line in body.splitlines() if line.startswith("$ altsearch")]
+        elif lang == "python":
+            out.append(("python", body))
+    return out
+
+
+def test_readme_has_the_main_job():
+    cmds = [c for k, c in examples(ROOT / "README.md") if k == "shell"]
+    assert any(c.startswith("altsearch index") for c in cmds)
+    assert any("海边的日落" in c for c in cmds) and any("sunset" in c for c in cmds)
+    assert "python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -e \".[dev]\"" in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("doc", [d for d in DOCS if examples(d)], ids=lambda p: p.name)
+def test_examples_run(doc, tmp_path):
+    env = make_sandbox(tmp_path)
+    for kind, code in examples(doc):
+        if kind == "shell":
+            proc = subprocess.run(["bash", "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                                  timeout=300)
+        else:
+            proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
+                                  text=True, timeout=300)
+        assert proc.returncode == 0, f"{doc.name}: {code!r} failed:\n{proc.stdout}\n{proc.stderr}"
+        assert "Traceback" not in proc.stderr, proc.stderr

@@ -1,0 +1,376 @@
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from altsearch import vectors as vectors_module
+from altsearch.errors import IndexStoreError
+from altsearch.vectors import VectorIndex, exact_search, gpu_for, header_path, read_header, recall_at_k
+
+DIM = 32
+
+
+def unit(n: int, dim: int = DIM, seed: int = 0) -> np.ndarray:
+    vecs = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+
+
+def brute_force(queries: np.ndarray, ids: np.ndarray, vecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The plainest possible top-k: a full sort per query, padded with (-inf, -1)."""
+    scores = queries.astype(np.float64) @ vecs.astype(np.float64).T
+    out_s = np.full((len(queries), k), -np.inf)
+    out_i = np.full((len(queries), k), -1, dtype=np.int64)
+    for row, s in enumerate(scores):
+        order = np.argsort(-s)[:k]
+        out_s[row, : len(order)] = s[order]
+        out_i[row, : len(order)] = ids[order]
+    return out_s, out_i
+
+
+def assert_same_results(got: tuple[np.ndarray, np.ndarray], want: tuple[np.ndarray, np.ndarray]) -> None:
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-5)
+    assert got[0].dtype == np.float32 and got[1].dtype == np.int64
+
+
+def clustered(n: int, dim: int, clusters: int, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Embedding-like data: unit vectors around random centres on the sphere; returns (vecs, centres)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    vecs = centres[rng.integers(0, clusters, n)] + spread * rng.standard_normal((n, dim)).astype(np.float32)
+    return vecs / np.linalg.norm(vecs, axis=1, keepdims=True), centres
+
+
+@pytest.fixture
+def data() -> tuple[np.ndarray, np.ndarray]:
+    ids = np.arange(1000, dtype=np.int64) * 7 + 3  # sparse, like catalogue ids after deletions
+    return ids, unit(1000)
+
+
+@pytest.fixture
+def flat(data) -> VectorIndex:  # noqa: ANN001
+    return VectorIndex.build(*data, kind="flat", device="cpu")
+
+
+# --- numpy helpers -----------------------------------------------------------------------
+
+
+def test_exact_search_matches_brute_force(data) -> None:  # noqa: ANN001
+    ids, vecs = data
+    queries = unit(5, seed=1)
+    assert_same_results(exact_search(queries, ids, vecs, 10), brute_force(queries, ids, vecs, 10))
+    assert_same_results(exact_search(queries, ids[:3], vecs[:3], 5), brute_force(queries, ids[:3], vecs[:3], 5))
+    scores, found = exact_search(queries, ids[:0], vecs[:0], 2)
+    assert (found == -1).all() and np.isneginf(scores).all()
+
+
+def test_recall_at_k_against_sets() -> None:
+    rng = np.random.default_rng(0)
+    exact = np.array([rng.permutation(50)[:10] for _ in range(40)])  # distinct ids per row
+    approx = rng.integers(0, 50, (40, 12))
+    exact[3, 6:] = -1  # only 6 true neighbours in that row
+    approx[3, 6:] = -1
+    want = np.mean([len(set(e[e >= 0]) & set(a[:10])) / (e >= 0).sum() for e, a in zip(exact, approx)])
+    assert recall_at_k(exact, approx, 10) == pytest.approx(want)
+    assert recall_at_k(exact, exact, 10) == 1.0
+    assert recall_at_k(exact, approx, 3) == pytest.approx(
+        np.mean([len(set(e[:3]) & set(a[:3])) / 3 for e, a in zip(exact, approx)])
+    )
+    assert recall_at_k(np.full((2, 10), -1), approx[:2], 10) == 1.0
+
+
+# --- flat --------------------------------------------------------------------------------
+
+
+def test_flat_search_equals_numpy(data, flat) -> None:  # noqa: ANN001
+    ids, vecs = data
+    queries = unit(7, seed=2)
+    assert len(flat) == 1000 and flat.kind == "flat" and flat.dim == DIM
+    assert_same_results(flat.search(queries, 10), brute_force(queries, ids, vecs, 10))
+
+
+def test_flat_search_k_larger_than_index(data) -> None:  # noqa: ANN001
+    ids, vecs = data
+    small = VectorIndex.build(ids[:4], vecs[:4], device="cpu")
+    queries = unit(3, seed=2)
+    scores, found = small.search(queries, 6)
+    assert_same_results((scores, found), brute_force(queries, ids[:4], vecs[:4], 6))
+    assert (found[:, 4:] == -1).all() and np.isneginf(scores[:, 4:]).all()
+    empty = VectorIndex.create(DIM, device="cpu")
+    scores, found = empty.search(queries, 3)
+    assert found.shape == (3, 3) and (found == -1).all() and np.isneginf(scores).all()
+
+
+def test_flat_search_allowed(data, flat) -> None:  # noqa: ANN001
+    ids, vecs = data
+    queries = unit(4, seed=5)
+    pick = np.random.default_rng(1).choice(len(ids), 60, replace=False)
+    allowed = np.concatenate([ids[pick], [10**9, 5]])  # ids not in the index are ignored
+    assert_same_results(flat.search(queries, 10, allowed=allowed), brute_force(queries, ids[pick], vecs[pick], 10))
+    few = ids[pick[:3]]
+    scores, found = flat.search(queries, 5, allowed=few)
+    assert_same_results((scores, found), brute_force(queries, few, vecs[pick[:3]], 5))
+    assert (found[:, 3:] == -1).all()
+    _, found = flat.search(queries, 5, allowed=np.array([], dtype=np.int64))
+    assert (found == -1).all()
+
+
+def test_add_replaces_and_remove(data) -> None:  # noqa: ANN001
+    ids, vecs = data
+    index = VectorIndex.create(DIM, device="cpu")
+    index.add(ids[:500], vecs[:500])
+    index.add(ids[400:], vecs[400:])  # 100 ids already there: replaced, not duplicated
+    assert len(index) == 1000
+    np.testing.assert_array_equal(index.ids(), np.sort(ids))
+    replacement = unit(1, seed=99)
+    index.add(ids[7:8], replacement)
+    np.testing.assert_array_equal(index.reconstruct(ids[7:8]), replacement)
+    _, found = index.search(replacement, 1)
+    assert found[0, 0] == ids[7]
+
+    assert index.remove(np.concatenate([ids[:10], [10**9]])) == 10
+    assert index.remove(ids[:10]) == 0
+    assert len(index) == 990
+    np.testing.assert_array_equal(index.ids(), np.sort(ids[10:]))
+    queries = unit(3, seed=8)
+    assert_same_results(index.search(queries, 10), brute_force(queries, ids[10:], vecs[10:], 10))
+    with pytest.raises(KeyError):
+        index.reconstruct(ids[:1])
+
+
+def test_bad_input_is_refused(flat) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError, match="shape"):
+        flat.search(unit(2, dim=DIM + 1), 3)
+    with pytest.raises(ValueError, match="k must be"):
+        flat.search(unit(2), 0)
+    with pytest.raises(ValueError, match="repeat"):
+        flat.add(np.array([1, 1]), unit(2))
+    with pytest.raises(ValueError, match=">= 0"):
+        flat.add(np.array([-1]), unit(1))
+    nan = unit(1)
+    nan[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        flat.add(np.array([1]), nan)
+    with pytest.raises(ValueError, match="only a flat index"):
+        VectorIndex.create(DIM, kind="ivf")
+
+
+# --- approximate -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clustered_50k() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    vecs, centres = clustered(50_000, 64, 200, spread=0.15, seed=0)
+    return np.arange(len(vecs), dtype=np.int64) * 2 + 1, vecs, centres
+
+
+@pytest.fixture(scope="module")
+def ivf_50k(clustered_50k) -> VectorIndex:  # noqa: ANN001
+    ids, vecs, _ = clustered_50k
+    return VectorIndex.build(ids, vecs, kind="ivf", device="cpu")
+
+
+def held_out_queries(vecs: np.ndarray, centres: np.ndarray, seed: int) -> np.ndarray:
+    """Queries the tuning never saw: perturbed stored vectors, and cluster centres shifted by a
+    common offset (like the text/image modality gap of CLIP models)."""
+    rng = np.random.default_rng(seed)
+    dim = vecs.shape[1]
+    near = vecs[rng.choice(len(vecs), 200, replace=False)] + 0.1 * rng.standard_normal((200, dim))
+    gap = rng.standard_normal(dim)
+    gap *= 0.8 / np.linalg.norm(gap)
+    shifted = centres[rng.integers(0, len(centres), 200)] + gap + 0.1 * rng.standard_normal((200, dim))
+    queries = np.concatenate([near, shifted]).astype(np.float32)
+    return queries / np.linalg.norm(queries, axis=1, keepdims=True)
+
+
+def test_ivf_reaches_recall_target(clustered_50k, ivf_50k) -> None:  # noqa: ANN001
+    ids, vecs, centres = clustered_50k
+    assert ivf_50k.kind == "ivf" and len(ivf_50k) == len(ids)
+    assert 1 <= ivf_50k.nprobe < ivf_50k.nlist  # tuned, and cheaper than scanning everything
+    queries = held_out_queries(vecs, centres, seed=7)
+    _, exact = exact_search(queries, ids, vecs, 10)
+    _, approx = ivf_50k.search(queries, 10)
+    assert recall_at_k(exact[:200], approx[:200]) >= vectors_module.RECALL_TARGET
+    assert recall_at_k(exact[200:], approx[200:]) >= vectors_module.RECALL_TARGET
+
+
+def test_ivf_allowed_subsets(clustered_50k, ivf_50k, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    ids, vecs, centres = clustered_50k
+    queries = held_out_queries(vecs, centres, seed=8)[:50]
+    rng = np.random.default_rng(3)
+    small = np.sort(rng.choice(len(ids), 500, replace=False))  # few ids: exact over them
+    assert_same_results(ivf_50k.search(queries, 10, allowed=ids[small]), exact_search(queries, ids[small], vecs[small], 10))
+
+    monkeypatch.setattr(vectors_module, "ALLOWED_EXACT_MAX", 1000)  # force the selector path
+    large = np.sort(rng.choice(len(ids), 5000, replace=False))
+    _, found = ivf_50k.search(queries, 10, allowed=ids[large])
+    assert np.isin(found, ids[large]).all()
+    _, exact = exact_search(queries, ids[large], vecs[large], 10)
+    assert recall_at_k(exact, found) >= vectors_module.RECALL_TARGET
+
+
+def test_ivf_add_remove_and_round_trip(clustered_50k, tmp_path: Path) -> None:  # noqa: ANN001
+    ids, vecs, centres = clustered_50k
+    index = VectorIndex.build(ids[:5000], vecs[:5000], kind="ivf", device="cpu")
+    index.add(ids[5000:6000], vecs[5000:6000])
+    index.add(ids[:10], vecs[6000:6010])  # replaces
+    assert index.remove(ids[10:20]) == 10
+    kept_ids = np.concatenate([ids[:10], ids[20:6000]])
+    kept_vecs = np.concatenate([vecs[6000:6010], vecs[20:6000]])
+    np.testing.assert_array_equal(index.ids(), np.sort(kept_ids))
+    np.testing.assert_array_equal(index.reconstruct(ids[:10]), vecs[6000:6010])
+
+    path = tmp_path / "vectors.faiss"
+    index.save(path, generation=3)
+    loaded = VectorIndex.load(path, device="cpu")
+    assert (loaded.kind, loaded.nlist, loaded.nprobe, loaded.built_count) == ("ivf", index.nlist, index.nprobe, 5000)
+    queries = held_out_queries(vecs, centres, seed=9)[:30]
+    for got, want in zip(loaded.search(queries, 10), index.search(queries, 10)):
+        np.testing.assert_array_equal(got, want)
+    assert loaded.remove(ids[:5]) == 5  # the id map survived the round trip
+    _, exact = exact_search(queries, kept_ids, kept_vecs, 10)
+    assert recall_at_k(exact, index.search(queries, 10)[1]) >= vectors_module.RECALL_TARGET
+
+
+def test_auto_picks_flat_then_ivf(monkeypatch: pytest.MonkeyPatch) -> None:
+    vecs, _ = clustered(3000, 16, 20, spread=0.2, seed=1)
+    ids = np.arange(3000, dtype=np.int64)
+    monkeypatch.setattr(vectors_module, "EXACT_MAX", 3000)
+    small = VectorIndex.build(ids, vecs, device="cpu")
+    assert small.kind == "flat" and not small.needs_rebuild()
+    monkeypatch.setattr(vectors_module, "EXACT_MAX", 2999)
+    assert small.needs_rebuild()  # it has outgrown exact search
+    large = VectorIndex.build(ids, vecs, device="cpu")
+    assert large.kind == "ivf" and large.nlist == vectors_module.nlist_for(3000)
+    assert not large.needs_rebuild()
+    large.add(np.arange(3000, 12001), np.repeat(vecs, 4, axis=0)[:9001])
+    assert large.needs_rebuild()  # 4x its training size
+
+
+# --- files -------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip(data, flat, tmp_path: Path) -> None:  # noqa: ANN001
+    path = tmp_path / "vectors.faiss"
+    header = flat.save(path, generation=12, catalog_id="abc")
+    assert (header.kind, header.dim, header.count, header.generation, header.catalog_id) == ("flat", DIM, 1000, 12, "abc")
+    assert read_header(path) == header
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vectors.faiss", "vectors.faiss.json"]  # no temp files
+    assert faiss.read_index(str(path)).ntotal == 1000  # a plain FAISS file
+    loaded = VectorIndex.load(path, device="cpu")
+    assert loaded.header == header
+    queries = unit(6, seed=3)
+    for got, want in zip(loaded.search(queries, 10), flat.search(queries, 10)):
+        np.testing.assert_array_equal(got, want)
+    flat.remove(data[0][:100])
+    assert flat.save(path, generation=13).count == 900  # replaces the old pair
+    assert len(VectorIndex.load(path, device="cpu")) == 900 and read_header(path).generation == 13
+
+
+def test_failed_save_keeps_the_old_files(flat, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    path = tmp_path / "vectors.faiss"
+    flat.save(path, generation=1)
+    before = path.read_bytes(), header_path(path).read_bytes()
+
+    def disk_full(index, writer) -> None:  # noqa: ANN001
+        writer.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(vectors_module, "_write_faiss", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        flat.save(path, generation=2)
+    assert (path.read_bytes(), header_path(path).read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vectors.faiss", "vectors.faiss.json"]
+
+
+def test_damaged_files_are_detected(flat, tmp_path: Path) -> None:  # noqa: ANN001
+    path = tmp_path / "vectors.faiss"
+    flat.save(path)
+    good = path.read_bytes()
+
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(IndexStoreError, match="truncated"):
+        VectorIndex.load(path)
+
+    tampered = bytearray(good)
+    tampered[len(good) // 2] ^= 0xFF
+    path.write_bytes(bytes(tampered))
+    with pytest.raises(IndexStoreError, match="checksum"):
+        VectorIndex.load(path)
+
+    path.write_bytes(good)
+    header = json.loads(header_path(path).read_text())
+    header_path(path).write_text(json.dumps(header | {"count": 5}))
+    with pytest.raises(IndexStoreError, match="header says 5 x 32"):
+        VectorIndex.load(path)
+
+    header_path(path).write_text("{not json")
+    with pytest.raises(IndexStoreError, match="damaged"):
+        VectorIndex.load(path)
+
+    header_path(path).unlink()
+    with pytest.raises(IndexStoreError, match="no header"):
+        VectorIndex.load(path)
+
+
+def test_not_a_faiss_file_with_a_matching_header(flat, tmp_path: Path) -> None:  # noqa: ANN001
+    """Bytes that pass the checksum still have to be a flat or IVF inner-product index."""
+    path = tmp_path / "vectors.faiss"
+    other = tmp_path / "other.faiss"
+    l2 = faiss.IndexIDMap2(faiss.IndexFlatL2(DIM))
+    VectorIndex(l2, "flat").save(other)
+    flat.save(path)
+    path.write_bytes(other.read_bytes())
+    header_path(path).write_text(header_path(other).read_text())
+    with pytest.raises(IndexStoreError, match="not an inner-product flat index"):
+        VectorIndex.load(path)
+
+    garbage = b"garbage!" * 64
+    path.write_bytes(garbage)
+    header = json.loads(header_path(path).read_text())
+    header |= {"size_bytes": len(garbage), "sha256": hashlib.sha256(garbage).hexdigest()}
+    header_path(path).write_text(json.dumps(header))
+    with pytest.raises(IndexStoreError, match="not a readable FAISS file"):
+        VectorIndex.load(path)
+
+
+# --- devices -----------------------------------------------------------------------------
+
+
+def test_gpu_selection(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)
+    assert gpu_for("auto") is None
+    with caplog.at_level(logging.WARNING, logger="altsearch.vectors"):
+        assert gpu_for("cuda") is None
+    assert "sees 0 GPU" in caplog.text
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 2)
+    assert gpu_for("auto") == 0
+    assert gpu_for("cuda") == 0
+    assert gpu_for("cuda:1") == 1
+    assert gpu_for("cuda:2") is None
+    assert gpu_for("cpu") is None and gpu_for("mps") is None
+    with pytest.raises(ValueError, match="unknown device"):
+        gpu_for("tpu")
+    assert VectorIndex.create(DIM, device="cpu").device == "cpu"
+    assert VectorIndex.create(DIM, device="auto").device == "cuda:0"
+
+    monkeypatch.delattr(faiss, "StandardGpuResources")  # a CPU-only FAISS build
+    assert gpu_for("auto") is None
+
+
+def test_large_k_searches_on_the_cpu_copy(flat, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """Beyond the GPU's k limit, or with an id filter, the CPU master answers (no GPU copy made)."""
+    flat._gpu = 0  # as if a GPU had been found; any attempt to use it would fail here
+    monkeypatch.setattr(flat, "_to_gpu", lambda: pytest.fail("GPU copy attempted"))
+    monkeypatch.setattr(vectors_module, "GPU_MAX_K", 100)
+    flat.search(unit(1), 101)
+    flat.search(unit(1), 5, allowed=np.array([3, 10]))
