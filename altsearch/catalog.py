@@ -70,7 +70,14 @@ vectors = sa.Table(
     metadata,
     sa.Column("image_id", sa.Integer, sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("vector", sa.LargeBinary, nullable=False),
+    # the catalogue generation whose transaction wrote this vector: a FAISS file saved at
+    # generation G lacks exactly the vectors with generation > G (plus ids it still has but the
+    # catalogue dropped), which is what reconciling re-adds
+    sa.Column("generation", sa.Integer, nullable=False, server_default="0"),
 )
+# Also a small covering index of every image_id: listing ids scans it instead of every vector
+# page (1.5 GB at a million 768-d vectors).
+sa.Index("ix_vectors_generation", vectors.c.generation)
 
 failures = sa.Table(
     "failures",
@@ -87,6 +94,7 @@ meta = sa.Table(
     sa.Column("value", sa.Text, nullable=False),
 )
 
+_ID_VECTOR = (vectors.c.image_id, vectors.c.vector)
 _RECORD_FIELDS = (
     "path", "size", "mtime", "content_hash", "width", "height", "format",
     "taken_at", "camera_make", "camera_model", "status",
@@ -219,7 +227,9 @@ def _translated(path: Path, doing: str) -> Iterator[None]:
 
 def _hint(text: str) -> str:
     if "not a database" in text or "malformed" in text:
-        return "; the file is damaged or not a SQLite database: restore it or delete the index folder and re-index"
+        return (
+            "; the file is damaged or not a SQLite database: restore it, or delete the index folder and re-index"
+        )
     return ""
 
 
@@ -229,9 +239,10 @@ def _hint(text: str) -> str:
 class Tx:
     """The writes of one open transaction; obtained from `Catalog.transaction()` only."""
 
-    def __init__(self, conn: Connection, dim: int | None) -> None:
+    def __init__(self, conn: Connection, dim: int | None, generation: int) -> None:
         self._conn = conn
         self.dim = dim
+        self.generation = generation  # the catalogue generation this transaction commits as
         self.changed = False
         self.open = True
 
@@ -247,7 +258,8 @@ class Tx:
         rows = [_image_row(rec, now) | {"id": i} for i, rec in zip(ids, records)]
         self._conn.execute(images.insert(), rows)
         blobs = encode_vectors(vecs)
-        self._conn.execute(vectors.insert(), [{"image_id": i, "vector": b} for i, b in zip(ids, blobs)])
+        rows = [{"image_id": i, "vector": b, "generation": self.generation} for i, b in zip(ids, blobs)]
+        self._conn.execute(vectors.insert(), rows)
         self.changed = True
         return ids
 
@@ -261,9 +273,10 @@ class Tx:
             raise IndexStoreError(f"no image with id {image_id} in the catalogue")
         if vector is not None:
             blob = encode_vectors(self._checked_vectors(np.reshape(vector, (1, -1)), 1))[0]
-            stmt = sa.update(vectors).where(vectors.c.image_id == image_id).values(vector=blob)
+            values = {"vector": blob, "generation": self.generation}
+            stmt = sa.update(vectors).where(vectors.c.image_id == image_id).values(**values)
             if self._conn.execute(stmt).rowcount == 0:
-                self._conn.execute(vectors.insert().values(image_id=image_id, vector=blob))
+                self._conn.execute(vectors.insert().values(image_id=image_id, **values))
         self.changed = True
 
     def move(self, image_id: int, new_path: str, size: int, mtime: float) -> None:
@@ -402,10 +415,10 @@ class Catalog:
         try:
             with _translated(self.path, "opening it"):
                 self._open_schema()
+            self._dim = self._stored_dimension()
         except BaseException:
             self._engine.dispose()
             raise
-        self._dim = self._stored_dimension()
 
     # -- life cycle
 
@@ -525,11 +538,12 @@ class Catalog:
             raise IndexStoreError(f"catalogue {self.path} is closed")
         with self._write_lock:
             with _translated(self.path, "writing"), self._write() as conn:
-                tx = Tx(conn, self._dim)
+                tx = Tx(conn, self._dim, _generation(conn) + 1)
                 try:
                     yield tx
                     if tx.changed:
-                        _bump_generation(conn)
+                        _put_meta(conn, "generation", str(tx.generation))
+                        _put_meta(conn, "updated_at", str(time.time()))
                 finally:
                     tx.open = False
             self._dim = tx.dim  # only once committed
@@ -550,7 +564,8 @@ class Catalog:
 
     @property
     def generation(self) -> int:
-        """Bumped by every committed transaction that changed something."""
+        """Bumped by every committed transaction that changed something; save it with the FAISS
+        file, then `vector_ids(changed_since=it)` names the vectors written after that save."""
         return int(self.get_meta("generation") or 0)
 
     @property
@@ -560,6 +575,9 @@ class Catalog:
 
     @property
     def dimension(self) -> int | None:
+        """The vector length recorded in the meta table (None before any is recorded)."""
+        if self._dim is None:
+            self._dim = self._stored_dimension()
         return self._dim
 
     # -- images
@@ -609,16 +627,17 @@ class Catalog:
         taken_from <= when < taken_to (Unix seconds, either bound optional), where `when` is the
             EXIF taken_at and the file's mtime for images without one.
         """
-        stmt = sa.select(images.c.id).order_by(images.c.id)
+        stmt = sa.select(images.c.id)  # unordered: lets SQLite answer from a covering index
         if under is not None:
             exact, low, high = _folder_range(under)
-            stmt = stmt.where(sa.or_(images.c.path == exact, sa.and_(images.c.path >= low, images.c.path < high)))
+            in_folder = sa.and_(images.c.path >= low, images.c.path < high)
+            stmt = stmt.where(sa.or_(images.c.path == exact, in_folder))
         if taken_from is not None:
             stmt = stmt.where(_when >= taken_from)
         if taken_to is not None:
             stmt = stmt.where(_when < taken_to)
         with self._read("filtering images") as conn:
-            return np.fromiter(conn.execute(stmt).scalars(), dtype=np.int64)
+            return np.sort(np.fromiter(conn.execute(stmt).scalars(), dtype=np.int64))
 
     # -- failures
 
@@ -653,7 +672,7 @@ class Catalog:
             blobs: list[bytes] = []
             with self._read("reading vectors") as conn:
                 for part in _chunks(wanted[start : start + batch]):
-                    stmt = sa.select(vectors).where(vectors.c.image_id.in_(part)).order_by(vectors.c.image_id)
+                    stmt = sa.select(*_ID_VECTOR).where(vectors.c.image_id.in_(part)).order_by("image_id")
                     for image_id, blob in conn.execute(stmt):
                         chunk_ids.append(image_id)
                         blobs.append(blob)
@@ -663,7 +682,7 @@ class Catalog:
     def _iter_all_vectors(self, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         last = -1
         stmt = (
-            sa.select(vectors)
+            sa.select(*_ID_VECTOR)
             .where(vectors.c.image_id > sa.bindparam("last"))
             .order_by(vectors.c.image_id)
             .limit(batch)
@@ -678,17 +697,19 @@ class Catalog:
             last = int(chunk_ids[-1])
 
     def _decode(self, blobs: list[bytes]) -> np.ndarray:
-        if self._dim is None:
-            self._dim = self._stored_dimension()
-        if self._dim is None:
+        dim = self.dimension
+        if dim is None:
             raise IndexStoreError(f"catalogue {self.path} holds vectors but no dimension in its meta table")
-        return decode_vectors(blobs, self._dim)
+        return decode_vectors(blobs, dim)
 
-    def vector_ids(self) -> np.ndarray:
-        """Sorted int64 ids of every stored vector."""
-        stmt = sa.select(vectors.c.image_id).order_by(vectors.c.image_id)
+    def vector_ids(self, *, changed_since: int | None = None) -> np.ndarray:
+        """Sorted int64 ids of every stored vector, or of those written (added or replaced) by
+        transactions after generation `changed_since`."""
+        stmt = sa.select(vectors.c.image_id)
+        if changed_since is not None:
+            stmt = stmt.where(vectors.c.generation > changed_since)
         with self._read("listing vectors") as conn:
-            return np.fromiter(conn.execute(stmt).scalars(), dtype=np.int64)
+            return np.sort(np.fromiter(conn.execute(stmt).scalars(), dtype=np.int64))
 
     # -- checks
 
@@ -710,11 +731,9 @@ class Catalog:
         return problems
 
 
-def _bump_generation(conn: Connection) -> None:
+def _generation(conn: Connection) -> int:
     stmt = sa.select(meta.c.value).where(meta.c.key == "generation")
-    generation = int(conn.execute(stmt).scalar_one_or_none() or 0)
-    _put_meta(conn, "generation", str(generation + 1))
-    _put_meta(conn, "updated_at", str(time.time()))
+    return int(conn.execute(stmt).scalar_one_or_none() or 0)
 
 
 def _sample(conn: Connection, sql: str) -> tuple[int, list[int]]:

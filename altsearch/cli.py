@@ -233,7 +233,7 @@ def remove(
 @app.command()
 def optimize(
     index: IndexOpt = None,
-    kind: Annotated[str, typer.Option(help="auto (by size), flat (exact), hnsw or ivf.")] = "auto",
+    kind: Annotated[str, typer.Option(help="auto (by size), flat (exact) or ivf (approximate).")] = "auto",
     as_json: JsonOpt = False,
 ):
     """Rebuild the vector index from stored vectors (exact while small, approximate when large)."""

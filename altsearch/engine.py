@@ -239,7 +239,7 @@ class Engine:
                 taken_from=to_timestamp(taken_from), taken_to=to_timestamp(taken_to, end=True))
             if not len(allowed):
                 return []
-        scores, ids = self.store.vectors.search(vector[None, :], k + len(exclude), allowed=allowed)
+        scores, ids = self.store.search(vector[None, :], k + len(exclude), allowed=allowed)
         pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0])
                  if i >= 0 and int(i) not in exclude and (min_score is None or s >= min_score)][:k]
         records = {r.id: r for r in cat.get([i for i, _ in pairs])}
@@ -256,6 +256,8 @@ class Engine:
         path = self.store.folder
         sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}
         vectors = self.store.vectors if self.store.dimension is not None else None
+        if vectors is not None:
+            self.store.refresh()
         return {
             "index": str(path),
             "images": cat.count(),

@@ -106,6 +106,8 @@ class Ingestor:
             log.warning("interrupted: committing what is finished")
         finally:
             self._commit(report)
+            if not report.interrupted:
+                self.store.maybe_rebuild()
             self.store.save_vectors()
             report.seconds = time.perf_counter() - t0
             self.progress(Progress("done", report.embedded, report.embedded, report))

@@ -1,20 +1,22 @@
 """One index on disk: the catalogue (the truth) and the FAISS file derived from it.
 
-The FAISS file records the catalogue ``generation`` it reflects. Every commit bumps the generation in
-the same transaction as its rows, so on open a lagging or damaged vector file is noticed and caught up
-from the vectors stored in the catalogue, without running the model.
+Every catalogue transaction bumps a generation number; the FAISS file records the generation it
+reflects. On open a lagging, damaged or foreign vector file is caught up or rebuilt from the vectors
+stored in the catalogue (:meth:`VectorIndex.open`), never by running the model again. A long-lived
+reader picks up what another process committed on its next search (:meth:`IndexStore.refresh`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from .catalog import Catalog
+from .catalog import Catalog, as_stored
 from .errors import IndexStoreError, ModelMismatchError
 from .vectors import VectorIndex
 
@@ -24,20 +26,53 @@ CATALOG_FILE = "catalog.sqlite"
 VECTORS_FILE = "vectors.faiss"
 
 
+class ReadWriteLock:
+    """Many readers (searches) at once, or one writer (add, remove, reconcile)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer and self._readers == 0)
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
 class IndexStore:
-    def __init__(self, folder: Path, *, create: bool = True, readonly: bool = False, device: str = "auto"):
+    def __init__(self, folder: Path, *, create: bool = True, device: str = "auto"):
         self.folder = Path(folder)
         db = self.folder / CATALOG_FILE
         if not db.is_file():
-            if not create or readonly:
+            if not create:
                 raise IndexStoreError(f"no index at {self.folder} (create one with: altsearch index FOLDER "
                                       f"--index {self.folder})")
             self.folder.mkdir(parents=True, exist_ok=True)
-        self.readonly = readonly
         self.device = device
-        self.catalog = Catalog(db, readonly=readonly)
+        self.catalog = Catalog(db)
         self._vectors: VectorIndex | None = None
-        self._lock = threading.RLock()
+        self._rw = ReadWriteLock()
+        self._open_lock = threading.Lock()
         self._saved_generation: int | None = None
 
     def close(self) -> None:
@@ -47,134 +82,112 @@ class IndexStore:
 
     @property
     def dimension(self) -> int | None:
-        d = self.catalog.get_meta("dimension")
-        return int(d) if d else None
+        return self.catalog.dimension
 
     def bind_model(self, model_id: str, fingerprint: str, dimension: int) -> None:
         """Record the model of a new index, or refuse one that differs from the recorded model."""
         recorded = self.catalog.get_meta("model_fingerprint")
         if recorded is None:
-            if self.readonly:
-                return
-            self.catalog.set_meta("model_id", model_id)
-            self.catalog.set_meta("model_fingerprint", fingerprint)
-            self.catalog.set_meta("dimension", str(dimension))
+            with self.catalog.transaction() as tx:
+                tx.set_meta("model_id", model_id)
+                tx.set_meta("model_fingerprint", fingerprint)
+                tx.set_meta("dimension", str(dimension))
             return
         if recorded != fingerprint:
             raise ModelMismatchError(
                 f"index {self.folder} was built with model {self.catalog.get_meta('model_id')} "
                 f"(fingerprint {recorded}), not {model_id} ({fingerprint}); use that model, or another index")
 
-    # -- generation and vectors --------------------------------------------------------------------
-
-    @property
-    def generation(self) -> int:
-        return self.catalog.generation
+    # -- vectors ------------------------------------------------------------------------------------
 
     @property
     def vectors(self) -> VectorIndex:
-        with self._lock:
+        """The in-memory vector index, opened (and caught up with the catalogue) on first use."""
+        with self._open_lock:
             if self._vectors is None:
-                self._vectors = self._open_vectors()
+                if self.dimension is None:
+                    raise IndexStoreError(f"index {self.folder} is empty (index a folder first)")
+                index = VectorIndex.open(self.folder / VECTORS_FILE, self.catalog, device=self.device)
+                self._saved_generation = index.header.generation if index.header else None
+                self._vectors = index
             return self._vectors
 
-    def _open_vectors(self) -> VectorIndex:
-        path = self.folder / VECTORS_FILE
-        dim = self.dimension
-        if path.is_file():
-            try:
-                index = self._load_file(self.device)
-            except IndexStoreError as e:
-                log.warning("%s; rebuilding it from the catalogue", e)
-            else:
-                self._saved_generation = index.header.generation
-                if self._saved_generation != self.generation or len(index) != self.catalog.count():
-                    self.reconcile(index)
-                return index
-        if dim is None:
-            return VectorIndex.create(self.catalog_dimension(), device=self.device)
-        return self.rebuild()
+    def refresh(self) -> None:
+        """Catch up with what another process committed since this index was read."""
+        if self._vectors is None:
+            return
+        if self._vectors.generation != self.catalog.generation:
+            with self._rw.writing():
+                self._vectors.reconcile(self.catalog, since_generation=self._vectors.generation or 0)
 
-    def _load_file(self, device: str) -> VectorIndex:
-        path = self.folder / VECTORS_FILE
-        index = VectorIndex.load(path, device=device)
-        if index.header.catalog_id != self.catalog.catalog_id:
-            raise IndexStoreError(f"{path} belongs to another catalogue")
-        return index
-
-    def catalog_dimension(self) -> int:
-        d = self.dimension
-        if d is None:
-            raise IndexStoreError(f"index {self.folder} has no model recorded yet (index a folder first)")
-        return d
-
-    def reconcile(self, index: VectorIndex) -> tuple[int, int]:
-        """Make ``index`` hold exactly the catalogue's vectors: add the missing, drop the extra."""
-        have = index.ids()
-        want = self.catalog.vector_ids()
-        extra = np.setdiff1d(have, want, assume_unique=True)
-        missing = np.setdiff1d(want, have, assume_unique=True)
-        if len(extra):
-            index.remove(extra)
-        for ids, vecs in self.catalog.iter_vectors(ids=missing) if len(missing) else ():
-            index.add(ids, vecs)
-        if len(extra) or len(missing):
-            log.info("vector file caught up with the catalogue: %d added, %d removed", len(missing), len(extra))
-        return len(missing), len(extra)
-
-    def rebuild(self, kind: str = "auto") -> VectorIndex:
-        """A new vector index built from the vectors stored in the catalogue (never re-runs the model)."""
-        ids_parts, vec_parts = [], []
-        for ids, vecs in self.catalog.iter_vectors():
-            ids_parts.append(ids)
-            vec_parts.append(vecs)
-        dim = self.catalog_dimension()
-        ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
-        vecs = np.concatenate(vec_parts) if vec_parts else np.zeros((0, dim), np.float32)
-        index = VectorIndex.build(ids, vecs, kind=kind, device=self.device)
-        with self._lock:
-            self._vectors = index
-        return index
+    def search(self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None):
+        if self.dimension is None:  # nothing indexed yet
+            return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
+        index = self.vectors
+        self.refresh()
+        with self._rw.reading():
+            return index.search(queries, k, allowed=allowed)
 
     def commit(self, fn: Callable, *, removed_ids=(), added=None) -> None:
-        """Run ``fn(tx)`` in one catalogue transaction (which bumps the generation), then apply the
-        vector changes to the in-memory index."""
+        """Run ``fn(tx)`` in one catalogue transaction, then apply the vector changes in memory.
+
+        ``added`` is ``(ids, vectors)``; the ids may be filled in by ``fn``. Vectors go into FAISS as the
+        catalogue stores them (float16-rounded), so a rebuilt index scores exactly like this one.
+        """
         vectors = self.vectors  # opened (and caught up) before the catalogue moves on
         with self.catalog.transaction() as tx:
             fn(tx)
-        with self._lock:
+        with self._rw.writing():
             if len(removed_ids):
                 vectors.remove(np.asarray(removed_ids, np.int64))
             if added is not None and len(added[0]):
-                vectors.add(np.asarray(added[0], np.int64), np.asarray(added[1], np.float32))
+                vectors.add(np.asarray(added[0], np.int64), as_stored(added[1]))
+            vectors.generation = self.catalog.generation  # one writer at a time (the write lock)
 
     def save_vectors(self) -> None:
         """Write the vector file atomically if it lags behind the catalogue."""
-        if self.readonly or self._vectors is None:
+        if self._vectors is None:
             return
-        generation = self.generation
+        generation = self._vectors.generation
         if generation == self._saved_generation and (self.folder / VECTORS_FILE).is_file():
             return
-        with self._lock:
+        with self._rw.reading():
             self._vectors.save(self.folder / VECTORS_FILE, generation=generation,
                                catalog_id=self.catalog.catalog_id)
-            self._saved_generation = generation
+        self._saved_generation = generation
+
+    def rebuild(self, kind: str = "auto") -> VectorIndex:
+        """A new vector index built from the vectors stored in the catalogue (the model never runs)."""
+        if self.dimension is None:
+            raise IndexStoreError(f"index {self.folder} is empty (index a folder first)")
+        index = VectorIndex.from_catalog(self.catalog, kind=kind, device=self.device)
+        with self._rw.writing():
+            self._vectors = index
+        self._saved_generation = None
+        return index
+
+    def maybe_rebuild(self) -> bool:
+        """Switch between exact and approximate search when the index has grown out of its kind."""
+        if self._vectors is not None and self._vectors.needs_rebuild():
+            log.info("vector index outgrew its kind (%s, %d vectors): rebuilding", self._vectors.kind,
+                     len(self._vectors))
+            self.rebuild()
+            return True
+        return False
 
     def vector_for_hash(self, content_hash: str | None, exclude: int | None = None) -> np.ndarray | None:
         """The stored vector of an indexed file with this content, if there is one."""
         if not content_hash:
             return None
         ids = [i for i in self.catalog.ids_by_hash(content_hash) if i != exclude]
-        if not ids:
-            return None
-        for _, vecs in self.catalog.iter_vectors(ids=np.asarray(ids[:1], np.int64)):
+        for _, vecs in self.catalog.iter_vectors(ids=np.asarray(ids[:1], np.int64)) if ids else ():
             return vecs[0]
         return None
 
     # -- health ---------------------------------------------------------------------------------------
 
     def check(self) -> list[str]:
-        """Problems found in the catalogue and in how the vector file agrees with it ([] when clean)."""
+        """Problems in the catalogue, and between it and the vector file ([] when clean)."""
         problems = list(self.catalog.integrity())
         path = self.folder / VECTORS_FILE
         if not path.is_file():
@@ -182,23 +195,28 @@ class IndexStore:
                 problems.append(f"{VECTORS_FILE} is missing")
             return problems
         try:
-            index = self._load_file("cpu")
+            index = VectorIndex.load(path, device="cpu")
         except IndexStoreError as e:
             return problems + [str(e)]
+        header = index.header
+        if header.catalog_id != self.catalog.catalog_id:
+            return problems + [f"{VECTORS_FILE} belongs to another catalogue"]
+        if header.generation > self.catalog.generation:
+            problems.append(f"{VECTORS_FILE} is newer than the catalogue (generation {header.generation} > "
+                            f"{self.catalog.generation}): was the catalogue restored from a backup?")
         have, want = index.ids(), self.catalog.vector_ids()
-        extra = np.setdiff1d(have, want)
-        missing = np.setdiff1d(want, have)
+        missing, extra = np.setdiff1d(want, have), np.setdiff1d(have, want)
+        changed = self.catalog.vector_ids(changed_since=header.generation)
         if len(missing):
             problems.append(f"{VECTORS_FILE} lacks {len(missing)} of the catalogue's vectors")
         if len(extra):
             problems.append(f"{VECTORS_FILE} holds {len(extra)} vectors of images no longer in the catalogue")
-        if len(have) != len(np.unique(have)):
-            problems.append(f"{VECTORS_FILE} holds duplicate ids")
+        if len(np.setdiff1d(changed, missing)):
+            problems.append(f"{VECTORS_FILE} holds outdated vectors for {len(changed)} images")
         return problems
 
     def repair(self) -> VectorIndex:
         """Rebuild the vector file from the catalogue's stored vectors and write it."""
-        self.rebuild(kind=self._vectors.kind if self._vectors is not None else "auto")
-        self._saved_generation = None
+        index = self.rebuild(kind=self._vectors.kind if self._vectors is not None else "auto")
         self.save_vectors()
-        return self._vectors
+        return index

@@ -4,7 +4,7 @@ Two kinds:
 - "flat": exact search, IndexIDMap2 over IndexFlatIP. Used up to EXACT_MAX vectors.
 - "ivf": approximate, IndexIVFFlat (inner product, spherical k-means, a hashtable direct map so
   ids can be removed and vectors read back), with nprobe tuned at build time for recall@10.
-  Unlike HNSW it supports removal, moves to the GPU, and builds in seconds.
+  Unlike HNSW it supports removal, moves to the GPU, and builds fast.
 
 The CPU index is always the master copy (it is what is saved); with a GPU, searches run on a
 copy made with `faiss.index_cpu_to_gpu`, remade after the next add or remove.
@@ -27,10 +27,10 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import faiss
 import numpy as np
@@ -40,15 +40,15 @@ from altsearch.errors import IndexStoreError
 log = logging.getLogger(__name__)
 
 KINDS = ("flat", "ivf")
-# Exact search up to here. A flat search reads every vector: at 200k x 768 float32 (600 MB) one
-# query takes tens of milliseconds on a 2-core CPU (figures in docs/format.md), still interactive;
-# beyond, IVF answers in a few milliseconds at recall@10 >= 0.95.
+# Exact search up to here. A flat search reads every vector, so its time grows with n: at 200k x
+# 768 float32 (600 MB) a query takes ~30 ms at desktop memory bandwidth (~0.3 s on a busy 2-core
+# VM), about what encoding the query text costs on the same CPU, so exactness is still free.
+# Beyond, IVF answers in about a millisecond at recall@10 >= 0.95.
 EXACT_MAX = 200_000
 RECALL_TARGET = 0.95  # what "auto" promises for recall@10 against exact search
 TUNE_TARGET = 0.97  # what nprobe is tuned for on synthetic queries, leaving a margin for real ones
 TUNE_QUERIES = 256
 TRAIN_PER_LIST = 40  # k-means training points per inverted list (FAISS wants at least 39)
-ALLOWED_EXACT_MAX = 65_536  # an IVF search restricted to at most this many ids is done exactly
 GPU_MAX_K = 2048  # FAISS GPU k-selection limit (also bounds nprobe)
 REBUILD_GROWTH = 4.0  # rebuild an IVF whose size moved this factor away from its build size
 HEADER_FORMAT = 1
@@ -107,6 +107,21 @@ def read_header(path: Path) -> IndexHeader:
     return IndexHeader.from_json(text, where)
 
 
+class VectorSource(Protocol):
+    """What rebuilding and reconciling need from the catalogue (altsearch.catalog.Catalog)."""
+
+    @property
+    def generation(self) -> int: ...
+    @property
+    def catalog_id(self) -> str: ...
+    @property
+    def dimension(self) -> int | None: ...
+    def vector_ids(self, *, changed_since: int | None = None) -> np.ndarray: ...
+    def iter_vectors(
+        self, batch: int = ..., ids: np.ndarray | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+
+
 # --- small functions ---------------------------------------------------------------------
 
 
@@ -135,7 +150,7 @@ def gpu_for(device: str) -> int | None:
     if wanted < gpus:
         return wanted
     if device != "auto":
-        log.warning("device %r asked for, but FAISS sees %d GPU(s); vector search runs on the CPU", device, gpus)
+        log.warning("device %r asked for, but FAISS sees %d GPU(s): vector search runs on the CPU", device, gpus)
     return None
 
 
@@ -153,7 +168,9 @@ def recall_at_k(exact_ids: np.ndarray, approx_ids: np.ndarray, k: int = 10) -> f
     return float((found.sum(axis=1)[rows] / wanted[rows]).mean())
 
 
-def exact_search(queries: np.ndarray, ids: np.ndarray, vecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def exact_search(
+    queries: np.ndarray, ids: np.ndarray, vecs: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force inner-product top-k in numpy: (scores (Q, k), ids (Q, k)), best first, padded."""
     scores = np.asarray(queries, dtype=np.float32) @ np.asarray(vecs, dtype=np.float32).T  # (Q, N)
     n = scores.shape[1]
@@ -168,6 +185,29 @@ def exact_search(queries: np.ndarray, ids: np.ndarray, vecs: np.ndarray, k: int)
     out_scores[:, :top] = np.take_along_axis(part_scores, order, axis=1)
     out_ids[:, :top] = np.asarray(ids, dtype=np.int64)[np.take_along_axis(part, order, axis=1)]
     return out_scores, out_ids
+
+
+def _read_all(catalog: VectorSource) -> tuple[np.ndarray, np.ndarray]:
+    """Every (id, vector) of the catalogue, filled into one preallocated float32 array."""
+    expected = catalog.vector_ids()
+    ids = np.empty(len(expected), dtype=np.int64)
+    vecs = np.empty((len(expected), catalog.dimension), dtype=np.float32)  # type: ignore[arg-type]
+    filled = 0
+    for batch_ids, batch_vecs in catalog.iter_vectors(ids=expected):  # rows deleted meanwhile are skipped
+        ids[filled : filled + len(batch_ids)] = batch_ids
+        vecs[filled : filled + len(batch_ids)] = batch_vecs
+        filled += len(batch_ids)
+    return ids[:filled], vecs[:filled]
+
+
+def _belongs_to(index: VectorIndex, catalog: VectorSource) -> bool:
+    header = index.header
+    return (
+        header is not None
+        and header.catalog_id == catalog.catalog_id
+        and header.generation <= catalog.generation
+        and catalog.dimension in (None, index.dim)
+    )
 
 
 def _pad(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -232,7 +272,7 @@ def _tune_nprobe(index: faiss.IndexIVFFlat, ids: np.ndarray, vecs: np.ndarray, r
         _, approx = index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
         recall = recall_at_k(exact, approx, k)
         if recall >= TUNE_TARGET:
-            log.info("IVF%d over %d vectors: nprobe %d gives recall@10 %.3f", index.nlist, len(ids), nprobe, recall)
+            log.info("IVF%d, %d vectors: nprobe %d gives recall@10 %.3f", index.nlist, len(ids), nprobe, recall)
             return nprobe
     return index.nlist
 
@@ -259,6 +299,8 @@ class VectorIndex:
         self.dim = int(index.d)
         self.built_count = built_count
         self.header = header  # as saved or loaded; None for an index never saved
+        # the catalogue generation this index reflects, when known (from_catalog, reconcile, load)
+        self.generation: int | None = header.generation if header is not None else None
         self._gpu = gpu_for(device)
         self._gpu_index: faiss.Index | None = None
         self._gpu_resources: object | None = None
@@ -301,6 +343,63 @@ class VectorIndex:
         ivf.add_with_ids(vecs, ids)
         ivf.nprobe = _tune_nprobe(ivf, ids, vecs, rng)
         return cls(ivf, "ivf", device=device, built_count=len(ids))
+
+    @classmethod
+    def from_catalog(cls, catalog: VectorSource, *, kind: str = "auto", device: str = "auto") -> VectorIndex:
+        """A fresh index over every vector in the catalogue (holding them all in memory as float32
+        while it builds); its `generation` is the catalogue's when reading began."""
+        if catalog.dimension is None:
+            raise IndexStoreError("the catalogue records no vector dimension yet (its 'dimension' meta value)")
+        generation = catalog.generation
+        ids, vecs = _read_all(catalog)
+        index = cls.build(ids, vecs, kind=kind, device=device)
+        index.generation = generation
+        return index
+
+    @classmethod
+    def open(cls, path: Path, catalog: VectorSource, *, device: str = "auto") -> VectorIndex:
+        """The saved index brought up to date with the catalogue, or rebuilt from it.
+
+        A saved file is reconciled when it belongs to this catalogue and is not ahead of it
+        (a catalogue restored from a backup is older than its FAISS file: ids may mean other
+        images). It is rebuilt when missing, damaged, foreign, ahead, of another dimension, or
+        grown out of its kind (`needs_rebuild`).
+        """
+        path = Path(path)
+        index = None
+        if path.exists() or header_path(path).exists():
+            try:
+                index = cls.load(path, device=device)
+            except IndexStoreError as err:
+                log.warning("%s; rebuilding the vector index from the catalogue", err)
+        if index is not None and not _belongs_to(index, catalog):
+            log.warning("vector index %s does not match its catalogue; rebuilding it", path)
+            index = None
+        if index is not None:
+            added, removed = index.reconcile(catalog, since_generation=index.generation or 0)
+            if added or removed:
+                log.info("vector index %s: %d vectors added or replaced, %d removed", path, added, removed)
+            if not index.needs_rebuild():
+                return index
+        return cls.from_catalog(catalog, device=device)
+
+    def reconcile(self, catalog: VectorSource, *, since_generation: int) -> tuple[int, int]:
+        """Make this index hold exactly the catalogue's vectors, given that it reflected the
+        catalogue at `since_generation`: ids the catalogue lacks are removed; ids it lacks, and
+        vectors rewritten after that generation, are (re)added. Returns (added, removed)."""
+        generation = catalog.generation  # read first: later writes are caught next time
+        wanted = catalog.vector_ids()
+        have = self.ids()
+        stale = np.setdiff1d(have, wanted, assume_unique=True)
+        missing = np.setdiff1d(wanted, have, assume_unique=True)
+        todo = np.union1d(missing, catalog.vector_ids(changed_since=since_generation))
+        removed = self.remove(stale)
+        added = 0
+        for ids, vecs in catalog.iter_vectors(ids=todo):
+            self.add(ids, vecs)
+            added += len(ids)
+        self.generation = generation
+        return added, removed
 
     # -- contents
 
@@ -394,9 +493,9 @@ class VectorIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """(scores float32 (Q, k), ids int64 (Q, k)), best first; empty slots are id -1, score -inf.
 
-        `allowed` restricts the results to those ids: exact for a flat index (a FAISS ID selector),
-        and for an IVF either exact over the allowed vectors (few of them) or a selector search
-        probing proportionally more lists.
+        `allowed` restricts the results to those ids (a FAISS ID selector, on the CPU copy): exact
+        for a flat index; an IVF probes 1/f times more lists when a fraction f of its ids is
+        allowed, which is every list (exact again) once f <= nprobe / nlist.
         """
         queries = _as_vectors(queries, self.dim, "queries")
         if k < 1:
@@ -410,17 +509,14 @@ class VectorIndex:
             scores, ids = self._searcher(top).search(queries, top)
         return _pad(scores, ids, k)
 
-    def _search_allowed(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if not len(allowed):
-            return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
-        if self.kind == "ivf" and len(allowed) <= ALLOWED_EXACT_MAX:
-            present = np.intersect1d(allowed, self._raw_ids(), assume_unique=True)
-            return exact_search(queries, present, self._cpu.reconstruct_batch(present), k)
+    def _search_allowed(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         selector = faiss.IDSelectorBatch(allowed)  # kept referenced until the search returns
         if self.kind == "flat":
             params = faiss.SearchParameters(sel=selector)
-        else:  # a fraction f of the ids allowed: probe 1/f times more lists to see as many of them
-            nprobe = min(self.nlist, math.ceil(self.nprobe * len(self) / len(allowed)))
+        else:  # a fraction f of the ids allowed: probe 1/f times more lists to meet as many of them
+            nprobe = min(self.nlist, math.ceil(self.nprobe * len(self) / max(len(allowed), 1)))
             params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
         return self._cpu.search(queries, k, params=params)
 
@@ -445,8 +541,11 @@ class VectorIndex:
 
     # -- files
 
-    def save(self, path: Path, *, generation: int = 0, catalog_id: str = "") -> IndexHeader:
+    def save(self, path: Path, *, generation: int | None = None, catalog_id: str = "") -> IndexHeader:
         """Write the FAISS file and its header atomically (temp file, fsync, rename, fsync folder).
+
+        generation: the catalogue generation this index reflects (default: `self.generation`,
+        else 0); catalog_id: the catalogue's `catalog_id`. `open` relies on both.
 
         Between the two renames a crash leaves a new FAISS file beside the old header: `load` then
         reports a checksum mismatch and the index is rebuilt from the catalogue.
@@ -456,7 +555,8 @@ class VectorIndex:
             faiss_tmp, size, digest = _write_temp(path, lambda f: _write_faiss(self._cpu, f))
             header = IndexHeader(
                 kind=self.kind, dim=self.dim, count=len(self), size_bytes=size, sha256=digest,
-                generation=int(generation), catalog_id=catalog_id, built_count=self.built_count,
+                generation=int(generation if generation is not None else self.generation or 0),
+                catalog_id=catalog_id, built_count=self.built_count,
                 nlist=self.nlist, nprobe=self.nprobe, faiss_version=faiss.__version__, saved_at=time.time(),
             )  # fmt: skip
         try:
@@ -468,6 +568,7 @@ class VectorIndex:
         os.replace(json_tmp, header_path(path))
         _fsync_folder(path.parent)
         self.header = header
+        self.generation = header.generation
         return header
 
     @classmethod
@@ -572,5 +673,6 @@ def _check_matches(index: faiss.Index, header: IndexHeader, path: Path) -> None:
         raise IndexStoreError(f"vector index {path} is not an inner-product IVF index")
     if index.d != header.dim or index.ntotal != header.count:
         raise IndexStoreError(
-            f"vector index {path} holds {index.ntotal} x {index.d}, its header says {header.count} x {header.dim}"
+            f"vector index {path} holds {index.ntotal} x {index.d}, "
+            f"its header says {header.count} x {header.dim}"
         )

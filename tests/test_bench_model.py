@@ -20,8 +20,10 @@ SCRIPT = ROOT / "benchmarks" / "bench_model.py"
 def bench():
     spec = importlib.util.spec_from_file_location("bench_model", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_model"] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
-    return module
+    yield module
+    sys.modules.pop("bench_model", None)
 
 
 def test_streamed_checkpoint_is_the_hub_layout_and_loads_strictly(bench, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from altsearch import catalog as catalog_module
 from altsearch.catalog import SCHEMA_VERSION, Catalog, ImageRecord, as_stored, failures
-from altsearch.errors import IndexStoreError, ModelMismatchError, SchemaVersionError
+from altsearch.errors import IndexLockedError, IndexStoreError, ModelMismatchError, SchemaVersionError
 
 DIM = 16
 
@@ -183,7 +183,8 @@ def test_failures(cat: Catalog) -> None:
         tx.record_failure("/p/a.jpg", "not an image")
         tx.record_failure("/p/b.jpg", "still truncated")  # replaces
     assert cat.failure_count() == 2
-    assert [(p, r) for p, r, _ in cat.failures()] == [("/p/a.jpg", "not an image"), ("/p/b.jpg", "still truncated")]
+    reasons = [(p, r) for p, r, _ in cat.failures()]
+    assert reasons == [("/p/a.jpg", "not an image"), ("/p/b.jpg", "still truncated")]
     with cat.transaction() as tx:
         tx.clear_failure("/p/a.jpg")
         tx.clear_failure("/p/never.jpg")
@@ -345,7 +346,8 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "catalog.sqlite"
     Catalog(path).close()
     _set_schema_version(path, SCHEMA_VERSION + 1)
-    with pytest.raises(SchemaVersionError, match=rf"newer altsearch \(schema {SCHEMA_VERSION + 1} > {SCHEMA_VERSION}\)"):
+    newer = rf"newer altsearch \(schema {SCHEMA_VERSION + 1} > {SCHEMA_VERSION}\); upgrade altsearch"
+    with pytest.raises(SchemaVersionError, match=newer):
         Catalog(path)
 
 
@@ -473,3 +475,35 @@ def test_threads_write_one_at_a_time(cat: Catalog) -> None:
     all_ids = sorted(i for ids in results for i in ids)
     assert all_ids == list(range(1, 81))
     assert cat.integrity() == []
+
+
+def test_vector_ids_changed_since(cat: Catalog) -> None:
+    a, b, c = add(cat, ["/p/a.jpg", "/p/b.jpg", "/p/c.jpg"])
+    saved = cat.generation
+    assert cat.vector_ids(changed_since=saved).tolist() == []
+    with cat.transaction() as tx:
+        assert tx.generation == saved + 1
+        tx.update(a, {"size": 1}, unit(1, seed=5)[0])  # new vector
+        tx.update(b, {"size": 1})  # fields only
+        tx.move(c, "/q/c.jpg", 1, 1.0)
+        (d,) = tx.add([record("/p/d.jpg")], unit(1, seed=6))
+    assert cat.generation == saved + 1
+    assert cat.vector_ids(changed_since=saved).tolist() == [a, d]
+    assert cat.vector_ids(changed_since=0).tolist() == [a, b, c, d]
+    assert cat.vector_ids().tolist() == [a, b, c, d]
+
+
+def test_lock_held_too_long_raises_index_locked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(catalog_module, "BUSY_TIMEOUT_S", 0.2)
+    path = tmp_path / "catalog.sqlite"
+    with Catalog(path) as cat:
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process writing
+        try:
+            assert cat.count() == 0  # readers are not blocked (WAL)
+            with pytest.raises(IndexLockedError, match="locked by another process"):
+                add(cat, ["/p/a.jpg"])
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert add(cat, ["/p/a.jpg"]) == [1]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from altsearch import vectors as vectors_module
+from altsearch.catalog import Catalog
 from altsearch.errors import IndexStoreError
 from altsearch.vectors import VectorIndex, exact_search, gpu_for, header_path, read_header, recall_at_k
 
@@ -21,7 +22,7 @@ def unit(n: int, dim: int = DIM, seed: int = 0) -> np.ndarray:
     return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
 
 
-def brute_force(queries: np.ndarray, ids: np.ndarray, vecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def brute_force(queries: np.ndarray, ids: np.ndarray, vecs: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
     """The plainest possible top-k: a full sort per query, padded with (-inf, -1)."""
     scores = queries.astype(np.float64) @ vecs.astype(np.float64).T
     out_s = np.full((len(queries), k), -np.inf)
@@ -113,7 +114,8 @@ def test_flat_search_allowed(data, flat) -> None:  # noqa: ANN001
     queries = unit(4, seed=5)
     pick = np.random.default_rng(1).choice(len(ids), 60, replace=False)
     allowed = np.concatenate([ids[pick], [10**9, 5]])  # ids not in the index are ignored
-    assert_same_results(flat.search(queries, 10, allowed=allowed), brute_force(queries, ids[pick], vecs[pick], 10))
+    want = brute_force(queries, ids[pick], vecs[pick], 10)
+    assert_same_results(flat.search(queries, 10, allowed=allowed), want)
     few = ids[pick[:3]]
     scores, found = flat.search(queries, 5, allowed=few)
     assert_same_results((scores, found), brute_force(queries, few, vecs[pick[:3]], 5))
@@ -201,15 +203,16 @@ def test_ivf_reaches_recall_target(clustered_50k, ivf_50k) -> None:  # noqa: ANN
     assert recall_at_k(exact[200:], approx[200:]) >= vectors_module.RECALL_TARGET
 
 
-def test_ivf_allowed_subsets(clustered_50k, ivf_50k, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_ivf_allowed_subsets(clustered_50k, ivf_50k) -> None:  # noqa: ANN001
     ids, vecs, centres = clustered_50k
     queries = held_out_queries(vecs, centres, seed=8)[:50]
     rng = np.random.default_rng(3)
-    small = np.sort(rng.choice(len(ids), 500, replace=False))  # few ids: exact over them
-    assert_same_results(ivf_50k.search(queries, 10, allowed=ids[small]), exact_search(queries, ids[small], vecs[small], 10))
-
-    monkeypatch.setattr(vectors_module, "ALLOWED_EXACT_MAX", 1000)  # force the selector path
-    large = np.sort(rng.choice(len(ids), 5000, replace=False))
+    # 1 % allowed: the scaled nprobe reaches every list, so the answer is exact
+    small = np.sort(rng.choice(len(ids), 500, replace=False))
+    want = exact_search(queries, ids[small], vecs[small], 10)
+    assert_same_results(ivf_50k.search(queries, 10, allowed=ids[small]), want)
+    # 30 % allowed: approximate, probing about 3x more lists
+    large = np.sort(rng.choice(len(ids), 15_000, replace=False))
     _, found = ivf_50k.search(queries, 10, allowed=ids[large])
     assert np.isin(found, ids[large]).all()
     _, exact = exact_search(queries, ids[large], vecs[large], 10)
@@ -230,7 +233,8 @@ def test_ivf_add_remove_and_round_trip(clustered_50k, tmp_path: Path) -> None:  
     path = tmp_path / "vectors.faiss"
     index.save(path, generation=3)
     loaded = VectorIndex.load(path, device="cpu")
-    assert (loaded.kind, loaded.nlist, loaded.nprobe, loaded.built_count) == ("ivf", index.nlist, index.nprobe, 5000)
+    assert (loaded.kind, loaded.nlist, loaded.nprobe) == ("ivf", index.nlist, index.nprobe)
+    assert loaded.built_count == 5000 and loaded.generation == 3
     queries = held_out_queries(vecs, centres, seed=9)[:30]
     for got, want in zip(loaded.search(queries, 10), index.search(queries, 10)):
         np.testing.assert_array_equal(got, want)
@@ -260,9 +264,10 @@ def test_auto_picks_flat_then_ivf(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_save_load_round_trip(data, flat, tmp_path: Path) -> None:  # noqa: ANN001
     path = tmp_path / "vectors.faiss"
     header = flat.save(path, generation=12, catalog_id="abc")
-    assert (header.kind, header.dim, header.count, header.generation, header.catalog_id) == ("flat", DIM, 1000, 12, "abc")
+    assert (header.kind, header.dim, header.count) == ("flat", DIM, 1000)
+    assert (header.generation, header.catalog_id) == (12, "abc")
     assert read_header(path) == header
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["vectors.faiss", "vectors.faiss.json"]  # no temp files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vectors.faiss", "vectors.faiss.json"]  # no temp
     assert faiss.read_index(str(path)).ntotal == 1000  # a plain FAISS file
     loaded = VectorIndex.load(path, device="cpu")
     assert loaded.header == header
@@ -274,7 +279,7 @@ def test_save_load_round_trip(data, flat, tmp_path: Path) -> None:  # noqa: ANN0
     assert len(VectorIndex.load(path, device="cpu")) == 900 and read_header(path).generation == 13
 
 
-def test_failed_save_keeps_the_old_files(flat, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_failed_save_keeps_the_old_files(flat, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     path = tmp_path / "vectors.faiss"
     flat.save(path, generation=1)
     before = path.read_bytes(), header_path(path).read_bytes()
@@ -374,3 +379,78 @@ def test_large_k_searches_on_the_cpu_copy(flat, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(vectors_module, "GPU_MAX_K", 100)
     flat.search(unit(1), 101)
     flat.search(unit(1), 5, allowed=np.array([3, 10]))
+
+
+# --- with the catalogue ------------------------------------------------------------------
+
+
+def catalog_with(tmp_path: Path, n: int) -> Catalog:
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    with cat.transaction() as tx:
+        records = [{"path": f"/p/{i:04}.jpg", "size": 1, "mtime": 1.0, "content_hash": f"{i}"} for i in range(n)]
+        tx.add(records, unit(n, seed=11))
+    return cat
+
+
+def catalog_vectors(cat: Catalog) -> tuple[np.ndarray, np.ndarray]:
+    parts = list(cat.iter_vectors())
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def test_from_catalog_and_reconcile(tmp_path: Path) -> None:
+    cat = catalog_with(tmp_path, 300)
+    index = VectorIndex.from_catalog(cat, device="cpu")
+    assert index.generation == cat.generation and len(index) == 300
+    path = tmp_path / "vectors.faiss"
+    index.save(path, catalog_id=cat.catalog_id)
+    saved = index.generation
+
+    with cat.transaction() as tx:  # what a crash before the next FAISS save would leave behind
+        tx.remove([1, 2, 3])
+        tx.add([{"path": "/p/new.jpg", "size": 1, "mtime": 1.0, "content_hash": "n"}], unit(1, seed=12))
+        tx.update(10, {"size": 2}, unit(1, seed=13)[0])  # same id, new vector
+        tx.move(20, "/q/20.jpg", 1, 1.0)
+    stale = VectorIndex.load(path, device="cpu")
+    assert stale.reconcile(cat, since_generation=saved) == (2, 3)  # the new image and id 10
+    assert stale.generation == cat.generation
+    ids, vecs = catalog_vectors(cat)
+    np.testing.assert_array_equal(stale.ids(), ids)
+    np.testing.assert_array_equal(stale.reconstruct(ids), vecs)  # incl. id 10's new vector
+    cat.close()
+
+
+def test_open_reconciles_or_rebuilds(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cat = catalog_with(tmp_path, 200)
+    path = tmp_path / "vectors.faiss"
+    fresh = VectorIndex.open(path, cat, device="cpu")  # no file yet: built from the catalogue
+    assert len(fresh) == 200 and fresh.generation == cat.generation
+    fresh.save(path, catalog_id=cat.catalog_id)
+    with cat.transaction() as tx:
+        tx.remove([5])
+    ids, vecs = catalog_vectors(cat)
+
+    caught_up = VectorIndex.open(path, cat, device="cpu")
+    assert caught_up.header is not None  # loaded, not rebuilt
+    np.testing.assert_array_equal(caught_up.ids(), ids)
+
+    fresh.save(path, catalog_id="another catalogue")
+    with caplog.at_level(logging.WARNING, logger="altsearch.vectors"):
+        rebuilt = VectorIndex.open(path, cat, device="cpu")
+    assert rebuilt.header is None and "does not match its catalogue" in caplog.text
+    np.testing.assert_array_equal(rebuilt.reconstruct(ids), vecs)
+
+    fresh.save(path, generation=cat.generation + 5, catalog_id=cat.catalog_id)  # ahead: restored catalogue
+    assert VectorIndex.open(path, cat, device="cpu").header is None
+
+    path.write_bytes(b"damaged")
+    assert len(VectorIndex.open(path, cat, device="cpu")) == 199
+    cat.close()
+
+
+def test_from_empty_catalog(tmp_path: Path) -> None:
+    with Catalog(tmp_path / "catalog.sqlite") as cat:
+        with pytest.raises(IndexStoreError, match="no vector dimension"):
+            VectorIndex.from_catalog(cat)
+        cat.set_meta("dimension", str(DIM))
+        index = VectorIndex.from_catalog(cat, device="cpu")
+        assert (len(index), index.dim, index.kind) == (0, DIM, "flat")

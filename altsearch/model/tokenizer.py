@@ -105,6 +105,8 @@ class Tokenizer:
         if isinstance(texts, str):
             raise TypeError("encode() takes a sequence of texts, not a single str")
         texts = list(texts)
+        if not all(isinstance(t, str) for t in texts):  # a tuple would be encoded as a pair
+            raise TypeError("encode() takes a sequence of str")
         if not texts:
             empty = torch.zeros((0, 0), dtype=torch.int64)
             return empty, empty.clone()

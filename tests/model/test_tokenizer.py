@@ -178,9 +178,11 @@ def test_fuzz_matches_transformers(real, hf_v5):
     assert_same(real, hf_v5, texts)
 
 
-def test_encode_rejects_a_bare_string_and_accepts_an_empty_batch(real):
+def test_encode_rejects_non_strings_and_accepts_an_empty_batch(real):
     with pytest.raises(TypeError):
         real.encode("a cat")
+    with pytest.raises(TypeError):
+        real.encode([("a cat", "a dog")])  # tokenizers would silently encode a pair
     ids, mask = real.encode([])
     assert ids.shape == mask.shape == (0, 0) and ids.dtype == torch.int64
 
