@@ -98,6 +98,11 @@ class IndexStore:
                 f"index {self.folder} was built with model {self.catalog.get_meta('model_id')} "
                 f"(fingerprint {recorded}), not {model_id} ({fingerprint}); use that model, or another index")
 
+    @property
+    def generation(self) -> int:
+        """The catalogue's generation (bumped by every committed change)."""
+        return self.catalog.generation
+
     # -- vectors ------------------------------------------------------------------------------------
 
     @property

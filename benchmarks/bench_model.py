@@ -286,15 +286,20 @@ class Runner:
             self.result["cuda_peak_mib"] = self.torch.cuda.max_memory_allocated() / 2**20
 
     def timed(self, fn, repeats: int) -> tuple[list[float], object]:
+        """Seconds of each of ``repeats`` calls after a warm-up call, and the last output."""
         with self.torch.inference_mode():
             out = fn()  # warm-up
             self.sync()
             times = []
+            cpu0 = time.process_time()
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 out = fn()
                 self.sync()
                 times.append(time.perf_counter() - t0)
+        # CPU seconds per wall second per thread: well below 1 means other processes took the cores.
+        share = (time.process_time() - cpu0) / (sum(times) * self.result["threads"])
+        self.result["cpu_share"] = min(self.result.get("cpu_share", 1.0), share)
         return times, out
 
     def throughput(self, ids, mask, pixels, out: Path) -> None:
@@ -408,6 +413,8 @@ def render(table: list[tuple], info: dict) -> str:
         f"{info['date']}",
         f"checkpoint: {info['checkpoint']}; loads {'from a cold page cache' if info['cold'] else 'warm'}; "
         f"load average {info['loadavg_start']} (start) -> {info['loadavg_end']} (end)",
+        f"CPU share of the timed batches (1.00: the cores were ours): altsearch {info['cpu_share'][0]:.2f}, "
+        f"transformers {info['cpu_share'][1]:.2f}",
         "ratio: throughput ours/theirs, time and memory theirs/ours",
         "", *out])
 
@@ -451,7 +458,7 @@ def benchmark(args: argparse.Namespace, work: Path) -> dict:
              for kind in ("image", "text")}
     info.update(threads=res["theirs"]["threads"], device=args.device, dtype=args.dtype, cold=cold,
                 checkpoint="tiny random" if args.tiny else "random, BAAI/AltCLIP architecture (864M parameters)",
-                loadavg_end=_loadavg())
+                loadavg_end=_loadavg(), cpu_share=(res["ours_both"]["cpu_share"], res["theirs"]["cpu_share"]))
     table = rows(res["ours_both"], res["ours_text"], res["theirs"], diffs, args.batch)
     print("\n" + render(table, info))
     return {"machine": info, "runs": res, "max_abs_diff": diffs,

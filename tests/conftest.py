@@ -38,6 +38,28 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def slow_folder(tmp_path_factory) -> Path:
+    """100 camera-like JPEGs that take a running indexer several seconds (see tests/photos.py)."""
+    from tests.photos import make_slow_folder
+
+    return make_slow_folder(tmp_path_factory.mktemp("slow-photos"))
+
+
+SLOW_INDEX_ARGS = ("--full-decode", "--workers", "1", "--batch-size", "1")
+
+
+def catalog_count(index: Path) -> int:
+    """Images committed to an index folder, read directly (cheap enough to poll)."""
+    from altsearch.catalog import Catalog
+
+    db = index / "catalog.sqlite"
+    if not db.is_file():
+        return 0
+    with Catalog(db) as cat:
+        return cat.count()
+
+
+@pytest.fixture(scope="session")
 def real_tokenizer_json() -> str:
     if not REAL_TOKENIZER.is_file():
         pytest.skip("../shared/data/xlm-roberta/tokenizer.json not present")

@@ -60,3 +60,11 @@ def make_folder(root: Path, n: int = 12, *, start: int = 0) -> list[Path]:
             taken = dt.datetime(2021 + i % 4, 1 + i % 12, 1 + i % 28, 12, 0, 0)
             paths.append(save_photo(sub / f"img_{i:03d}.jpg", seed=i, taken=taken, camera=("Canon", "EOS R5")))
     return paths
+
+
+def make_slow_folder(root: Path, n: int = 100) -> Path:
+    """Camera-like 1600x1200 JPEGs: with --full-decode and one worker, indexing them takes seconds,
+    long enough for tests to interrupt, kill or read alongside a running indexer."""
+    for i in range(n):
+        save_photo(root / f"{i // 25:02d}" / f"big_{i:03d}.jpg", seed=5000 + i, size=(1600, 1200))
+    return root

@@ -14,18 +14,18 @@ import pytest
 
 from altsearch import Engine
 from altsearch.errors import IndexLockedError
+from tests.conftest import SLOW_INDEX_ARGS
 from tests.photos import make_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_searches_in_another_process_during_indexing(tmp_path, tiny_checkpoint):
-    photos = tmp_path / "photos"
-    make_folder(photos, 80, start=700)
+def test_searches_in_another_process_during_indexing(tmp_path, tiny_checkpoint, slow_folder):
+    photos = slow_folder
     index = tmp_path / "idx"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     writer = subprocess.Popen([sys.executable, "-m", "altsearch", "index", str(photos), "--index", str(index),
-                               "--model", str(tiny_checkpoint), "--batch-size", "2", "--workers", "1", "--json"],
+                               "--model", str(tiny_checkpoint), *SLOW_INDEX_ARGS, "--json"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     seen = []
     refused = 0
@@ -50,7 +50,7 @@ def test_searches_in_another_process_during_indexing(tmp_path, tiny_checkpoint):
     finally:
         out, err = writer.communicate(timeout=300)
     assert writer.returncode == 0, err
-    assert json.loads(out)["added"] == 80
+    assert json.loads(out)["added"] == 100
     assert seen and seen == sorted(seen), "a reader saw the index shrink"
     assert len(set(seen)) > 1, "the reads did not overlap the indexing"
     assert refused > 0
