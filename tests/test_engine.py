@@ -182,23 +182,28 @@ def test_second_writer_is_refused(engine, photos):
             _index(engine, photos)
 
 
-def test_crash_mid_index_resumes_without_duplicates(engine, photos, monkeypatch):
-    model = engine.model
+def _fail_on_call(monkeypatch, model, n: int, exc: BaseException):
+    """Make the n-th batch the model embeds raise ``exc``; returns the undo."""
     real = model.encode_pixels
     calls = {"n": 0}
 
-    def dying(pixels):
+    def failing(pixels):
         calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated crash")
+        if calls["n"] == n:
+            raise exc
         return real(pixels)
 
-    monkeypatch.setattr(model, "encode_pixels", dying)
+    monkeypatch.setattr(model, "encode_pixels", failing)
+    return lambda: monkeypatch.setattr(model, "encode_pixels", real)
+
+
+def test_crash_mid_index_resumes_without_duplicates(engine, photos, monkeypatch):
+    restore = _fail_on_call(monkeypatch, engine.model, 3, RuntimeError("simulated crash"))
     with pytest.raises(RuntimeError, match="simulated crash"):
         engine.index(photos, workers=0, batch_size=2)
     committed = engine.stats()["images"]
     assert committed == 4  # two batches of two landed before the crash
-    monkeypatch.setattr(model, "encode_pixels", real)
+    restore()
     report = _index(engine, photos)
     assert report.added == 12 - committed and report.unchanged == committed
     assert engine.stats()["images"] == engine.stats()["vectors"] == 12
@@ -206,20 +211,10 @@ def test_crash_mid_index_resumes_without_duplicates(engine, photos, monkeypatch)
 
 
 def test_interrupt_commits_finished_work(engine, photos, monkeypatch):
-    model = engine.model
-    real = model.encode_pixels
-    calls = {"n": 0}
-
-    def interrupted(pixels):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(pixels)
-
-    monkeypatch.setattr(model, "encode_pixels", interrupted)
+    restore = _fail_on_call(monkeypatch, engine.model, 2, KeyboardInterrupt())
     report = engine.index(photos, workers=0, batch_size=3)
     assert report.interrupted and report.added == 3
-    monkeypatch.setattr(model, "encode_pixels", real)
+    restore()
     assert _index(engine, photos).added == 9
 
 

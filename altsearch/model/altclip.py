@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from . import layers as L
+from . import weights as W
 from .config import AltCLIPConfig
 from .resolve import DEFAULT_MODEL, resolve
 from .runtime import pick_device, pick_dtype
 from .text import TextTransformer
 from .vision import VisionTransformer
-from . import weights as W
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,8 @@ class AltCLIP(nn.Module):
         super().__init__()
         self.text_model = TextTransformer(cfg.text)
         self.vision_model = VisionTransformer(cfg.vision)
-        self.text_projection = nn.Linear(cfg.text.project_dim, cfg.projection_dim, bias=False)
-        self.visual_projection = nn.Linear(cfg.vision.hidden_size, cfg.projection_dim, bias=False)
+        self.text_projection = L.Linear(cfg.text.project_dim, cfg.projection_dim, bias=False)
+        self.visual_projection = L.Linear(cfg.vision.hidden_size, cfg.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.empty(()))
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

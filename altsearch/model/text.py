@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import layers as L
 from .config import TextConfig
 
 
@@ -18,9 +19,9 @@ class SelfAttention(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.heads = cfg.num_attention_heads
-        self.query = nn.Linear(d, d)
-        self.key = nn.Linear(d, d)
-        self.value = nn.Linear(d, d)
+        self.query = L.Linear(d, d)
+        self.key = L.Linear(d, d)
+        self.value = L.Linear(d, d)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         b, t, d = x.shape  # (B, T, D)
@@ -35,8 +36,8 @@ class DenseLayerNorm(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, eps: float):
         super().__init__()
-        self.dense = nn.Linear(d_in, d_out)
-        self.LayerNorm = nn.LayerNorm(d_out, eps=eps)
+        self.dense = L.Linear(d_in, d_out)
+        self.LayerNorm = L.LayerNorm(d_out, eps=eps)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dense(x) + residual)
@@ -55,7 +56,7 @@ class Attention(nn.Module):
 class Intermediate(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.dense = L.Linear(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(self.dense(x))  # exact (erf) GELU
@@ -89,10 +90,10 @@ class TextEmbeddings(nn.Module):
         super().__init__()
         self.pad_id = cfg.pad_token_id
         d = cfg.hidden_size
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, d)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, d)
-        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, d)
-        self.LayerNorm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.word_embeddings = L.Embedding(cfg.vocab_size, d)
+        self.position_embeddings = L.Embedding(cfg.max_position_embeddings, d)
+        self.token_type_embeddings = L.Embedding(cfg.type_vocab_size, d)
+        self.LayerNorm = L.LayerNorm(d, eps=cfg.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # fairseq positions: real tokens count from pad_id + 1, pads sit at pad_id.
@@ -116,8 +117,8 @@ class TextTransformer(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.roberta = Roberta(cfg)
-        self.pre_LN = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.transformation = nn.Linear(cfg.hidden_size, cfg.project_dim)
+        self.pre_LN = L.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.transformation = L.Linear(cfg.hidden_size, cfg.project_dim)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.roberta.embeddings(input_ids)  # (B, T, D)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import layers as L
 from .config import VisionConfig
 
 
@@ -18,10 +19,10 @@ class VisionAttention(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.heads = cfg.num_attention_heads
-        self.q_proj = nn.Linear(d, d)
-        self.k_proj = nn.Linear(d, d)
-        self.v_proj = nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
+        self.q_proj = L.Linear(d, d)
+        self.k_proj = L.Linear(d, d)
+        self.v_proj = L.Linear(d, d)
+        self.out_proj = L.Linear(d, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape  # (B, T, D)
@@ -34,8 +35,8 @@ class VisionAttention(nn.Module):
 class VisionMLP(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = L.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = L.Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(quick_gelu(self.fc1(x)))
@@ -44,9 +45,9 @@ class VisionMLP(nn.Module):
 class VisionLayer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm1 = L.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.self_attn = VisionAttention(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm2 = L.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = VisionMLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,8 +72,8 @@ class VisionEmbeddings(nn.Module):
         self.cfg = cfg
         d = cfg.hidden_size
         self.class_embedding = nn.Parameter(torch.empty(d))
-        self.patch_embedding = nn.Conv2d(cfg.num_channels, d, cfg.patch_size, cfg.patch_size, bias=False)
-        self.position_embedding = nn.Embedding(cfg.num_positions, d)
+        self.patch_embedding = L.Conv2d(cfg.num_channels, d, cfg.patch_size, cfg.patch_size, bias=False)
+        self.position_embedding = L.Embedding(cfg.num_positions, d)
 
     def positions(self, gh: int, gw: int) -> torch.Tensor:
         """Position table for a gh x gw patch grid: the trained one, or bicubic-interpolated."""
@@ -103,9 +104,9 @@ class VisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.embeddings = VisionEmbeddings(cfg)
-        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # (sic)
+        self.pre_layrnorm = L.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # (sic)
         self.encoder = VisionEncoder(cfg)
-        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.post_layernorm = L.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, pixels: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         x = self.pre_layrnorm(self.embeddings(pixels, interpolate_pos_encoding))  # (B, T, D)

@@ -226,3 +226,20 @@ def test_unexpected_keys_are_listed(tmp_path):
     save_file(sd, str(path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="1 unexpected: text_model.something_new.weight"):
         load_model(path).load(["text"])
+
+
+def test_reduced_size_jpeg_decoding_barely_moves_embeddings(tmp_path):
+    """Embedding drift of draft decoding (cosine to the full decode) on camera-sized JPEGs.
+
+    With a ViT-L/14-shaped patch grid (tiny width); the figure is recorded in docs/model.md.
+    """
+    from tests.photos import save_photo
+
+    model = load_model(write_checkpoint(tmp_path / "m", vision=dict(patch_size=14)), device="cpu")
+    paths = [save_photo(tmp_path / f"{i}.jpg", seed=i, size=(4000, 3000)) for i in range(3)]
+    full = model.encode_image(paths)
+    for draft in (448, 224):
+        cos = (full * model.encode_image(paths, draft=draft)).sum(axis=1)
+        assert cos.min() >= 0.999, (draft, cos)
+    # a wrong decode (another photo) is far off: the check above can fail
+    assert (full[0] * full[1]).sum() < 0.99
