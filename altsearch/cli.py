@@ -96,18 +96,21 @@ def _progress(enabled: bool):
     if not enabled:
         yield None
         return
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.text import Text
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(), TextColumn("ETA"),
-                   TimeRemainingColumn(), console=err, transient=True)
-    task = bar.add_task("scanning", total=None, rate="-")
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed:.1f} img/s" if task.speed else "- img/s")
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=True)
+    task = bar.add_task("scanning", total=None)
+    names = {"scan": "scanning", "embed": "embedding", "done": "done"}
 
     def update(p):
-        rate = f"{p.report.embedded / max(bar.tasks[task].elapsed or 1e-9, 1e-9):.1f}" if p.report.embedded else "-"
-        desc = {"scan": "scanning", "embed": "embedding", "done": "done"}[p.phase]
-        bar.update(task, description=desc, completed=p.done, total=p.total, rate=rate)
+        bar.update(task, description=names[p.phase], completed=p.done, total=p.total)
 
     with bar:
         yield update

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from . import faults
 from .decode import DEFAULT_DRAFT, DecodePool, Decoded, hash_file
 from .scan import FileEntry, ScanProblem, scan
 
@@ -207,6 +208,7 @@ class Ingestor:
 
         with DecodePool(self.model.preprocess_config, workers=self.workers, draft=self.draft) as pool:
             for n, d in enumerate(pool.imap(list(by_path)), 1):
+                faults.point("decoded")
                 w = by_path[d.path]
                 if d.error is not None:
                     self._failures.append((d.path, d.error, w.replaces))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import faults
 from .catalog import Catalog, as_stored
 from .errors import IndexStoreError, ModelMismatchError
 from .vectors import VectorIndex
@@ -142,6 +143,8 @@ class IndexStore:
         vectors = self.vectors  # opened (and caught up) before the catalogue moves on
         with self.catalog.transaction() as tx:
             fn(tx)
+            faults.point("commit")
+        faults.point("committed")
         with self._rw.writing():
             if len(removed_ids):
                 vectors.remove(np.asarray(removed_ids, np.int64))

@@ -35,6 +35,7 @@ from typing import BinaryIO, Protocol
 import faiss
 import numpy as np
 
+from altsearch import faults
 from altsearch.errors import IndexStoreError
 
 log = logging.getLogger(__name__)
@@ -564,7 +565,9 @@ class VectorIndex:
         except BaseException:
             faiss_tmp.unlink(missing_ok=True)
             raise
+        faults.point("save-temp")
         os.replace(faiss_tmp, path)
+        faults.point("save-replace")
         os.replace(json_tmp, header_path(path))
         _fsync_folder(path.parent)
         self.header = header
