@@ -361,10 +361,10 @@ class VectorIndex:
     def open(cls, path: Path, catalog: VectorSource, *, device: str = "auto") -> VectorIndex:
         """The saved index brought up to date with the catalogue, or rebuilt from it.
 
-        A saved file is reconciled when it belongs to this catalogue and is not ahead of it
-        (a catalogue restored from a backup is older than its FAISS file: ids may mean other
-        images). It is rebuilt when missing, damaged, foreign, ahead, of another dimension, or
-        grown out of its kind (`needs_rebuild`).
+        A saved file is used as it is when it reflects the catalogue's current generation, and
+        reconciled when it belongs to this catalogue and is behind it. It is rebuilt when missing,
+        damaged, foreign, ahead (a catalogue restored from a backup is older than its FAISS file:
+        ids may mean other images) or of another dimension. A kind chosen with `optimize` is kept.
         """
         path = Path(path)
         index = None
@@ -377,11 +377,12 @@ class VectorIndex:
             log.warning("vector index %s does not match its catalogue; rebuilding it", path)
             index = None
         if index is not None:
+            if index.generation == catalog.generation:
+                return index  # saved for exactly this catalogue state: nothing to catch up
             added, removed = index.reconcile(catalog, since_generation=index.generation or 0)
             if added or removed:
                 log.info("vector index %s: %d vectors added or replaced, %d removed", path, added, removed)
-            if not index.needs_rebuild():
-                return index
+            return index  # switching kind as the index grows is the writer's call (IndexStore.maybe_rebuild)
         return cls.from_catalog(catalog, device=device)
 
     def reconcile(self, catalog: VectorSource, *, since_generation: int) -> tuple[int, int]:

@@ -3,30 +3,34 @@
 Two tables (docs/indexing.md explains them and holds the figures of a run):
 
 1. Indexing. A folder of camera-sized JPEGs (default 48 at 4000x3000, quality 90: smooth gradients,
-   shapes, mild grain, EXIF date; generated once and cached in ``--workdir``) is indexed into a fresh
-   index per configuration with ``Engine.open(dir, model=..., device=...).index(folder, workers=W,
-   draft=D)``: reduced-size JPEG decoding (draft) on and off x decode workers (default 0, 1, 2).
-   images/s is ``report.embedded / report.seconds`` (median over ``--repeats`` rounds, configurations
-   interleaved); "x base" divides by the baseline (draft off, 0 workers) of the same run. With the
-   tiny random model (the default) the model costs next to nothing, so the figures are the
-   scan-decode-commit pipeline's ceiling; ``--model`` runs a real checkpoint instead.
+   shapes, mild grain, an EXIF date; generated once and cached in ``--workdir``) is indexed into a
+   fresh index per configuration with ``Engine.open(dir, model=..., device=...).index(folder,
+   workers=W, draft=D)``: reduced-size JPEG decoding (draft) on and off x decode workers (default
+   0, 1, 2), after one warm-up run on two of the photos. images/s is ``report.embedded /
+   report.seconds`` (median over ``--repeats`` rounds, configurations interleaved); "x base" divides
+   by the baseline (draft off, 0 workers) of the same run; CPU ms/image is the user + system time of
+   this process and its decode workers. With the tiny random model (the default) the model costs
+   next to nothing, so the figures are the scan-decode-commit pipeline's ceiling; ``--model`` runs a
+   real checkpoint instead.
 
-2. Query latency at ``--sizes`` vectors (default 10k and 1M). Index folders are filled directly,
-   without running the model: catalogue rows through ``Catalog.transaction()`` / ``Tx.add`` (fake
-   paths, random clustered unit vectors), then the FAISS file built with ``VectorIndex.build`` and
-   saved with the catalogue's generation and id, as ``IndexStore.save_vectors`` does. Then:
-   - open: ``Engine.open`` plus the first touch of the vector file (checksum, parse, generation check);
-     whether the saved file was used as is, or reconciled / rebuilt, is reported;
+2. Query latency at ``--sizes`` vectors (default 10k and 1M), for each of ``--dims`` (default: the
+   model's; other values use a tiny checkpoint with that projection size) and ``--kinds``. Index
+   folders are filled directly, without running the model: catalogue rows through
+   ``Catalog.transaction()`` / ``Tx.add`` (fake paths, random unit vectors in clusters on a 32-d
+   subspace), then the FAISS file built with ``VectorIndex.build`` and saved with the catalogue's
+   generation and id, as ``IndexStore.save_vectors`` does; they are cached in ``--workdir``. Then:
+   - open: ``Engine.open`` plus the first touch of the vector file (load, checksum, catching up with
+     the catalogue); whether the saved file was used as it is, or rebuilt, is reported;
    - first: the first ``Engine.search`` in the process (it loads the text tower);
-   - warm p50/p95: ``Engine.search`` over ``--queries`` queries in the same process, after one
-     warm-up; "text" is ``model.encode_text`` alone and "faiss" the vector search alone;
+   - warm p50/p95: ``Engine.search`` over ``--queries`` queries in the same process, after the first;
+     "text" is ``model.encode_text`` alone and "faiss" the vector search alone;
    - cold: wall time of a fresh ``python -m altsearch search ... --index DIR --json`` (median of
-     ``--cold-repeats``), beside "imports": ``python -c "import torch, faiss, altsearch.engine"``.
+     ``--cold-repeats``), beside the time of ``python -c "import torch, faiss, altsearch.engine"``.
 
 Run from the repository root (opt-in; tests/test_bench_index.py runs a tiny configuration):
 
-    .venv/bin/python benchmarks/bench_index.py --workdir /tmp/bench-index
-    .venv/bin/python benchmarks/bench_index.py --workdir /tmp/bench-index --skip-index --sizes 10000 --dims 768
+    .venv/bin/python benchmarks/bench_index.py --workdir /tmp/bench-index --repeats 3
+    .venv/bin/python benchmarks/bench_index.py --workdir /tmp/bench-index --skip-index --dims 24,768
 
 Decode workers are started with ``spawn``, which re-imports this file in each of them: keep the
 top level free of heavy imports (torch and altsearch are imported inside the functions).
@@ -70,7 +74,10 @@ FILL_CHUNK = 50_000  # catalogue rows per Tx.add call
 TX_ROWS = 250_000  # catalogue rows per transaction (one commit, one fsync)
 CLUSTER_SIZE = 500  # vectors per cluster, on average
 CLUSTER_SPREAD = 0.75  # noise norm around a cluster centre: cosine to the centre ~ 0.8
-QUERY_INDEX_FORMAT = 1  # bump when the fill changes, so cached query indexes are rebuilt
+LATENT_DIM = 32  # clusters lie on a subspace of this many dimensions (real embeddings have a low
+# intrinsic dimension); 768-d clusters of independent directions are so far apart that the IVF
+# build tunes nprobe down to a single list
+QUERY_INDEX_FORMAT = 2  # bump when the fill changes, so cached query indexes are rebuilt
 T0 = 1_600_000_000.0  # fake capture times start here (2020-09-13)
 
 
@@ -252,19 +259,40 @@ def _read_all(folder: Path) -> None:
 # -- 2. query indexes -------------------------------------------------------------------------------
 
 
-def cluster_centers(rng: np.random.Generator, k: int, dim: int) -> np.ndarray:
-    c = rng.standard_normal((k, dim), dtype=np.float32)
-    return c / np.linalg.norm(c, axis=1, keepdims=True)
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def clustered_unit_vectors(rng: np.random.Generator, centers: np.ndarray, n: int,
-                           spread: float = CLUSTER_SPREAD) -> np.ndarray:
-    """(n, D) float32 unit vectors, each a random centre plus isotropic noise of norm ~``spread``."""
-    dim = centers.shape[1]
-    x = centers[rng.integers(0, len(centers), n)]
-    x += rng.standard_normal((n, dim), dtype=np.float32) * np.float32(spread / np.sqrt(dim))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x
+class ClusteredVectors:
+    """Random unit vectors in ``clusters`` clusters, on a random ``min(dim, LATENT_DIM)``-dimensional
+    subspace of the ``dim``-dimensional space: a random centre plus isotropic noise of norm ~``spread``
+    within the subspace (cosine to the centre ~0.8), mapped by an isometry, so unit length is kept."""
+
+    def __init__(self, rng: np.random.Generator, clusters: int, dim: int, spread: float = CLUSTER_SPREAD):
+        self.rng = rng
+        self.spread = spread
+        latent = min(dim, LATENT_DIM)
+        self.centers = _unit_rows(rng.standard_normal((clusters, latent), dtype=np.float32))
+        if latent == dim:
+            self.basis = None
+        else:  # orthonormal rows: (latent, dim)
+            q, _ = np.linalg.qr(rng.standard_normal((dim, latent)))
+            self.basis = np.ascontiguousarray(q.T, dtype=np.float32)
+
+    def _lift(self, x: np.ndarray) -> np.ndarray:
+        return x if self.basis is None else _unit_rows(x @ self.basis)  # unit already, up to rounding
+
+    @property
+    def directions(self) -> np.ndarray:
+        """The cluster centres in the full space, (clusters, dim)."""
+        return self._lift(self.centers)
+
+    def sample(self, n: int) -> np.ndarray:
+        """(n, dim) float32 unit vectors."""
+        latent = self.centers.shape[1]
+        x = self.centers[self.rng.integers(0, len(self.centers), n)]
+        x += self.rng.standard_normal((n, latent), dtype=np.float32) * np.float32(self.spread / np.sqrt(latent))
+        return self._lift(_unit_rows(x))
 
 
 def fake_records(start: int, n: int) -> list[dict]:
@@ -286,7 +314,7 @@ def build_query_index(folder: Path, n: int, model: ModelRef, seed: int = 0, kind
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    centers = cluster_centers(rng, max(1, n // CLUSTER_SIZE), model.dimension)
+    source = ClusteredVectors(rng, max(1, n // CLUSTER_SIZE), model.dimension)
     ids = np.empty(n, np.int64)
     stored = np.empty((n, model.dimension), np.float32)  # what the catalogue hands back (fp16 round trip)
     t0 = time.perf_counter()
@@ -299,7 +327,7 @@ def build_query_index(folder: Path, n: int, model: ModelRef, seed: int = 0, kind
             with cat.transaction() as tx:
                 for s in range(start, min(n, start + TX_ROWS), FILL_CHUNK):
                     m = min(FILL_CHUNK, n - s)
-                    vecs = clustered_unit_vectors(rng, centers, m)
+                    vecs = source.sample(m)
                     ids[s:s + m] = tx.add(fake_records(s, m), vecs)
                     stored[s:s + m] = as_stored(vecs)
         fill_s = time.perf_counter() - t0
@@ -403,7 +431,7 @@ def measure_warm(folder: Path, n: int, model: ModelRef, args: argparse.Namespace
         qvecs = engine.model.encode_text(queries)
         faiss_t = _timed(lambda i: vectors.search(qvecs[i:i + 1], args.k), args.queries)
     return {
-        "open_s": open_s, "first_query_s": first_s, "vector_file_as_saved": as_saved,
+        "open_s": open_s, "first_query_s": first_s, "vector_file_as_saved": as_saved, "opened_kind": vectors.kind,
         "log": collect.messages, "vector_file_rewritten": vec_file.stat().st_mtime_ns != mtime,
         "sha256_s": _sha256_seconds(vec_file), "id_scan_s": id_scan_s,
         "warm_p50_ms": 1e3 * _pct(search, 50), "warm_p95_ms": 1e3 * _pct(search, 95),
@@ -561,6 +589,8 @@ def render_queries(rows: list[dict], imports_s: float) -> str:
              "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         kind = r["kind"] if r["kind"] == "flat" else f"ivf{r['nlist']} nprobe {r['nprobe']}"
+        if r["opened_kind"] != r["kind"]:
+            kind += f", opened as {r['opened_kind']}"
         lines.append(f"| {r['n']:,} | {r['dim']} | {kind} | {r['fill_s']:.1f}{'*' if r['cached'] else ''} | "
                      f"{r['build_s']:.1f} | {r['open_s']:.3f} | {r['first_query_s']:.3f} | {r['warm_p50_ms']:.2f} | "
                      f"{r['warm_p95_ms']:.2f} | {r['text_p50_ms']:.2f} | {r['faiss_p50_ms']:.3f} | "

@@ -46,15 +46,15 @@ def test_photos_are_distinct_grainy_jpegs_made_once(bench, tmp_path):
     assert [p.stat().st_mtime_ns for p in paths] == stamps  # cached, not redrawn
 
 
-def test_vectors_are_unit_length_and_clustered(bench):
-    rng = np.random.default_rng(0)
-    centers = bench.cluster_centers(rng, 8, 24)
-    x = bench.clustered_unit_vectors(rng, centers, 2000)
+def test_vectors_are_unit_length_clustered_and_of_low_intrinsic_dimension(bench):
+    source = bench.ClusteredVectors(np.random.default_rng(0), 8, 64)
+    x = source.sample(2000)
+    assert x.shape == (2000, 64) and x.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
-    nearest_center = (x @ centers.T).max(axis=1)
-    assert np.median(nearest_center) > 0.7  # each vector sits near a centre ...
-    other = bench.cluster_centers(np.random.default_rng(1), 8, 24)
+    assert np.median((x @ source.directions.T).max(axis=1)) > 0.7  # each vector sits near a centre ...
+    other = bench.ClusteredVectors(np.random.default_rng(1), 8, 64).directions
     assert np.median((x @ other.T).max(axis=1)) < 0.6  # ... and not near unrelated directions
+    assert np.linalg.matrix_rank(x[:200]) == bench.LATENT_DIM < 64
 
 
 def test_filled_index_opens_as_saved_and_searches_exactly(bench, tmp_path, tiny_checkpoint):
@@ -92,7 +92,7 @@ def test_tiny_run_prints_both_tables(tmp_path):
     assert all(r["images"] == 2 and r["images_per_s"] > 0 for r in rows.values())
     (query,) = report["queries"]
     assert (query["n"], query["dim"], query["kind"]) == (200, 24, "flat")
-    assert query["vector_file_as_saved"] and not query["vector_file_rewritten"]
+    assert query["vector_file_as_saved"] and query["opened_kind"] == "flat" and not query["vector_file_rewritten"]
     assert 0 < query["text_p50_ms"] and query["warm_p50_ms"] <= query["warm_p95_ms"] and query["cold_s"] > 0
     assert not (work / "scratch").exists()  # per-configuration indexes are removed
     assert (work / "query-200-d24.json").is_file()  # the filled index is kept for a later run

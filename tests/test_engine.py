@@ -252,3 +252,19 @@ def test_remove_and_check_repair(engine, photos):
     assert engine.check(repair=True) == problems
     assert engine.check() == []
     assert len(engine.search("a photo", k=12)) == 6
+
+
+def test_current_vector_file_opens_without_reconciling(tmp_path, photos, tiny_checkpoint, monkeypatch):
+    from altsearch.vectors import VectorIndex
+
+    index = tmp_path / "index"
+    with Engine.open(index, model=str(tiny_checkpoint), device="cpu") as e:
+        _index(e, photos)
+        e.optimize("flat")
+
+    def no_reconcile(*a, **k):
+        raise AssertionError("a current vector file was reconciled")
+
+    monkeypatch.setattr(VectorIndex, "reconcile", no_reconcile)
+    with Engine.open(index, device="cpu") as e:
+        assert len(e.search("a photo", k=12)) == 12 and e.stats()["vectors"] == 12
