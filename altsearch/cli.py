@@ -30,6 +30,20 @@ app.add_typer(model_app, name="model")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
+
+def _printable(text: str) -> str:
+    """File names that are not valid UTF-8 reach Python as lone surrogates, which a UTF-8 terminal
+    cannot show: print those bytes as U+FFFD instead of failing."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _print_json(obj) -> None:
+    """JSON on stdout. A lone surrogate (a non-UTF-8 file name) is written as its ``\\udcXX`` escape,
+    which is valid JSON and decodes back to the same Python string, so ``os.fsencode`` gives the
+    file's real name."""
+    text = json.dumps(obj, ensure_ascii=False, indent=2)
+    out.print(text.encode("utf-8", "backslashreplace").decode("utf-8"), markup=False, highlight=False)
+
 IndexOpt = Annotated[Optional[str], typer.Option(
     "--index", "-i", envvar="ALTSEARCH_INDEX", show_default="default",
     help="Index name (under $ALTSEARCH_HOME/indexes) or folder.")]
@@ -52,7 +66,7 @@ def _errors():
     try:
         yield
     except AltsearchError as e:
-        err.print(f"[red]error:[/red] {escape(str(e))}")
+        err.print(f"[red]error:[/red] {escape(_printable(str(e)))}")
         raise typer.Exit(1) from None
 
 
@@ -90,7 +104,7 @@ def index(
             report: IndexReport = engine.index(folder, progress=progress, batch_size=batch_size,
                                                workers=workers, draft=not full_decode, include_hidden=hidden)
         if as_json:
-            out.print_json(json.dumps(report.to_dict(), ensure_ascii=False))
+            _print_json(report.to_dict())
         elif not quiet:
             _print_report(report)
         if report.interrupted:
@@ -124,7 +138,7 @@ def _progress(enabled: bool):
 
 def _print_report(r) -> None:
     verb = "Interrupted" if r.interrupted else "Indexed"
-    out.print(f"{verb} {escape(r.folder)} in {r.seconds:.1f}s "
+    out.print(f"{verb} {escape(_printable(r.folder))} in {r.seconds:.1f}s "
               f"({r.embedded} embedded, {r.images_per_second:.1f} images/s)")
     out.print(f"  added {r.added}, updated {r.updated}, moved {r.moved}, removed {r.removed}, "
               f"unchanged {r.unchanged}, failed {r.failed}"
@@ -168,7 +182,7 @@ def similar(
 
 def _print_hits(hits, as_json: bool) -> None:
     if as_json:
-        out.print_json(json.dumps([h.to_dict() for h in hits], ensure_ascii=False))
+        _print_json([h.to_dict() for h in hits])
         return
     if not hits:
         out.print("no results")
@@ -180,7 +194,7 @@ def _print_hits(hits, as_json: bool) -> None:
     for rank, h in enumerate(hits, 1):
         link = Path(h.path).as_uri() if Path(h.path).is_absolute() else h.path
         table.add_row(str(rank), f"{h.score:.3f}", h.date.strftime("%Y-%m-%d"), _human(h.size),
-                      f"[link={escape(link)}]{escape(h.path)}[/link]")
+                      f"[link={escape(link)}]{escape(_printable(h.path))}[/link]")
     out.print(table)
 
 
@@ -201,7 +215,7 @@ def info(index: IndexOpt = None, as_json: JsonOpt = False):
     with _errors(), _engine(index) as engine:
         stats = engine.stats()
         if as_json:
-            out.print_json(json.dumps(stats, ensure_ascii=False))
+            _print_json(stats)
             return
         table = Table(show_header=False, show_edge=False, pad_edge=False)
         for key, value in stats.items():
@@ -215,7 +229,7 @@ def errors(index: IndexOpt = None, as_json: JsonOpt = False):
     with _errors(), _engine(index) as engine:
         failures = engine.failures()
         if as_json:
-            out.print_json(json.dumps(failures, ensure_ascii=False))
+            _print_json(failures)
             return
         if not failures:
             out.print("no failures")
@@ -224,7 +238,7 @@ def errors(index: IndexOpt = None, as_json: JsonOpt = False):
         table.add_column("path", overflow="fold")
         table.add_column("reason")
         for f in failures:
-            table.add_row(escape(f["path"]), escape(f["reason"]))
+            table.add_row(escape(_printable(f["path"])), escape(_printable(f["reason"])))
         out.print(table)
 
 
@@ -236,7 +250,7 @@ def remove(
     """Drop files (or whole folders) from the index. The files themselves are not touched."""
     with _errors(), _engine(index) as engine:
         n = engine.remove(paths)
-        out.print_json(json.dumps({"removed": n})) if as_json else out.print(f"removed {n} images")
+        _print_json({"removed": n}) if as_json else out.print(f"removed {n} images")
 
 
 @app.command()
@@ -249,7 +263,7 @@ def optimize(
     with _errors(), _engine(index) as engine:
         result = engine.optimize(kind)
         if as_json:
-            out.print_json(json.dumps(result))
+            _print_json(result)
         else:
             out.print(f"vector index: {result['kind']}, {result['vectors']} vectors")
 
@@ -265,12 +279,12 @@ def check(
         problems = engine.check(repair=repair)
         ok = not problems or repair
         if as_json:
-            out.print_json(json.dumps({"problems": problems, "repaired": bool(problems and repair)}))
+            _print_json({"problems": problems, "repaired": bool(problems and repair)})
         elif not problems:
             out.print("index is consistent")
         else:
             for p in problems:
-                out.print(f"problem: {escape(p)}")
+                out.print(f"problem: {escape(_printable(p))}")
             out.print("repaired: vector file rebuilt from the catalogue" if repair
                       else "run `altsearch check --repair` to rebuild the vector file")
         if not ok:
@@ -289,7 +303,7 @@ def model_info(source: Annotated[str, typer.Argument(help="Hub id or model folde
     with _errors():
         info = load_model(source, device="cpu", dtype="fp32").info()
         if as_json:
-            out.print_json(json.dumps(info))
+            _print_json(info)
             return
         p = info["parameters"]
         out.print(f"[bold]{escape(info['source'])}[/bold]  ({escape(info['path'])})")

@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import signal
+import stat
 import threading
 import time
 from collections import deque
@@ -112,6 +113,11 @@ def hash_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def _open_nonblocking(path: str, flags: int) -> int:
+    """Opening a FIFO must not wait for a writer (O_NONBLOCK does nothing to regular files)."""
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
 def decode_one(
     path: str | os.PathLike[str],
     cfg: PreprocessConfig,
@@ -122,7 +128,9 @@ def decode_one(
     """Read, hash and decode one file. Never raises for a bad or missing file."""
     name = os.fspath(path)
     try:
-        with open(name, "rb") as f:
+        with open(name, "rb", opener=_open_nonblocking) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a FIFO or device swapped in after the scan
+                return Decoded(name, None, None, None, "not a regular file")
             data = f.read()
     except FileNotFoundError:
         return Decoded(name, None, None, None, "file vanished")
@@ -218,16 +226,16 @@ def default_workers() -> int:
     return max(1, (cores or 1) - 1)
 
 
-def _worker_init() -> None:
-    """Set up a decode worker.
+def _worker_init(parent: int) -> None:
+    """Set up a decode worker of the process ``parent``.
 
     Ctrl-C reaches the whole process group: the parent handles it (committing finished work and shutting
     the pool down), so workers ignore it rather than die mid-file with tracebacks of their own. And a
     worker must not outlive a parent that was killed (SIGKILL runs no clean-up): a daemon thread exits
-    the worker as soon as it is re-parented.
+    the worker as soon as it is re-parented. The parent passes its own pid: if it was killed while
+    this worker was still starting, ``os.getppid()`` here would already name the reaper.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -357,7 +365,7 @@ class DecodePool:
     def _running_executor(self) -> ProcessPoolExecutor:
         if self._executor is None:
             self._executor = ProcessPoolExecutor(self.workers, mp_context=get_context(_START_METHOD),
-                                                 initializer=_worker_init)
+                                                 initializer=_worker_init, initargs=(os.getpid(),))
         return self._executor
 
     def _restart(self, broken_generation: int) -> None:

@@ -6,6 +6,8 @@ unless the environment variable ``ALTSEARCH_FAULTS`` arms that point::
 
     ALTSEARCH_FAULTS="commit:3=kill"             SIGKILL this process the 3rd time "commit" is hit
     ALTSEARCH_FAULTS="save-temp=raise"           raise OSError(ENOSPC) the 1st time "save-temp" is hit
+    ALTSEARCH_FAULTS="decoded:20=stop"           SIGSTOP this process at the 20th decoded image, so a
+                                                 test can signal it at a known point, then SIGCONT it
     ALTSEARCH_FAULTS="decoded:40=kill,commit:2=raise"   several faults, comma-separated
 
 The variable is read once, on the first call; after that an unarmed :func:`point` is one dict
@@ -32,7 +34,7 @@ POINTS = {
     "save-replace": "in VectorIndex.save, between renaming the FAISS file and renaming its header",
     "decoded": "in the ingest loop, once per decoded image (good or bad)",
 }
-ACTIONS = ("kill", "raise")
+ACTIONS = ("kill", "raise", "stop")
 
 
 @dataclass(frozen=True)
@@ -96,3 +98,6 @@ def point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "raise":
         raise OSError(errno.ENOSPC, f"No space left on device (fault injected at {name})")
+    elif action == "stop":
+        log.warning("fault point %s: stopping this process until it is sent SIGCONT", name)
+        os.kill(os.getpid(), signal.SIGSTOP)

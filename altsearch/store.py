@@ -27,6 +27,24 @@ CATALOG_FILE = "catalog.sqlite"
 VECTORS_FILE = "vectors.faiss"
 
 
+@contextmanager
+def _writing(folder: Path, doing: str) -> Iterator[None]:
+    """An OSError while writing the index (disk full, file too large, read-only) is an IndexStoreError:
+    the transaction was rolled back or the old vector file kept, so the index is at its last good state."""
+    try:
+        yield
+    except OSError as err:
+        raise IndexStoreError(f"cannot write index {folder} while {doing}: {err.strerror or err}; "
+                              "it keeps its last committed state") from err
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    """Temp files of saves that were killed before their rename (every save runs under the index's
+    write lock, so none of them belongs to a live save)."""
+    for tmp in folder.glob(f".{VECTORS_FILE}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 class ReadWriteLock:
     """Many readers (searches) at once, or one writer (add, remove, reconcile)."""
 
@@ -69,6 +87,10 @@ class IndexStore:
                 raise IndexStoreError(f"no index at {self.folder} (create one with: altsearch index FOLDER "
                                       f"--index {self.folder})")
             self.folder.mkdir(parents=True, exist_ok=True)
+        elif not create and db.stat().st_size == 0 and (self.folder / VECTORS_FILE).exists():
+            # damage, not a catalogue being created: SQLite would silently start a new, empty one
+            raise IndexStoreError(f"catalogue {db} is empty (0 bytes) beside a vector file: it was truncated; "
+                                  "restore it, or delete the index folder and re-index")
         self.device = device
         self.catalog = Catalog(db)
         self._vectors: VectorIndex | None = None
@@ -127,12 +149,14 @@ class IndexStore:
                 self._vectors.reconcile(self.catalog, since_generation=self._vectors.generation or 0)
 
     def search(self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None):
+        """(scores, ids), each (Q, min(k, vectors)): never wider than the index, as k is user input
+        (``-k 1000000000`` must not allocate 12 GB of padding)."""
         if self.dimension is None:  # nothing indexed yet
-            return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         index = self.vectors
         self.refresh()
         with self._rw.reading():
-            return index.search(queries, k, allowed=allowed)
+            return index.search(queries, max(1, min(k, len(index))), allowed=allowed)
 
     def commit(self, fn: Callable, *, removed_ids=(), added=None) -> None:
         """Run ``fn(tx)`` in one catalogue transaction, then apply the vector changes in memory.
@@ -141,10 +165,11 @@ class IndexStore:
         catalogue stores them (float16-rounded), so a rebuilt index scores exactly like this one.
         """
         vectors = self.vectors  # opened (and caught up) before the catalogue moves on
-        with self.catalog.transaction() as tx:
-            fn(tx)
-            faults.point("commit")
-        faults.point("committed")
+        with _writing(self.folder, "committing to the catalogue"):
+            with self.catalog.transaction() as tx:
+                fn(tx)
+                faults.point("commit")
+            faults.point("committed")
         with self._rw.writing():
             if len(removed_ids):
                 vectors.remove(np.asarray(removed_ids, np.int64))
@@ -159,7 +184,8 @@ class IndexStore:
         generation = self._vectors.generation
         if generation == self._saved_generation and (self.folder / VECTORS_FILE).is_file():
             return
-        with self._rw.reading():
+        with _writing(self.folder, f"saving {VECTORS_FILE}"), self._rw.reading():
+            _remove_stale_temps(self.folder)
             self._vectors.save(self.folder / VECTORS_FILE, generation=generation,
                                catalog_id=self.catalog.catalog_id)
         self._saved_generation = generation

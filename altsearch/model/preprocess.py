@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import stat
 import struct
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -248,10 +249,23 @@ def decode_bytes(
         return DecodedImage(to_rgb(_oriented(im)), header_size, im.format, exif)
 
 
+# Non-blocking: opening a FIFO must not wait for a writer (no effect on regular files).
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+
+
 def read_image_bytes(path: str | os.PathLike[str]) -> bytes:
-    """The bytes of an image file; read failures become :class:`ImageError` with a short reason."""
+    """The bytes of an image file; read failures become :class:`ImageError` with a short reason.
+
+    Only a regular file is read, and opening never blocks: a FIFO would wait for a writer, and a
+    device such as /dev/zero never ends.
+    """
     try:
-        return Path(path).read_bytes()
+        fd = os.open(path, _READ_FLAGS)
+        with open(fd, "rb") as f:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise ImageError("is a directory" if stat.S_ISDIR(mode) else "not a regular file")
+            return f.read()
     except OSError as exc:
         raise ImageError(read_error_reason(exc)) from exc
 
