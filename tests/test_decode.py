@@ -5,10 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import struct
 import subprocess
 import sys
-import zlib
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from PIL import ExifTags, Image
 from altsearch import decode
 from altsearch.decode import CRASH_HOOK_ENV, CRASHED, DecodePool, Decoded, decode_one, hash_file
 from altsearch.model.preprocess import PreprocessConfig
+from tests.hostile import bomb_png
 
 CFG = PreprocessConfig()
 REPO = Path(__file__).resolve().parents[1]
@@ -34,17 +33,6 @@ def jpeg_bytes(width: int = 320, height: int = 240, seed: int = 0, **kw) -> byte
     buf = io.BytesIO()
     picture(width, height, seed).save(buf, "JPEG", quality=90, **kw)
     return buf.getvalue()
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A valid-looking PNG whose IHDR claims ``width`` x ``height`` RGB pixels."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 1024)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
 
 
 def flip_bits(data: bytes, at: int, count: int = 16) -> bytes:
