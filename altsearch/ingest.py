@@ -76,6 +76,17 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+def _inside_any(path: str, folders: set[str]) -> bool:
+    """Whether ``path`` is one of ``folders`` or lies below one of them."""
+    while True:
+        if path in folders:
+            return True
+        parent = os.path.dirname(path)
+        if parent == path:
+            return False
+        path = parent
+
+
 class Ingestor:
     def __init__(self, store, model, *, batch_size: int | None = None, workers: int | None = None,
                  draft: bool = True, chunk_size: int = 512, commit_seconds: float = 5.0,
@@ -135,7 +146,12 @@ class Ingestor:
                 changed.append((item, state))
             if n % 1000 == 0:
                 self.progress(Progress("scan", n, None, report))
-        missing = {p: s for p, s in known.items() if p not in seen}
+        # A folder that could not be listed this time (permissions, an unmounted disk behind a link) hides
+        # its files; they are kept, not taken for deleted.
+        unseen = {p for p, _, _ in self._failures}
+        hidden = {p for p in known if p not in seen and _inside_any(p, unseen)}
+        report.unchanged += len(hidden)
+        missing = {p: s for p, s in known.items() if p not in seen and p not in hidden}
 
         work: list[_Work] = []
         touched: list[tuple[int, FileEntry]] = []

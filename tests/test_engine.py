@@ -268,3 +268,23 @@ def test_current_vector_file_opens_without_reconciling(tmp_path, photos, tiny_ch
     monkeypatch.setattr(VectorIndex, "reconcile", no_reconcile)
     with Engine.open(index, device="cpu") as e:
         assert len(e.search("a photo", k=12)) == 12 and e.stats()["vectors"] == 12
+
+
+def test_a_folder_that_cannot_be_listed_is_not_taken_for_deleted(engine, photos, monkeypatch):
+    _index(engine, photos)
+    locked = str(photos / "trips")
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    report = _index(engine, photos)
+    assert report.removed == 0 and report.unchanged == 12
+    assert engine.stats()["images"] == 12
+    assert [f["path"] for f in engine.failures()] == [locked]
+    monkeypatch.setattr(os, "scandir", real)
+    again = _index(engine, photos)
+    assert again.removed == 0 and engine.failures() == []
