@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,13 @@ REAL_TOKENIZER = SHARED / "data" / "xlm-roberta" / "tokenizer.json"
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+    parser.addoption("--long", action="store_true",
+                     help="run the long version of the crash tests (same as ALTSEARCH_LONG_TESTS=1)")
+
+
+def pytest_configure(config):
+    if config.getoption("--long"):
+        os.environ["ALTSEARCH_LONG_TESTS"] = "1"  # read when tests/test_crash.py is imported
 
 
 def pytest_collection_modifyitems(config, items):
