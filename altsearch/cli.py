@@ -4,12 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-
-# torch and faiss each bring an OpenMP runtime; with the default busy-waiting policy their idle threads
-# spin against each other, and a warm query takes 10-40x longer on a small machine. Must be set before
-# either is imported (both are imported lazily, below).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
@@ -20,6 +14,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import AltsearchError
+
+# torch and faiss each bring an OpenMP runtime; with the default busy-waiting policy their idle threads
+# spin against each other, and a warm query takes 10-40x longer on a small machine. Must be set before
+# either is imported (both are imported lazily, below).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 app = typer.Typer(name="altsearch", no_args_is_help=True, add_completion=False,
                   help="Bilingual (Chinese / English) image search with AltCLIP.",
@@ -100,9 +99,14 @@ def index(
 
     show_bar = not quiet and not as_json and err.is_terminal
     with _errors(), _engine(index, model, device, dtype, create=True) as engine:
-        with _progress(show_bar) as progress:
-            report: IndexReport = engine.index(folder, progress=progress, batch_size=batch_size,
-                                               workers=workers, draft=not full_decode, include_hidden=hidden)
+        try:
+            with _progress(show_bar) as progress:
+                report: IndexReport = engine.index(folder, progress=progress, batch_size=batch_size,
+                                                   workers=workers, draft=not full_decode,
+                                                   include_hidden=hidden)
+        except KeyboardInterrupt:  # a second Ctrl-C, or one during the final commit
+            err.print("interrupted: what was committed is kept; run the same command again to finish")
+            raise typer.Exit(130) from None
         if as_json:
             _print_json(report.to_dict())
         elif not quiet:
@@ -329,11 +333,7 @@ def model_convert(src: Annotated[Path, typer.Argument(help="Checkpoint folder (p
 
 
 def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+    app()
 
 
 if __name__ == "__main__":

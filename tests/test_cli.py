@@ -169,3 +169,15 @@ def test_cli_reference_is_current():
 
     assert (ROOT / "docs" / "cli.md").read_text(encoding="utf-8") == render(), \
         "docs/cli.md is stale: run python -m altsearch.clidoc > docs/cli.md"
+
+
+def test_interrupt_outside_the_run_says_what_was_kept(indexed, run, monkeypatch):
+    index, photos = indexed
+    from altsearch import engine as engine_mod
+
+    def interrupted(self, folder, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine_mod.Engine, "index", interrupted)
+    r = run("index", photos, "--index", index, code=130)
+    assert "what was committed is kept" in r.stderr
