@@ -92,6 +92,7 @@ class Engine:
         self._model_source = None if self._model is not None else model
         self._device = device
         self._dtype = dtype
+        self._bound = False
 
     @classmethod
     def open(cls, index: str | os.PathLike | None = None, *, model=None, device: str = "auto",
@@ -128,7 +129,9 @@ class Engine:
 
             source = self._model_source or self.store.catalog.get_meta("model_id") or DEFAULT_MODEL
             self._model = load_model(source, device=self._device, dtype=self._dtype)
-        self.store.bind_model(self._model.source, self._model.fingerprint, self._model.dimension)
+        if not self._bound:  # the recorded model never changes once set: check it once per engine
+            self.store.bind_model(self._model.source, self._model.fingerprint, self._model.dimension)
+            self._bound = True
         return self._model
 
     # -- building ---------------------------------------------------------------------------------
