@@ -1,6 +1,6 @@
 """The catalogue: one SQLite file (through SQLAlchemy Core) that is the truth about an index.
 
-It holds every image's row, its vector (float16), the files that failed, and the index's meta data.
+It holds every image's row, its vector (int8 with a scale), the files that failed, and the index's meta data.
 The FAISS file beside it is derived from the `vectors` table and can always be rebuilt from it.
 The on-disk format is documented in docs/format.md.
 
@@ -31,11 +31,12 @@ from altsearch.errors import IndexLockedError, IndexStoreError, ModelMismatchErr
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: float16 vectors; 2: int8 vectors with a float32 scale
 BUSY_TIMEOUT_S = 30.0  # a reader or a second writer waits this long for a lock before failing
-PAGE_SIZE = 8192  # fits 5 float16 768-d vector rows per page (4096 fits 2: 30 % of the file wasted)
-VECTOR_DTYPE = np.dtype("<f2")  # little-endian IEEE half precision, `dimension` values per row
+PAGE_SIZE = 8192  # 10 int8 768-d vector rows (~785 B each) per page; 4 KiB to 64 KiB pages differ by < 1 %
+VECTOR_SCALE = np.dtype("<f4")  # each vector row: this scale, then `dimension` int8 codes
 _IN_CHUNK = 5000  # ids per `IN (...)` list, well below SQLite's bound-parameter limit
+_MIGRATE_BATCH = 20_000  # vectors re-encoded per read while migrating (~30 MB of float16 at d=768)
 
 metadata = sa.MetaData()
 
@@ -99,12 +100,13 @@ _RECORD_FIELDS = (
     "path", "size", "mtime", "content_hash", "width", "height", "format",
     "taken_at", "camera_make", "camera_model", "status",
 )  # fmt: skip
+_RECORD_FIELD_SET = frozenset(_RECORD_FIELDS)
 _REQUIRED_FIELDS = frozenset({"path", "size", "mtime", "content_hash"})
-
-# MIGRATIONS[v] upgrades a catalogue from schema v to v + 1; it runs inside the transaction that
-# also records the new schema_version. Schema 1 is the first one, so there is none yet.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
-
+_INSERT_IMAGE = (
+    f"INSERT INTO images (id, {', '.join(_RECORD_FIELDS)}, added_at) "
+    f"VALUES ({', '.join('?' * (len(_RECORD_FIELDS) + 2))})"
+)
+_INSERT_VECTOR = "INSERT INTO vectors (image_id, vector, generation) VALUES (?, ?, ?)"
 
 @dataclass(frozen=True)
 class ImageRecord:
@@ -136,26 +138,48 @@ def decode_path(blob: bytes) -> str:
 
 
 def encode_vectors(vecs: np.ndarray) -> list[bytes]:
-    """One little-endian float16 blob per row."""
-    half = np.ascontiguousarray(vecs, dtype=VECTOR_DTYPE)
-    return [row.tobytes() for row in half]
+    """One blob per row: a little-endian float32 scale, then the row's `dim` int8 codes.
+
+    scale = max|x| / 127 and codes = round(x / scale), so the largest component is +-127 exactly and
+    every component is off by at most scale / 2; a zero row stores scale 0 and zero codes. The
+    scale is computed in float64 then rounded, which makes encoding a decoded row give the same blob.
+    """
+    x = np.asarray(vecs, dtype=np.float32)
+    scale = (np.abs(x).max(axis=1, initial=0.0).astype(np.float64) / 127).astype(np.float32)
+    divisor = np.where(scale > 0, scale, np.float32(1))[:, None]
+    width = VECTOR_SCALE.itemsize + x.shape[1]
+    rows = np.empty((len(x), width), dtype=np.uint8)
+    rows[:, : VECTOR_SCALE.itemsize] = scale.astype(VECTOR_SCALE).view(np.uint8).reshape(len(x), -1)
+    rows[:, VECTOR_SCALE.itemsize :] = np.clip(np.rint(x / divisor), -127, 127).astype(np.int8).view(np.uint8)
+    joined = rows.tobytes()
+    return [joined[i : i + width] for i in range(0, len(joined), width)]
+
+
+def vector_blob_size(dim: int) -> int:
+    """The stored length of one `dim`-dimensional vector, in bytes."""
+    return VECTOR_SCALE.itemsize + dim
 
 
 def decode_vectors(blobs: Sequence[bytes], dim: int) -> np.ndarray:
-    """float32 (N, dim) from float16 blobs; a blob of the wrong length raises IndexStoreError."""
+    """float32 (N, dim) = codes * scale; a blob of the wrong length raises IndexStoreError."""
     joined = b"".join(blobs)
-    if len(joined) != len(blobs) * dim * VECTOR_DTYPE.itemsize:
+    width = vector_blob_size(dim)
+    if len(joined) != len(blobs) * width:
         raise IndexStoreError(f"stored vectors are not {dim}-dimensional; run integrity checks")
-    return np.frombuffer(joined, dtype=VECTOR_DTYPE).reshape(len(blobs), dim).astype(np.float32)
+    rows = np.frombuffer(joined, dtype=np.uint8).reshape(len(blobs), width)
+    scale = rows[:, : VECTOR_SCALE.itemsize].copy().view(VECTOR_SCALE).astype(np.float32)
+    return rows[:, VECTOR_SCALE.itemsize :].view(np.int8).astype(np.float32) * scale
 
 
 def as_stored(vecs: np.ndarray) -> np.ndarray:
-    """The float32 values the catalogue gives back for `vecs` (a float16 round trip).
+    """The float32 values the catalogue gives back for `vecs` (an int8 round trip; cosine to the
+    input >= 0.9999 for 768-d unit vectors).
 
     Adding these to the vector index, rather than the model's raw output, makes an index rebuilt
     from the catalogue score exactly like the one built during ingestion.
     """
-    return np.asarray(vecs, dtype=np.float32).astype(VECTOR_DTYPE).astype(np.float32)
+    x = np.asarray(vecs, dtype=np.float32)
+    return decode_vectors(encode_vectors(x.reshape(-1, x.shape[-1])), x.shape[-1]).reshape(x.shape)
 
 
 def _folder_range(under: str) -> tuple[bytes, bytes, bytes]:
@@ -163,6 +187,37 @@ def _folder_range(under: str) -> tuple[bytes, bytes, bytes]:
     sep = os.sep.encode()
     folder = encode_path(under).rstrip(sep)
     return folder, folder + sep, folder + bytes([sep[0] + 1])
+
+
+# --- migrations --------------------------------------------------------------------------
+
+
+def _v1_float16_to_int8(conn: Connection) -> None:
+    """Schema 1 -> 2: every vector re-encoded from float16 to int8 + scale, in batches.
+
+    The rewritten vectors get a new catalogue generation, so a FAISS file saved before the
+    migration counts them as changed and re-adds them (as `IndexStore` reconciles any write). Rows
+    whose length is not `dimension` float16 values are left as they are, for the integrity check.
+    """
+    dimension = conn.execute(sa.select(meta.c.value).where(meta.c.key == "dimension")).scalar_one_or_none()
+    if not dimension:
+        return  # no vector stored yet (the integrity check reports vectors without a dimension)
+    dim, generation = int(dimension), _generation(conn) + 1
+    select = "SELECT image_id, vector FROM vectors WHERE image_id > ? AND length(vector) = ? ORDER BY image_id LIMIT ?"
+    update = "UPDATE vectors SET vector = ?, generation = ? WHERE image_id = ?"
+    last = -1
+    while rows := conn.exec_driver_sql(select, (last, 2 * dim, _MIGRATE_BATCH)).all():
+        half = np.frombuffer(b"".join(blob for _, blob in rows), dtype="<f2").reshape(len(rows), dim)
+        blobs = encode_vectors(half.astype(np.float32))
+        conn.exec_driver_sql(update, [(blob, generation, image_id) for (image_id, _), blob in zip(rows, blobs)])
+        last = rows[-1][0]
+    _put_meta(conn, "generation", str(generation))
+    _put_meta(conn, "updated_at", str(time.time()))
+
+
+# MIGRATIONS[v] upgrades a catalogue from schema v to v + 1; it runs inside the transaction that
+# also records the new schema_version, after a backup copy of the file was made.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_float16_to_int8}
 
 
 # --- the connection ----------------------------------------------------------------------
@@ -255,11 +310,12 @@ class Tx:
         first = self._next_id()
         ids = list(range(first, first + len(records)))
         now = time.time()
-        rows = [_image_row(rec, now) | {"id": i} for i, rec in zip(ids, records)]
-        self._conn.execute(images.insert(), rows)
-        blobs = encode_vectors(vecs)
-        rows = [{"image_id": i, "vector": b, "generation": self.generation} for i, b in zip(ids, blobs)]
-        self._conn.execute(vectors.insert(), rows)
+        # Plain parameter tuples through the driver's executemany: building SQLAlchemy's per-row
+        # dicts cost more than SQLite's insert itself.
+        self._conn.exec_driver_sql(_INSERT_IMAGE, [(i, *_image_params(rec), now) for i, rec in zip(ids, records)])
+        generation = self.generation
+        rows = [(i, b, generation) for i, b in zip(ids, encode_vectors(vecs))]
+        self._conn.exec_driver_sql(_INSERT_VECTOR, rows)
         self.changed = True
         return ids
 
@@ -373,12 +429,30 @@ def _field_values(fields: Mapping[str, object], required: frozenset[str]) -> dic
     return values
 
 
-def _image_row(record: Mapping[str, object], now: float) -> dict[str, object]:
-    row: dict[str, object] = dict.fromkeys(_RECORD_FIELDS)
-    row["status"] = "ok"
-    row.update(_field_values(record, _REQUIRED_FIELDS))
-    row["added_at"] = now
-    return row
+def _image_params(record: Mapping[str, object]) -> tuple[object, ...]:
+    """A new image's values in `_RECORD_FIELDS` order, checked and converted as `_field_values`
+    does (absent optional fields None, status "ok")."""
+    keys = record.keys()
+    if not keys <= _RECORD_FIELD_SET or not _REQUIRED_FIELDS <= keys:
+        _field_values(record, _REQUIRED_FIELDS)  # raises the error that names the fields
+    get = record.get
+    return (
+        encode_path(record["path"]),  # type: ignore[arg-type]
+        _plain(int, record["size"]),
+        _plain(float, record["mtime"]),
+        record["content_hash"],
+        _plain(int, get("width")),
+        _plain(int, get("height")),
+        get("format"),
+        _plain(float, get("taken_at")),
+        get("camera_make"),
+        get("camera_model"),
+        get("status", "ok"),
+    )
+
+
+def _plain(kind: type, value: object) -> object:
+    return None if value is None else kind(value)
 
 
 def _put_meta(conn: Connection, key: str, value: str) -> None:
@@ -761,8 +835,8 @@ def _bad_lengths(conn: Connection, dimension: str | None) -> list[str]:
     if not dimension:
         has_vectors = conn.exec_driver_sql("SELECT EXISTS (SELECT 1 FROM vectors)").scalar_one()
         return ["vectors are stored but the meta table records no dimension"] if has_vectors else []
-    size = int(dimension) * VECTOR_DTYPE.itemsize
+    size = vector_blob_size(int(dimension))
     count, ids = _sample(conn, f"SELECT image_id FROM vectors WHERE length(vector) != {size}")
     if count:
-        return [f"{count} vector(s) not {dimension}-dimensional float16, e.g. ids {ids}"]
+        return [f"{count} vector(s) not {dimension}-dimensional int8, e.g. ids {ids}"]
     return []
