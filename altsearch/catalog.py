@@ -1,6 +1,7 @@
 """The catalogue: one SQLite file (through SQLAlchemy Core) that is the truth about an index.
 
-It holds every image's row, its vector (int8 with a scale), the files that failed, and the index's meta data.
+It holds every image's row, its vector (int8 codes and a scale), the files that failed, and the
+index's meta data.
 The FAISS file beside it is derived from the `vectors` table and can always be rebuilt from it.
 The on-disk format is documented in docs/format.md.
 
@@ -108,6 +109,7 @@ _INSERT_IMAGE = (
 )
 _INSERT_VECTOR = "INSERT INTO vectors (image_id, vector, generation) VALUES (?, ?, ?)"
 
+
 @dataclass(frozen=True)
 class ImageRecord:
     id: int
@@ -203,7 +205,9 @@ def _v1_float16_to_int8(conn: Connection) -> None:
     if not dimension:
         return  # no vector stored yet (the integrity check reports vectors without a dimension)
     dim, generation = int(dimension), _generation(conn) + 1
-    select = "SELECT image_id, vector FROM vectors WHERE image_id > ? AND length(vector) = ? ORDER BY image_id LIMIT ?"
+    select = (
+        "SELECT image_id, vector FROM vectors WHERE image_id > ? AND length(vector) = ? ORDER BY image_id LIMIT ?"
+    )
     update = "UPDATE vectors SET vector = ?, generation = ? WHERE image_id = ?"
     last = -1
     while rows := conn.exec_driver_sql(select, (last, 2 * dim, _MIGRATE_BATCH)).all():

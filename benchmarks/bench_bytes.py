@@ -214,8 +214,8 @@ def render(rows: list[dict], dim: int) -> str:
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['n']:,} | {r['kind']} | {r['catalog_per_image']:,.0f} | {r['vector_per_image']:,.0f} | "
-                     f"{r['total_per_image']:,.0f} | {r['rss_per_image']:,.0f} | {r['baseline_catalog_per_image']:,.0f} | "
-                     f"{r['baseline_per_image']:,.0f} | "
+                     f"{r['total_per_image']:,.0f} | {r['rss_per_image']:,.0f} | "
+                     f"{r['baseline_catalog_per_image']:,.0f} | {r['baseline_per_image']:,.0f} | "
                      f"{r['vs_baseline']:.2f} | {r['f32_per_image']:,.0f} |")
     lines.append("")
     lines.append("RSS = resident memory a fresh process gains opening the index (IndexStore) and answering one "
