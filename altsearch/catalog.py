@@ -574,6 +574,19 @@ class Catalog:
             with self._write() as conn:
                 migration(conn)
                 _put_meta(conn, "schema_version", str(step + 1))
+        self._compact()
+
+    def _compact(self) -> None:
+        """VACUUM after a migration: rows it shrank (schema 2's vectors) leave every page part empty,
+        and later rows, appended at the end, never fill them. Failing (a full disk) costs only space."""
+        raw = self._engine.raw_connection()  # outside any transaction, as VACUUM needs
+        try:
+            raw.driver_connection.execute("VACUUM")
+            raw.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the log held a whole copy
+        except sqlite3.OperationalError as err:
+            log.warning("could not compact %s after migrating it (%s); it works as it is", self.path, err)
+        finally:
+            raw.close()
 
     def _backup_to(self, target: Path) -> None:
         """A consistent copy (main file + WAL) through SQLite's online backup."""

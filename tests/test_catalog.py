@@ -503,6 +503,15 @@ def test_float16_catalogue_is_reencoded_and_its_vector_file_caught_up(
     raw.close()
 
 
+def test_migration_gives_the_space_back(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.sqlite"
+    _make_v1(path, unit(1000, dim=256, seed=10))  # 512-byte float16 vectors
+    Catalog(path).close()
+    before = (tmp_path / "catalog.sqlite.bak-v1").stat().st_size
+    assert not (tmp_path / "catalog.sqlite-wal").exists() or (tmp_path / "catalog.sqlite-wal").stat().st_size == 0
+    assert path.stat().st_size < 0.75 * before  # 260-byte vectors, their pages compacted (measured 0.66)
+
+
 def test_threads_read_concurrently(cat: Catalog) -> None:
     ids = add(cat, [f"/p/{i:04}.jpg" for i in range(200)])
     expected = cat.file_states()
