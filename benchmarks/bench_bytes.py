@@ -207,16 +207,18 @@ def fit(rows: list[dict]) -> tuple[float, float] | None:
     return float(a), float(b)
 
 
+def table_row(r: dict) -> str:
+    return (f"| {r['n']:,} | {r['kind']} | {r['catalog_per_image']:,.0f} | {r['vector_per_image']:,.0f} | "
+            f"{r['total_per_image']:,.0f} | {r['rss_per_image']:,.0f} | {r['baseline_catalog_per_image']:,.0f} | "
+            f"{r['baseline_per_image']:,.0f} | {r['vs_baseline']:.2f} | {r['f32_per_image']:,.0f} |")
+
+
 def render(rows: list[dict], dim: int) -> str:
     lines = [f"bytes per indexed image, d={dim}", "",
              "| images | vector file | catalogue B/image | vector file B/image | total B/image | RSS B/image | "
              "baseline catalogue B/image (fp16) | baseline total B/image | x baseline | f32 vectors B/image |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['n']:,} | {r['kind']} | {r['catalog_per_image']:,.0f} | {r['vector_per_image']:,.0f} | "
-                     f"{r['total_per_image']:,.0f} | {r['rss_per_image']:,.0f} | "
-                     f"{r['baseline_catalog_per_image']:,.0f} | {r['baseline_per_image']:,.0f} | "
-                     f"{r['vs_baseline']:.2f} | {r['f32_per_image']:,.0f} |")
+    lines += [table_row(r) for r in rows]
     lines.append("")
     lines.append("RSS = resident memory a fresh process gains opening the index (IndexStore) and answering one "
                  "search with its catalogue rows, / images; baseline = the same rows with float16 catalogue "
@@ -281,7 +283,10 @@ def main(argv=None) -> None:
     info = machine(argparse.Namespace(device="cpu", threads=0))
     print(render_machine(info), flush=True)
     try:
-        rows = [run_size(n, args.dim, work) for n in args.sizes]
+        rows = []
+        for n in args.sizes:
+            rows.append(run_size(n, args.dim, work))
+            print(table_row(rows[-1]), flush=True)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
