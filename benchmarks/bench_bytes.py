@@ -226,8 +226,8 @@ def render(rows: list[dict], dim: int) -> str:
     coef = fit(rows)
     if coef is not None:
         a, b = coef
-        lines.append(f"fit: total bytes/image = {a:,.0f} + {b:,.0f} / n; extrapolated (not measured) to 10,000,000 "
-                     f"images: {a + b / 1e7:,.0f} B/image")
+        lines.append(f"fit: total bytes/image = {a:,.0f} {'-' if b < 0 else '+'} {abs(b):,.0f} / n; extrapolated "
+                     f"(not measured) to 10,000,000 images: {a + b / 1e7:,.0f} B/image")
     for r in rows:
         lines.append(f"summary: {r['n']:,} images: {r['total_per_image']:,.0f} B/image on disk "
                      f"({r['catalog_per_image']:,.0f} catalogue + {r['vector_per_image']:,.0f} {r['kind']} vector "
