@@ -26,7 +26,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -206,8 +205,7 @@ class Ingestor:
         root = os.path.abspath(os.path.expanduser(root))
         report = IndexReport(folder=root)
         t0 = time.perf_counter()
-        with ExitStack() as stack:
-            self._writer = stack.enter_context(_Stage("altsearch-writer", self.overlap))
+        with _Stage("altsearch-writer", self.overlap) as self._writer:
             try:
                 work = self._plan(root, report, include_hidden, follow_symlinks)
                 self._embed(work, report)
