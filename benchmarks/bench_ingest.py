@@ -21,8 +21,9 @@ with the naive loop's: reduced-size decoding and float16 storage make them diffe
 Models: ``--model tiny`` (the tests' tiny random checkpoint: the model costs next to nothing, so the
 figures are the pipeline's ceiling; seconds), ``--model full`` (a random checkpoint of the full
 BAAI/AltCLIP architecture, written by benchmarks/bench_model.py's streaming writer, 3.5 GB, reused from
-``--workdir``), or ``--model PATH`` (a local checkpoint folder). With ``full`` on a 2-core CPU
-(ViT-L/14 at ~0.2-0.4 images/s), the default 8 images take about 5 minutes in all.
+``--workdir``), or ``--model PATH`` (a local checkpoint folder). With ``full`` on a 2-core CPU the
+default 8 images took 10 minutes in all on a shared VM (load average ~10): 2 minutes to write the
+checkpoint (once), three model loads of 30-45 s, and 2-4 minutes per pipeline.
 
 Run from the repository root (opt-in; tests/test_bench_ingest.py runs a tiny configuration):
 
@@ -249,7 +250,7 @@ def render(rows: list[dict], info: dict) -> str:
         if "skipped" in r:
             lines.append(f"| {label} | n/a | n/a | n/a | n/a | n/a | n/a ({r['skipped']}) |")
             continue
-        cos = "1 (reference)" if r["pipeline"] == "naive" else f"{r['cosine_min']:.4f} / {r['cosine_mean']:.4f}"
+        cos = "1 (reference)" if r["pipeline"] == "naive" else f"{r['cosine_min']:.5f} / {r['cosine_mean']:.5f}"
         lines.append(f"| {label} | {r['load_s']:.1f} | {r['seconds']:.2f} | {r['images_per_s']:.2f} | "
                      f"{r['vs_naive']:.2f} | {r['cpu_ms_per_image']:.0f} | {cos} |")
     return "\n".join(lines)
