@@ -53,12 +53,13 @@ DRAFT_SCALE = 2
 DEFAULT_DRAFT = DRAFT_SCALE * PreprocessConfig.shortest_edge
 """448 for CLIP's 224: the ``draft`` ingestion decodes with."""
 CRASHED = "decoder crashed"
-_PARENT_POLL_S = 0.5  # how often a worker checks that its parent is still alive
 """The error of a path whose decoding killed its worker process (segfault, OOM kill)."""
+_PARENT_POLL_S = 0.5  # how often a worker checks that its parent is still alive
 
 _HASH_BYTES = 16  # blake2b-128
 _CHUNK = 1 << 20
 _WORKERS_PER_IN_FLIGHT = 4
+_CPU_MODEL_CORES_FOR_A_WORKER = 2  # with a model on the CPU, a decode worker only on more cores than this
 _START_METHOD = "spawn"  # fork is unsafe once torch (threads, CUDA) is loaded in the parent
 # Test hook: a worker process exits abruptly when this variable is set and the file name contains
 # its value (see tests/test_decode.py). Read only in worker processes, never in-process.
@@ -220,10 +221,25 @@ def _text(value: object) -> str | None:
 # --- the pool ------------------------------------------------------------------------------
 
 
-def default_workers() -> int:
-    """One worker per core, leaving one core for the parent (at least one)."""
+def available_cores() -> int:
+    """The cores this process may run on."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) - 1)
+    return cores or 1
+
+
+def default_workers(*, model_on_cpu: bool = False) -> int:
+    """Decode processes to run beside a model on a GPU, or on the CPU (``model_on_cpu``).
+
+    Beside a GPU, decoding is the wall: one worker per core, leaving one core for the parent, which
+    receives the crops and feeds the GPU (at least one). Beside a model on the CPU, the model is the
+    wall (ViT-L/14 takes about 100x longer per image than a reduced-size decode) and takes every
+    core: one worker when there are more than two cores; on two or fewer, none, as a worker's start-up
+    and per-image pickling cost more than it hides there (measured with benchmarks/bench_index.py).
+    """
+    cores = available_cores()
+    if model_on_cpu:
+        return 1 if cores > _CPU_MODEL_CORES_FOR_A_WORKER else 0
+    return max(1, cores - 1)
 
 
 def _worker_init(parent: int) -> None:

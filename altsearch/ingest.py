@@ -7,6 +7,15 @@ caught up from the catalogue on the next open, see :mod:`altsearch.store`).
 
 A file whose content is already in the index (a byte-identical duplicate, or a file that was moved or
 renamed) reuses the stored vector: the model runs once per distinct content.
+
+The pipeline: decode workers (:class:`~altsearch.decode.DecodePool`) keep one batch plus two files per
+worker decoded ahead of the model, so a batch is ready when the model asks for it. With ``overlap``
+(the default on a GPU) the model also runs in a thread of its own, one batch at a time, while this
+thread gathers the next batch, and each chunk is committed by a writer thread while the model works
+on; at most one batch is in the model and one chunk in the writer, and a chunk's rows and vectors still
+land in one transaction. Without it (the default on a CPU, where the model takes seconds per batch and
+commits cost nothing beside it) everything runs in the calling thread, so a Ctrl-C stops the model and
+rolls back a commit at once.
 """
 
 from __future__ import annotations
@@ -16,12 +25,13 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from . import faults
-from .decode import DEFAULT_DRAFT, DecodePool, Decoded, hash_file
+from .decode import DEFAULT_DRAFT, DecodePool, Decoded, default_workers, hash_file
 from .scan import FileEntry, ScanProblem, scan
 
 log = logging.getLogger(__name__)
@@ -87,21 +97,106 @@ def _inside_any(path: str, folders: set[str]) -> bool:
         path = parent
 
 
+CPU_BATCH_SIZE = 16
+"""Images per model batch on a CPU: per-batch overhead is small there, and the first chunk commits sooner."""
+CUDA_BATCH_SIZES = (16, 256)
+"""The smallest and largest batch chosen on CUDA (powers of two); beyond 256 ViT-L/14 runs no faster."""
+_BATCH_MEMORY_SHARE = 0.5  # of the free device memory, for one batch's activations
+
+
+def default_batch_size(model) -> int:
+    """Images per model batch: the model's own ``suggested_batch_size()`` when it has one; else 16 on a
+    CPU and, on CUDA, the largest power of two (16 to 256) whose activations fit in half the free
+    device memory."""
+    suggest = getattr(model, "suggested_batch_size", None)
+    if suggest is not None:
+        return suggest()
+    if model.device.type != "cuda":
+        return CPU_BATCH_SIZE
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(model.device)
+    return fit_batch_size(free * _BATCH_MEMORY_SHARE, image_activation_bytes(model.config.vision, model.dtype))
+
+
+def image_activation_bytes(vision, dtype) -> int:
+    """An upper bound on the activations one image holds at once in a vision tower layer (inference):
+    the residual stream and its normed copy, q/k/v and the attention output, the attention
+    probabilities (if the kernel materialises them), the MLP's hidden layer before and after its
+    activation."""
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    elements = tokens * (6 * vision.hidden_size + 2 * vision.intermediate_size)
+    elements += vision.num_attention_heads * tokens * tokens
+    return elements * dtype.itemsize
+
+
+def fit_batch_size(budget_bytes: float, per_image_bytes: int) -> int:
+    """The largest power of two in ``CUDA_BATCH_SIZES`` whose images fit in ``budget_bytes``."""
+    low, high = CUDA_BATCH_SIZES
+    n = low
+    while n * 2 <= high and n * 2 * per_image_bytes <= budget_bytes:
+        n *= 2
+    return n
+
+
+class _Stage:
+    """Runs calls in a thread of its own (``threaded``), one after the other, or at once in the caller's
+    thread; either way the caller gets a :class:`Future`."""
+
+    def __init__(self, name: str, threaded: bool):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name) if threaded else None
+
+    def __enter__(self) -> _Stage:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, fn: Callable, *args) -> Future:
+        if self._pool is not None:
+            return self._pool.submit(fn, *args)
+        future: Future = Future()
+        future.set_result(fn(*args))  # an error raises here, in the caller's thread
+        return future
+
+
+@dataclass
+class _Written:
+    """What one committed chunk did, for the report."""
+
+    added: int
+    updated: int
+    failures: list[tuple[str, str]]
+
+
 class Ingestor:
+    """One indexing run's machinery (see the module docstring).
+
+    ``workers``: decode processes (default :func:`~altsearch.decode.default_workers` for the model's
+    device). ``batch_size``: images per model batch (default :func:`default_batch_size`).
+    ``overlap``: run the model and the commits in threads of their own (default: on CUDA).
+    """
+
     def __init__(self, store, model, *, batch_size: int | None = None, workers: int | None = None,
                  draft: bool = True, chunk_size: int = 512, commit_seconds: float = 5.0,
-                 save_seconds: float = 60.0, progress: Callable[[Progress], None] | None = None):
+                 save_seconds: float = 60.0, overlap: bool | None = None,
+                 progress: Callable[[Progress], None] | None = None):
+        on_cuda = model.device.type == "cuda"
         self.store = store
         self.model = model
-        self.batch_size = batch_size or (64 if model.device.type == "cuda" else 16)
-        self.workers = workers
+        self.batch_size = batch_size or default_batch_size(model)
+        self.workers = default_workers(model_on_cpu=not on_cuda) if workers is None else workers
         self.draft = DEFAULT_DRAFT if draft else None
         self.chunk_size = chunk_size
         self.commit_seconds = commit_seconds
         self.save_seconds = save_seconds
+        self.overlap = on_cuda if overlap is None else overlap
         self.progress = progress or (lambda p: None)
         self._rows: list[tuple[_Work, Decoded, np.ndarray]] = []
         self._failures: list[tuple[str, str, int | None]] = []
+        self._writer = _Stage("altsearch-writer", False)
+        self._writing: Future | None = None  # the chunk the writer has, not yet in the report
         self._last_commit = self._last_save = time.monotonic()
 
     # -- the run ---------------------------------------------------------------------------------
@@ -110,19 +205,21 @@ class Ingestor:
         root = os.path.abspath(os.path.expanduser(root))
         report = IndexReport(folder=root)
         t0 = time.perf_counter()
-        try:
-            work = self._plan(root, report, include_hidden, follow_symlinks)
-            self._embed(work, report)
-        except KeyboardInterrupt:
-            report.interrupted = True
-            log.warning("interrupted: committing what is finished")
-        finally:
-            self._commit(report)
-            if not report.interrupted:
-                self.store.maybe_rebuild()
-            self.store.save_vectors()
-            report.seconds = time.perf_counter() - t0
-            self.progress(Progress("done", report.embedded, report.embedded, report))
+        with _Stage("altsearch-writer", self.overlap) as self._writer:
+            try:
+                work = self._plan(root, report, include_hidden, follow_symlinks)
+                self._embed(work, report)
+            except KeyboardInterrupt:
+                report.interrupted = True
+                log.warning("interrupted: committing what is finished")
+            finally:
+                self._settle_writing(report)
+                self._commit(report)  # here, not in the writer: a Ctrl-C rolls the transaction back
+                if not report.interrupted:
+                    self.store.maybe_rebuild()
+                self.store.save_vectors()
+                report.seconds = time.perf_counter() - t0
+                self.progress(Progress("done", report.embedded, report.embedded, report))
         return report
 
     def _plan(self, root: str, report: IndexReport, include_hidden: bool, follow_symlinks: bool) -> list[_Work]:
@@ -203,92 +300,141 @@ class Ingestor:
         if not work:
             return
         by_path = {w.entry.path: w for w in work}
-        cat = self.store.catalog
+        # Only an index that held images before this run can hold a vector this run did not make.
+        lookup = self.store.catalog.count() > 0
         embedded_here: dict[str, np.ndarray] = {}  # content hash -> vector, this run
+        queued: dict[str, list[tuple[_Work, Decoded]]] = {}  # hash of a file not yet embedded -> its twins
         batch: list[tuple[_Work, Decoded]] = []
-        waiting: dict[str, list[tuple[_Work, Decoded]]] = defaultdict(list)  # same content as a batched file
+        in_model: list[tuple[list[tuple[_Work, Decoded]], Future]] = []  # at most one batch
         total = len(work)
 
-        def flush():
-            if not batch:
-                return
-            vecs = self.model.encode_pixels(np.stack([d.pixels for _, d in batch]))
-            report.embedded += len(batch)
-            for (w, d), v in zip(batch, vecs):
+        def collect() -> None:
+            """Take the batch in the model: its vectors, and those of its files' twins."""
+            done, future = in_model[0]
+            vecs = future.result()
+            in_model.clear()
+            report.embedded += len(done)
+            for (w, d), v in zip(done, vecs):
                 embedded_here[d.content_hash] = v
                 self._rows.append((w, d, v))
-                for w2, d2 in waiting.pop(d.content_hash, ()):
-                    self._rows.append((w2, d2, v))
+                for twin in queued.pop(d.content_hash):
+                    self._rows.append((*twin, v))
                     report.duplicates += 1
-            batch.clear()
 
-        with DecodePool(self.model.preprocess_config, workers=self.workers, draft=self.draft) as pool:
-            for n, d in enumerate(pool.imap(list(by_path)), 1):
-                faults.point("decoded")
-                w = by_path[d.path]
-                if d.error is not None:
-                    self._failures.append((d.path, d.error, w.replaces))
-                elif d.content_hash in embedded_here:
-                    self._rows.append((w, d, embedded_here[d.content_hash]))
-                    report.duplicates += 1
-                elif any(d.content_hash == bd.content_hash for _, bd in batch):
-                    waiting[d.content_hash].append((w, d))
-                else:
-                    stored = self.store.vector_for_hash(d.content_hash, exclude=w.replaces)
-                    if stored is not None:
-                        self._rows.append((w, d, stored))
-                        embedded_here[d.content_hash] = stored
+        def flush() -> None:
+            """Hand ``batch`` to the model; then take the previous batch, which ran while this one filled."""
+            if not batch:
+                return
+            future = model.submit(self.model.encode_pixels, np.stack([d.pixels for _, d in batch]))
+            if in_model:
+                collect()
+            in_model.append((batch.copy(), future))
+            batch.clear()
+            if future.done():
+                collect()
+
+        ahead = self.batch_size + 2 * max(self.workers, 1)  # decoded and waiting: a batch, and then some
+        with _Stage("altsearch-model", self.overlap) as model, \
+                DecodePool(self.model.preprocess_config, workers=self.workers, draft=self.draft,
+                           max_in_flight=ahead) as pool:
+            try:
+                for n, d in enumerate(pool.imap(list(by_path)), 1):
+                    faults.point("decoded")
+                    w = by_path[d.path]
+                    if d.error is not None:
+                        self._failures.append((d.path, d.error, w.replaces))
+                    elif d.content_hash in embedded_here:
+                        self._rows.append((w, d, embedded_here[d.content_hash]))
                         report.duplicates += 1
+                    elif d.content_hash in queued:
+                        queued[d.content_hash].append((w, d))
                     else:
-                        batch.append((w, d))
-                if len(batch) >= self.batch_size:
-                    flush()
-                self._maybe_commit(report)
-                if n % 8 == 0 or n == total:
-                    self.progress(Progress("embed", n, total, report))
-            flush()
+                        stored = self.store.vector_for_hash(d.content_hash, exclude=w.replaces) if lookup else None
+                        if stored is not None:
+                            self._rows.append((w, d, stored))
+                            embedded_here[d.content_hash] = stored
+                            report.duplicates += 1
+                        else:
+                            batch.append((w, d))
+                            queued[d.content_hash] = []
+                    if len(batch) >= self.batch_size:
+                        flush()
+                    self._maybe_commit(report)
+                    if n % 8 == 0 or n == total:
+                        self.progress(Progress("embed", n, total, report))
+                flush()
+            finally:
+                if in_model and in_model[0][1].exception() is None:  # waits for the model
+                    collect()
 
     # -- committing ------------------------------------------------------------------------------
 
     def _maybe_commit(self, report: IndexReport) -> None:
         now = time.monotonic()
-        if len(self._rows) + len(self._failures) >= self.chunk_size or now - self._last_commit >= self.commit_seconds:
-            self._commit(report)
-        if now - self._last_save >= self.save_seconds:
-            self.store.save_vectors()
-            self._last_save = time.monotonic()
+        save = now - self._last_save >= self.save_seconds
+        if save or len(self._rows) + len(self._failures) >= self.chunk_size or now - self._last_commit >= self.commit_seconds:
+            self._commit_soon(report, save)
+
+    def _commit_soon(self, report: IndexReport, save: bool) -> None:
+        """Settle the writer's last chunk (written while this one filled), then hand it the finished rows."""
+        self._settle_writing(report)
+        self._writing = self._writer.submit(self._write, *self._take(), save)
+        if self._writing.done():
+            self._settle_writing(report)
+        self._last_commit = time.monotonic()
+        if save:
+            self._last_save = self._last_commit
+
+    def _settle_writing(self, report: IndexReport) -> None:
+        """Wait for the writer's chunk and count it in the report (its error raises here)."""
+        future, self._writing = self._writing, None
+        if future is not None:
+            _count(report, future.result())
 
     def _commit(self, report: IndexReport) -> None:
-        rows, failures = self._rows, self._failures
-        if not rows and not failures:
-            return
-        self._rows, self._failures = [], []
-        replaced = [w.replaces for w, _, _ in rows if w.replaces is not None]
-        replaced += [r for _, _, r in failures if r is not None]
-        fresh = [(w, d, v) for w, d, v in rows]
-        records = [_record(w.entry, d) for w, d, _ in fresh]
-        vectors = np.stack([v for _, _, v in fresh]) if fresh else None
-        new_ids: list[int] = []
-
-        def chunk(tx):
-            if replaced:
-                tx.remove(replaced)
-            if fresh:
-                new_ids.extend(tx.add(records, vectors))
-                for w, _, _ in fresh:
-                    tx.clear_failure(w.entry.path)
-            for path, reason, _ in failures:
-                tx.record_failure(path, reason)
-
-        self.store.commit(chunk, removed_ids=replaced, added=(new_ids, vectors))
-        for w, _, _ in fresh:
-            if w.replaces is None:
-                report.added += 1
-            else:
-                report.updated += 1
-        report.failed += len(failures)
-        report.failures.extend((p, r) for p, r, _ in failures)
+        """Commit the finished rows in this thread."""
+        _count(report, self._write(*self._take(), False))
         self._last_commit = time.monotonic()
+
+    def _take(self) -> tuple[list, list]:
+        rows, failures = self._rows, self._failures
+        self._rows, self._failures = [], []
+        return rows, failures
+
+    def _write(self, rows: list[tuple[_Work, Decoded, np.ndarray]], failures: list[tuple[str, str, int | None]],
+               save: bool) -> _Written:
+        """One transaction: the rows with their vectors, the failures; then the vector file if ``save``."""
+        written = _Written(0, 0, [(p, r) for p, r, _ in failures])
+        if rows or failures:
+            replaced = [w.replaces for w, _, _ in rows if w.replaces is not None]
+            replaced += [r for _, _, r in failures if r is not None]
+            records = [_record(w.entry, d) for w, d, _ in rows]
+            vectors = np.stack([v for _, _, v in rows]) if rows else None
+            new_ids: list[int] = []
+
+            def chunk(tx):
+                if replaced:
+                    tx.remove(replaced)
+                if rows:
+                    new_ids.extend(tx.add(records, vectors))
+                    for w, _, _ in rows:
+                        tx.clear_failure(w.entry.path)
+                for path, reason, _ in failures:
+                    tx.record_failure(path, reason)
+
+            self.store.commit(chunk, removed_ids=replaced, added=(new_ids, vectors))
+            written.updated = sum(w.replaces is not None for w, _, _ in rows)
+            written.added = len(rows) - written.updated
+        if save:
+            self.store.save_vectors()
+        return written
+
+
+def _count(report: IndexReport, written: _Written) -> None:
+    report.added += written.added
+    report.updated += written.updated
+    report.failed += len(written.failures)
+    report.failures.extend(written.failures)
 
 
 def _record(entry: FileEntry, d: Decoded) -> dict:

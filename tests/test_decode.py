@@ -252,3 +252,11 @@ def test_metadata_without_exif_and_full_size_under_draft(tmp_path):
 def test_decoded_is_a_plain_record():
     failed = Decoded("x.jpg", None, None, None, "file vanished")
     assert not failed.ok and failed.path == "x.jpg"
+
+
+@pytest.mark.parametrize("cores, beside_gpu, beside_cpu_model", [(1, 1, 0), (2, 1, 0), (4, 3, 1), (16, 15, 1)])
+def test_default_workers_follow_the_cores_and_where_the_model_runs(monkeypatch, cores, beside_gpu,
+                                                                   beside_cpu_model):
+    monkeypatch.setattr(decode, "available_cores", lambda: cores)
+    assert decode.default_workers() == beside_gpu
+    assert decode.default_workers(model_on_cpu=True) == beside_cpu_model

@@ -1,0 +1,145 @@
+"""The ingestion pipeline's own choices: overlapped model and commits, batch size, how far decoding runs ahead."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from altsearch import Engine, faults
+from altsearch.decode import DecodePool
+from altsearch.errors import IndexStoreError
+from altsearch.ingest import (
+    CPU_BATCH_SIZE, Ingestor, default_batch_size, fit_batch_size, image_activation_bytes,
+)
+from altsearch.model.config import VisionConfig
+from tests.photos import make_folder
+
+
+@pytest.fixture
+def photos(tmp_path):
+    root = tmp_path / "photos"
+    paths = make_folder(root, 12)
+    shutil.copyfile(paths[0], root / "copy-of-0.jpg")  # byte-identical: embedded once
+    shutil.copyfile(paths[1], root / "copy-of-1.jpg")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    return root
+
+
+def _run(tmp_path, name, checkpoint, photos, **kw):
+    """Index ``photos`` into a fresh index with an Ingestor built with ``kw``; (report, {path: vector})."""
+    with Engine.open(tmp_path / name, model=str(checkpoint), device="cpu") as engine:
+        ingestor = Ingestor(engine.store, engine.model, workers=kw.pop("workers", 0), **kw)
+        report = ingestor.run(str(photos))
+        ids, vecs = next(engine.store.catalog.iter_vectors())
+        paths = [r.path for r in engine.store.catalog.get(ids.tolist())]
+        assert engine.check() == []
+    return report, dict(zip(paths, vecs))
+
+
+def _counts(report):
+    return (report.added, report.failed, report.duplicates, report.embedded, report.interrupted)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_overlapped_run_indexes_exactly_what_the_serial_one_does(tmp_path, tiny_checkpoint, photos, monkeypatch,
+                                                                 workers):
+    threads = set()
+    model_calls = []
+    serial, serial_vectors = _run(tmp_path, "serial", tiny_checkpoint, photos, batch_size=2, chunk_size=3,
+                                  overlap=False)
+    with Engine.open(tmp_path / "probe", model=str(tiny_checkpoint), device="cpu") as engine:
+        model = engine.model
+    real_encode = type(model).encode_pixels
+
+    def encode(self, pixels):
+        threads.add(threading.current_thread().name)
+        model_calls.append(len(pixels))
+        return real_encode(self, pixels)
+
+    monkeypatch.setattr(type(model), "encode_pixels", encode)
+    overlapped, vectors = _run(tmp_path, "overlapped", tiny_checkpoint, photos, batch_size=2, chunk_size=3,
+                               overlap=True, workers=workers)
+    assert _counts(overlapped) == _counts(serial) == (14, 1, 2, 12, False)
+    assert overlapped.failures == serial.failures
+    assert vectors.keys() == serial_vectors.keys()
+    for path, v in vectors.items():
+        np.testing.assert_array_equal(v, serial_vectors[path])
+    assert threads and all(name.startswith("altsearch-model") for name in threads)
+    assert sorted(model_calls) == [2] * 6  # full batches; the twins never reach the model
+
+
+def test_an_error_in_the_writer_thread_stops_the_run_and_keeps_what_was_committed(tmp_path, tiny_checkpoint,
+                                                                                   photos, monkeypatch):
+    monkeypatch.setenv(faults.ENV, "commit:3=raise")  # 1: the run's bookkeeping, 2: the first chunk
+    faults.reset()
+    try:
+        with Engine.open(tmp_path / "index", model=str(tiny_checkpoint), device="cpu") as engine:
+            ingestor = Ingestor(engine.store, engine.model, workers=0, batch_size=2, chunk_size=3, overlap=True)
+            with pytest.raises(IndexStoreError, match="No space left on device"):
+                ingestor.run(str(photos))
+            kept = engine.store.catalog.count()
+            assert 3 <= kept < 14 and engine.check() == []
+    finally:
+        monkeypatch.delenv(faults.ENV)
+        faults.reset()
+    report, _ = _run(tmp_path, "index", tiny_checkpoint, photos, overlap=True)
+    assert (report.added, report.unchanged) == (14 - kept, kept)
+
+
+def test_an_interrupt_in_the_overlapped_run_commits_the_finished_batches(tmp_path, tiny_checkpoint, photos,
+                                                                        monkeypatch):
+    decoded = {"n": 0}
+    real = DecodePool.imap
+
+    def imap(self, paths):
+        for d in real(self, paths):
+            decoded["n"] += 1
+            if decoded["n"] == 9:
+                raise KeyboardInterrupt
+            yield d
+
+    monkeypatch.setattr(DecodePool, "imap", imap)
+    report, vectors = _run(tmp_path, "index", tiny_checkpoint, photos, batch_size=2, overlap=True)
+    assert report.interrupted and report.added == len(vectors) and 6 <= report.added <= 8
+    monkeypatch.setattr(DecodePool, "imap", real)
+    again, _ = _run(tmp_path, "index", tiny_checkpoint, photos, overlap=True)
+    assert again.added == 14 - report.added
+
+
+def test_pipeline_keeps_a_batch_decoded_ahead(tmp_path, tiny_checkpoint, photos, monkeypatch):
+    seen = {}
+    real_init = DecodePool.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        seen["max_in_flight"] = self.max_in_flight
+
+    monkeypatch.setattr(DecodePool, "__init__", init)
+    _run(tmp_path, "index", tiny_checkpoint, photos, batch_size=5, workers=2)
+    assert seen["max_in_flight"] == 5 + 2 * 2
+
+
+VIT_L14 = VisionConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                       image_size=224, patch_size=14)
+
+
+def test_batch_size_fits_the_activations_in_the_memory_budget():
+    per_image = image_activation_bytes(VIT_L14, torch.float16)
+    assert 5e6 < per_image < 2e7  # 257 tokens x (6 x 1024 + 2 x 4096) + 16 x 257^2, in fp16: ~9 MB
+    assert image_activation_bytes(VIT_L14, torch.float32) == 2 * per_image
+    assert fit_batch_size(70e9, per_image) == 256  # an idle H100: the cap
+    assert fit_batch_size(64.5 * per_image, per_image) == 64
+    assert fit_batch_size(63.5 * per_image, per_image) == 32
+    assert fit_batch_size(0, per_image) == 16  # the floor, even when nothing seems free
+
+
+def test_default_batch_size_asks_the_model_first(tiny_checkpoint):
+    with Engine.open(None, model=str(tiny_checkpoint), device="cpu") as engine:
+        model = engine.model
+    assert default_batch_size(model) == CPU_BATCH_SIZE
+    model.suggested_batch_size = lambda: 40
+    assert default_batch_size(model) == 40
