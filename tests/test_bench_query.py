@@ -79,4 +79,5 @@ def test_tiny_run_prints_warm_and_cold_tables_against_their_baselines(tmp_path):
     assert cold["overlap"] >= 0.9  # both answer from the same vectors with the same weights
     assert all(cold[f"{name}_s"] > 0 for name in ("torch", "ours", "help", "naive"))
     assert set(steps["steps"]) >= {"load the text tower", "load the tokenizer", "open the catalogue"}
+    assert steps["rss_file_mib"] > 0 and steps["vmhwm_mib"] >= steps["rss_anon_mib"] > 0
     assert "torch" in report["imports"]["packages"] and report["imports"]["total_s"] > 0
