@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
@@ -11,7 +12,6 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from .errors import AltsearchError
 
@@ -73,6 +73,35 @@ def _engine(index, model=None, device="auto", dtype="auto", create=False):
     from .engine import Engine
 
     return Engine.open(index, model=model, device=device, dtype=dtype, create=create)
+
+
+@contextmanager
+def _vectors_opened_meanwhile(engine):
+    """Open the index's vector file in a background thread while this one loads the model.
+
+    Checksumming and reading the file run mostly outside the GIL, so a cold query waits for the
+    slower of the two instead of their sum. The search takes the opened index (or waits for it); an
+    error is left for the search to raise, as it then opens the file itself. The thread is done
+    before the engine closes.
+    """
+    def open_vectors() -> None:
+        try:
+            engine.store.vectors
+        except AltsearchError:
+            pass
+
+    thread = threading.Thread(target=open_vectors, name="altsearch-open-vectors", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
+
+
+def _table(**kwargs):
+    from rich.table import Table
+
+    return Table(show_edge=False, pad_edge=False, **kwargs)
 
 
 # -- index ---------------------------------------------------------------------------------------
@@ -163,8 +192,12 @@ def search(
     min_score: MinScoreOpt = None, as_json: JsonOpt = False,
 ):
     """Find images matching a text (any language), an image, or a combination."""
-    with _errors(), _engine(index, model, device, dtype) as engine:
-        hits = engine.search(query, k=k, under=under, taken_from=date_from, taken_to=date_to,
+    from .query import parse_query
+
+    with _errors():
+        parsed = parse_query(query)  # a mistyped query fails before anything is read
+    with _errors(), _engine(index, model, device, dtype) as engine, _vectors_opened_meanwhile(engine):
+        hits = engine.search(parsed, k=k, under=under, taken_from=date_from, taken_to=date_to,
                              min_score=min_score)
         _print_hits(hits, as_json)
 
@@ -178,7 +211,7 @@ def similar(
 ):
     """Find images that look like IMAGE."""
     target = int(image[1:]) if image.startswith("#") and image[1:].isdigit() else image
-    with _errors(), _engine(index, model, device, dtype) as engine:
+    with _errors(), _engine(index, model, device, dtype) as engine, _vectors_opened_meanwhile(engine):
         hits = engine.similar(target, k=k, under=under, taken_from=date_from, taken_to=date_to,
                               min_score=min_score)
         _print_hits(hits, as_json)
@@ -191,7 +224,7 @@ def _print_hits(hits, as_json: bool) -> None:
     if not hits:
         out.print("no results")
         return
-    table = Table(show_edge=False, pad_edge=False)
+    table = _table()
     for col, justify in (("#", "right"), ("score", "right"), ("date", "left"), ("size", "right"),
                          ("path", "left")):
         table.add_column(col, justify=justify, overflow="fold" if col == "path" else "ellipsis")
@@ -221,7 +254,7 @@ def info(index: IndexOpt = None, as_json: JsonOpt = False):
         if as_json:
             _print_json(stats)
             return
-        table = Table(show_header=False, show_edge=False, pad_edge=False)
+        table = _table(show_header=False)
         for key, value in stats.items():
             table.add_row(key, escape(str(value)))
         out.print(table)
@@ -238,7 +271,7 @@ def errors(index: IndexOpt = None, as_json: JsonOpt = False):
         if not failures:
             out.print("no failures")
             return
-        table = Table(show_edge=False, pad_edge=False)
+        table = _table()
         table.add_column("path", overflow="fold")
         table.add_column("reason")
         for f in failures:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,26 @@ def test_search_json_is_ranked_objects(indexed, run):
         assert len(hits) == 3
         assert all({"path", "score", "id", "date", "size"} <= set(h) for h in hits)
         assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+
+
+def test_search_without_a_vector_file_rebuilds_it_and_answers_the_same(indexed, run):
+    index, _ = indexed
+    args = ("search", "sunset over the sea", "--index", index, "-k", "5", "--json")
+    before = json.loads(run(*args).stdout)
+    (index / "vectors.faiss").unlink()  # opened beside the model load: rebuilt from the catalogue there
+    assert json.loads(run(*args).stdout) == before
+
+
+def test_help_and_a_mistyped_query_load_no_heavy_library(tmp_path):
+    code = ("import sys\n"
+            "from typer.testing import CliRunner\n"
+            "from altsearch.cli import app\n"
+            "for args in (['--help'], ['search', '--help'], ['search', 'beach + +', '--index', sys.argv[1]]):\n"
+            "    CliRunner().invoke(app, args)\n"
+            "print(sorted({'torch', 'faiss', 'sqlalchemy', 'tokenizers', 'PIL'} & set(sys.modules)))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "idx")], capture_output=True, text=True,
+                          cwd=ROOT, check=True)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
 def test_search_table_and_filters(indexed, run):
@@ -118,6 +140,7 @@ def test_model_mismatch_is_one_line_error(indexed, run, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["search", "x", "--index", "nowhere"], "no index at"),
+    (["search", "beach + +", "--index", "nowhere"], "missing term"),  # the query is checked first
     (["search", "   ", "--index", "{index}"], "empty"),
     (["similar", "/no/such/file.jpg", "--index", "{index}"], "file"),
     (["index", "/no/such/folder", "--index", "{index}"], "not found"),

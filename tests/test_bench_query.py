@@ -1,0 +1,83 @@
+"""benchmarks/bench_query.py keeps working: its index folders, its import summary, a tiny run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from altsearch import Engine
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_query.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_query", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_filled_index_searches_the_vectors_the_naive_baseline_reads(bench, tmp_path, tiny_checkpoint):
+    model = bench.model_identity(tiny_checkpoint)
+    folder, info = bench.cached_index(tmp_path, 300, model)
+    assert (info["kind"], info["cached"]) == ("flat", False)
+    ids = np.load(tmp_path / f"{folder.name}-ids.npy")
+    vectors = np.load(tmp_path / f"{folder.name}-vectors.npy")
+    assert vectors.shape == (300, 24) and vectors.dtype == np.float32
+    with Engine.open(folder, model=str(tiny_checkpoint), device="cpu", create=False) as engine:
+        assert engine.stats()["vectors"] == 300
+        hits = engine.search("sunset over the sea", k=5)
+        q = engine.model.encode_text(["sunset over the sea"])[0]
+    assert [h.id for h in hits] == ids[np.argsort(-(vectors @ q))[:5]].tolist()
+    assert hits[0].path.startswith("/bench/photos/")
+    assert bench.cached_index(tmp_path, 300, model)[1]["cached"]  # reused, not refilled
+
+
+def test_import_summary_counts_top_level_imports_once_and_groups_by_package(bench):
+    stderr = "\n".join([
+        "import time: self [us] | cumulative | imported package",
+        "import time:       100 |        100 |     torch._C",
+        "import time:        50 |        150 |   torch.nn",
+        "import time:       200 |        400 | torch",
+        "import time:        30 |         30 | faiss",
+        "some other line",
+    ])
+    summary = bench.parse_importtime(stderr)
+    assert summary["total_s"] == pytest.approx(430e-6)
+    assert summary["packages"] == pytest.approx({"torch": 350e-6, "faiss": 30e-6})
+    assert list(summary["packages"]) == ["torch", "faiss"]  # slowest first
+
+
+def test_tiny_run_prints_warm_and_cold_tables_against_their_baselines(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--sizes", "200", "--queries", "3", "--cold-repeats", "1",
+         "--workdir", str(tmp_path / "work"), "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for needle in ("machine:", "load average", "encoder p50", "ratio", "`import torch`", "naive / ours",
+                   "load the tokenizer", "import torch", "-X importtime", "summary: 200 vectors"):
+        assert needle in proc.stdout, needle
+    report = json.loads(out.read_text())
+    (row,) = report["rows"]
+    warm, cold, steps = row["warm"], row["cold"], row["breakdown"]
+    assert warm["ratio"] == pytest.approx(warm["search_p50_ms"] / warm["encoder_p50_ms"])
+    assert 0 < warm["encoder_p50_ms"] and warm["search_p50_ms"] <= warm["search_p95_ms"]
+    assert warm["towers_loaded"] == steps["towers_loaded"] == ["text"]  # a text query never reads the vision tower
+    assert cold["ratio"] == pytest.approx(cold["naive_s"] / cold["ours_s"])
+    assert cold["overlap"] >= 0.9  # both answer from the same vectors with the same weights
+    assert all(cold[f"{name}_s"] > 0 for name in ("torch", "ours", "help", "naive"))
+    assert set(steps["steps"]) >= {"load the text tower", "load the tokenizer", "open the catalogue"}
+    assert steps["rss_file_mib"] > 0 and steps["vmhwm_mib"] >= steps["rss_anon_mib"] > 0
+    assert "torch" in report["imports"]["packages"] and report["imports"]["total_s"] > 0
