@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -468,6 +468,9 @@ def _chunks(seq: Sequence[int], size: int = _IN_CHUNK) -> Iterator[Sequence[int]
         yield seq[start : start + size]
 
 
+_RECORD_COLUMNS = ", ".join(f.name for f in fields(ImageRecord))
+
+
 def _record(row: sa.Row) -> ImageRecord:
     values = row._asdict()
     values["path"] = decode_path(values["path"])
@@ -484,6 +487,8 @@ class Catalog:
         self.path = Path(path)
         self.readonly = readonly
         self._write_lock = threading.Lock()
+        self._version_lock = threading.Lock()
+        self._version_con: sqlite3.Connection | None = None
         self._closed = False
         if readonly and not self.path.is_file():
             raise IndexStoreError(f"no catalogue at {self.path}")
@@ -504,6 +509,10 @@ class Catalog:
         if not self._closed:
             self._closed = True
             self._engine.dispose()
+            with self._version_lock:
+                if self._version_con is not None:
+                    self._version_con.close()
+                    self._version_con = None
 
     def __enter__(self) -> Catalog:
         return self
@@ -653,6 +662,22 @@ class Catalog:
         with self._read("reading meta") as conn:
             return {key: value for key, value in conn.execute(sa.select(meta.c.key, meta.c.value))}
 
+    def data_version(self) -> int:
+        """A number that changes whenever any other connection (any process) commits to the
+        catalogue: SQLite's ``PRAGMA data_version`` on a private read-only connection, which never
+        writes. Six microseconds against half a millisecond for reading `generation`, so readers
+        can ask before every query whether anything could have changed."""
+        with self._version_lock:
+            if self._version_con is None:
+                if self._closed:
+                    raise IndexStoreError(f"catalogue {self.path} is closed")
+                with _translated(self.path, "opening it"):
+                    self._version_con = sqlite3.connect(
+                        self.path.absolute().as_uri() + "?mode=ro", uri=True, check_same_thread=False
+                    )
+            with _translated(self.path, "reading its version"):
+                return int(self._version_con.execute("PRAGMA data_version").fetchone()[0])
+
     @property
     def generation(self) -> int:
         """Bumped by every committed transaction that changed something; save it with the FAISS
@@ -695,8 +720,11 @@ class Catalog:
         found: dict[int, ImageRecord] = {}
         with self._read("reading images") as conn:
             for chunk in _chunks(sorted(set(wanted))):
-                rows = conn.execute(sa.select(images).where(images.c.id.in_(chunk)))
-                found.update((rec.id, rec) for rec in map(_record, rows))
+                # plain SQL through the driver: this runs once per query, where building SQLAlchemy
+                # rows cost more than SQLite's lookups
+                sql = f"SELECT {_RECORD_COLUMNS} FROM images WHERE id IN ({','.join('?' * len(chunk))})"
+                for row in conn.exec_driver_sql(sql, tuple(chunk)):
+                    found[row[0]] = ImageRecord(row[0], decode_path(row[1]), *row[2:])
         return [found[i] for i in wanted if i in found]
 
     def get_by_path(self, path: str) -> ImageRecord | None:

@@ -177,6 +177,31 @@ def test_generation_counts_committed_changes(cat: Catalog) -> None:
     assert float(meta["updated_at"]) >= float(meta["created_at"])
 
 
+def test_data_version_moves_with_every_commit_from_anywhere(cat: Catalog) -> None:
+    add(cat, ["/p/a.jpg"])
+    seen = cat.data_version()
+    cat.get([1]), cat.count(), cat.generation  # reads change nothing
+    assert cat.data_version() == seen
+    add(cat, ["/p/b.jpg"])  # this process's own writer
+    after_own = cat.data_version()
+    assert after_own != seen
+    with Catalog(cat.path) as other:  # another writer (as another process would be)
+        other.set_meta("note", "x")
+    assert cat.data_version() != after_own
+    cat.close()
+    with pytest.raises(IndexStoreError, match="closed"):
+        cat.data_version()
+
+
+def test_get_returns_every_field(cat: Catalog) -> None:
+    fields = {"width": 4000, "height": 3000, "format": "JPEG", "taken_at": 12.5, "camera_make": "Canon",
+              "camera_model": "EOS R5"}
+    (image_id,) = add(cat, ["/p/\udcff-raw.jpg"], content_hash="abc", **fields)
+    (got,) = cat.get([image_id])
+    assert got == cat.get_by_path("/p/\udcff-raw.jpg")
+    assert (got.path, got.width, got.camera_model, got.status) == ("/p/\udcff-raw.jpg", 4000, "EOS R5", "ok")
+
+
 def test_failures(cat: Catalog) -> None:
     with cat.transaction() as tx:
         tx.record_failure("/p/b.jpg", "truncated")
