@@ -150,13 +150,22 @@ class IndexStore:
 
     def search(self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None):
         """(scores, ids), each (Q, min(k, vectors)): never wider than the index, as k is user input
-        (``-k 1000000000`` must not allocate 12 GB of padding)."""
+        (``-k 1000000000`` must not allocate 12 GB of padding). The scores are exact inner products
+        with the catalogue's vectors whatever the index kind (a compressed index's candidates are
+        re-ranked against them)."""
         if self.dimension is None:  # nothing indexed yet
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         index = self.vectors
         self.refresh()
         with self._rw.reading():
-            return index.search(queries, max(1, min(k, len(index))), allowed=allowed)
+            return index.search(queries, max(1, min(k, len(index))), allowed=allowed, refine=self.true_vectors)
+
+    def true_vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids found, float32 vectors) of these ids as the catalogue stores them (a vectors.Refine)."""
+        parts = list(self.catalog.iter_vectors(ids=ids))
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros((0, self.dimension or 0), np.float32)
+        return np.concatenate([i for i, _ in parts]), np.concatenate([v for _, v in parts])
 
     def commit(self, fn: Callable, *, removed_ids=(), added=None) -> None:
         """Run ``fn(tx)`` in one catalogue transaction, then apply the vector changes in memory.
