@@ -323,6 +323,8 @@ def _train_ivf(vecs: np.ndarray, rng: np.random.Generator, kind: str) -> faiss.I
         )
         index.pq.cp.max_points_per_centroid = PQ_TRAIN_PER_CODE  # FAISS subsamples the rest
         index.pq.cp.niter = PQ_TRAIN_ITER
+        index.pq.cp.min_points_per_centroid = 1  # no warning on stderr below 39 points per code: the
+        # nprobe tuning measures what the codes are worth after re-ranking
         wanted = max(wanted, PQ_TRAIN)
     sample = vecs[np.sort(rng.choice(n, size=min(n, wanted), replace=False))]
     index.train(sample)  # spherical k-means: IVF with inner product normalises its centroids
