@@ -615,7 +615,7 @@ class VectorIndex:
             scores, ids = self._search_allowed(queries, wide, np.unique(_as_ids(allowed)))
         else:
             scores, ids = self._searcher(wide).search(queries, wide)
-        if wide > top:
+        if self.kind == "ivfpq":
             scores, ids = rerank(queries, ids, top, refine) if refine is not None else (scores[:, :top], ids[:, :top])
         return _pad(scores, ids, k)
 

@@ -375,6 +375,18 @@ def test_ivfpq_add_remove_and_round_trip(clustered_20k, tmp_path: Path) -> None:
     assert not np.isin(loaded.search(queries, 10, refine=truth)[1], ids[:5]).any()
 
 
+def test_ivfpq_reranks_when_k_covers_the_index() -> None:
+    ids = np.arange(300, dtype=np.int64) * 5
+    vecs, _ = clustered(300, DIM, 10, spread=0.2, seed=4)
+    index = VectorIndex.build(ids, vecs, kind="ivfpq", device="cpu")
+    queries = unit(3, seed=6)
+    scores, found = index.search(queries, 400, refine=refine_from(ids, vecs))  # no room for more candidates
+    hit = found >= 0
+    exact = np.einsum("qd,qkd->qk", queries, vecs[found // 5])
+    np.testing.assert_allclose(scores[hit], exact[hit], rtol=0, atol=1e-5)  # re-ranked all the same
+    assert all((np.diff(row[row > -np.inf]) <= 0).all() for row in scores)
+
+
 def test_ivfpq_needs_enough_vectors() -> None:
     vecs = unit(255)
     with pytest.raises(ValueError, match="at least 256"):
