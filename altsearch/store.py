@@ -19,7 +19,7 @@ import numpy as np
 from . import faults
 from .catalog import Catalog, as_stored
 from .errors import IndexStoreError, ModelMismatchError
-from .vectors import VectorIndex
+from .vectors import KINDS, VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -200,10 +200,16 @@ class IndexStore:
         self._saved_generation = generation
 
     def rebuild(self, kind: str = "auto") -> VectorIndex:
-        """A new vector index built from the vectors stored in the catalogue (the model never runs)."""
+        """A new vector index built from the vectors stored in the catalogue (the model never runs);
+        `kind` is auto or one of vectors.KINDS. The current index stays in use if the build fails."""
+        if kind != "auto" and kind not in KINDS:
+            raise IndexStoreError(f"unknown vector index kind {kind!r} (use auto, {', '.join(KINDS)})")
         if self.dimension is None:
             raise IndexStoreError(f"index {self.folder} is empty (index a folder first)")
-        index = VectorIndex.from_catalog(self.catalog, kind=kind, device=self.device)
+        try:
+            index = VectorIndex.from_catalog(self.catalog, kind=kind, device=self.device)
+        except ValueError as err:  # too few vectors for an IVF kind
+            raise IndexStoreError(f"cannot build the {kind} vector index of {self.folder}: {err}") from err
         with self._rw.writing():
             self._vectors = index
         self._saved_generation = None
