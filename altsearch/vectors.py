@@ -49,12 +49,13 @@ log = logging.getLogger(__name__)
 KINDS = ("flat", "ivf", "ivfpq")
 APPROXIMATE = ("ivf", "ivfpq")
 # Exact search up to here. A flat search reads every vector, so its time grows with n; an ivfpq
-# search costs a scan of nprobe lists of PQ codes plus a re-rank of its candidates, and on
-# clustered data it probes 10-20 % of the lists to reach its recall target. Measured with
+# search costs a scan of nprobe lists of PQ codes plus a re-rank of its candidates; on clustered
+# data the build tunes nprobe to 20-30 % of the lists at 10k-100k vectors, 3 % at 1M. Measured with
 # benchmarks/bench_search.py (d=768, one thread, a busy 2-core VM): flat 6.6 ms at 10k, ~65 ms at
-# 100k, 173 ms at 200k; ivfpq 26 ms at 100k. Up to 100k, exactness costs about what encoding the
-# query text does and the approximate index would win less than 3x, so it is not worth its misses;
-# beyond, exact search dominates the query and its 3 KB per vector the index's size.
+# 100k, 173 ms at 200k, 850 ms at 1M; ivfpq 26 ms at 100k, 11 ms at 1M. Up to 100k, exactness
+# costs about what encoding the query text does and the approximate index would win less than 3x,
+# so it is not worth its misses; beyond, exact search dominates the query and its 3 KB per vector
+# the index's size (ivfpq: 130 bytes).
 EXACT_MAX = 100_000
 PQ_SUB_DIMS = 8  # dimensions per PQ sub-quantizer (one byte each): M = d / 8, 96 bytes at d=768
 PQ_MIN_M = 16  # but at least this many (or d): a small d has little to save and much to lose
