@@ -30,7 +30,7 @@ For each of ``--sizes`` n, in one process:
    prints the catalogue's bytes per image.
 
 A size whose arrays would not fit in the available memory is skipped, with the reason printed
-(1M x 768 needs about 8 GB; 10M x 768 about 80 GB). Figures depend on the machine's load: the
+(1M x 768 needs about 7 GB; 10M x 768 about 70 GB). Figures depend on the machine's load: the
 load average is printed with each table.
 
 Run from the repository root (tests/test_bench_search.py runs a tiny configuration):
