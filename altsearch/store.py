@@ -19,7 +19,7 @@ import numpy as np
 from . import faults
 from .catalog import Catalog, as_stored
 from .errors import IndexStoreError, ModelMismatchError
-from .vectors import VectorIndex
+from .vectors import KINDS, VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -150,13 +150,22 @@ class IndexStore:
 
     def search(self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None):
         """(scores, ids), each (Q, min(k, vectors)): never wider than the index, as k is user input
-        (``-k 1000000000`` must not allocate 12 GB of padding)."""
+        (``-k 1000000000`` must not allocate 12 GB of padding). The scores are exact inner products
+        with the catalogue's vectors whatever the index kind (a compressed index's candidates are
+        re-ranked against them)."""
         if self.dimension is None:  # nothing indexed yet
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         index = self.vectors
         self.refresh()
         with self._rw.reading():
-            return index.search(queries, max(1, min(k, len(index))), allowed=allowed)
+            return index.search(queries, max(1, min(k, len(index))), allowed=allowed, refine=self.true_vectors)
+
+    def true_vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids found, float32 vectors) of these ids as the catalogue stores them (a vectors.Refine)."""
+        parts = list(self.catalog.iter_vectors(ids=ids))
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros((0, self.dimension or 0), np.float32)
+        return np.concatenate([i for i, _ in parts]), np.concatenate([v for _, v in parts])
 
     def commit(self, fn: Callable, *, removed_ids=(), added=None) -> None:
         """Run ``fn(tx)`` in one catalogue transaction, then apply the vector changes in memory.
@@ -191,10 +200,16 @@ class IndexStore:
         self._saved_generation = generation
 
     def rebuild(self, kind: str = "auto") -> VectorIndex:
-        """A new vector index built from the vectors stored in the catalogue (the model never runs)."""
+        """A new vector index built from the vectors stored in the catalogue (the model never runs);
+        `kind` is auto or one of vectors.KINDS. The current index stays in use if the build fails."""
+        if kind != "auto" and kind not in KINDS:
+            raise IndexStoreError(f"unknown vector index kind {kind!r} (use auto, {', '.join(KINDS)})")
         if self.dimension is None:
             raise IndexStoreError(f"index {self.folder} is empty (index a folder first)")
-        index = VectorIndex.from_catalog(self.catalog, kind=kind, device=self.device)
+        try:
+            index = VectorIndex.from_catalog(self.catalog, kind=kind, device=self.device)
+        except ValueError as err:  # too few vectors for an IVF kind
+            raise IndexStoreError(f"cannot build the {kind} vector index of {self.folder}: {err}") from err
         with self._rw.writing():
             self._vectors = index
         self._saved_generation = None

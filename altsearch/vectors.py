@@ -1,10 +1,16 @@
 """The vector index: an ID-mapped FAISS inner-product index over the catalogue's image ids.
 
-Two kinds:
+Three kinds:
 - "flat": exact search, IndexIDMap2 over IndexFlatIP. Used up to EXACT_MAX vectors.
-- "ivf": approximate, IndexIVFFlat (inner product, spherical k-means, a hashtable direct map so
-  ids can be removed and vectors read back), with nprobe tuned at build time for recall@10.
-  Unlike HNSW it supports removal, moves to the GPU, and builds fast.
+- "ivfpq": approximate and compact, IndexIVFPQ (inner product, spherical k-means, residuals
+  product-quantised into `pq_m_for(d)` bytes, a hashtable direct map so ids can be removed). It
+  finds `candidates_for(k)` candidates, which `search` re-ranks exactly against the true vectors
+  given by its `refine` argument (IndexStore reads them from the catalogue), so the scores returned
+  are exact inner products. nprobe is tuned at build time for recall@10 after re-ranking. What
+  `build(kind="auto")` picks beyond EXACT_MAX.
+- "ivf": approximate, IndexIVFFlat (float32 vectors kept in full, so no re-ranking), with nprobe
+  tuned at build time for recall@10. Chosen only explicitly; saved IVF files keep working.
+Unlike HNSW, both IVF kinds support removal, move to the GPU, and build fast.
 
 The CPU index is always the master copy (it is what is saved); with a GPU, searches run on a
 copy made with `faiss.index_cpu_to_gpu`, remade after the next add or remove.
@@ -40,12 +46,28 @@ from altsearch.errors import IndexStoreError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("flat", "ivf")
-# Exact search up to here. A flat search reads every vector, so its time grows with n: at 200k x
-# 768 float32 (600 MB) a query takes ~30 ms at desktop memory bandwidth (~0.3 s on a busy 2-core
-# VM), about what encoding the query text costs on the same CPU, so exactness is still free.
-# Beyond, IVF answers in about a millisecond at recall@10 >= 0.95.
-EXACT_MAX = 200_000
+KINDS = ("flat", "ivf", "ivfpq")
+APPROXIMATE = ("ivf", "ivfpq")
+# Exact search up to here. A flat search reads every vector, so its time grows with n; an ivfpq
+# search costs a scan of nprobe lists of PQ codes plus a re-rank of its candidates; on clustered
+# data the build tunes nprobe to 20-30 % of the lists at 10k-100k vectors, 3 % at 1M. Measured with
+# benchmarks/bench_search.py (d=768, one thread, a busy 2-core VM): flat 6.6 ms at 10k, ~65 ms at
+# 100k, 173 ms at 200k, 850 ms at 1M; ivfpq 26 ms at 100k, 11 ms at 1M. Up to 100k, exactness
+# costs about what encoding the query text does and the approximate index would win less than 3x,
+# so it is not worth its misses; beyond, exact search dominates the query and its 3 KB per vector
+# the index's size (ivfpq: 130 bytes).
+EXACT_MAX = 100_000
+PQ_SUB_DIMS = 8  # dimensions per PQ sub-quantizer (one byte each): M = d / 8, 96 bytes at d=768
+PQ_MIN_M = 16  # but at least this many (or d): a small d has little to save and much to lose
+PQ_NBITS = 8
+# The M k-means runs (2**PQ_NBITS centroids each) that train the PQ are the slow part of an ivfpq
+# build; their time grows with points x iterations. The codes only pick candidates for an exact
+# re-rank, so a coarser training costs little recall.
+PQ_TRAIN_PER_CODE = 32
+PQ_TRAIN_ITER = 10
+RERANK_FACTOR = 10  # an ivfpq search re-ranks max(RERANK_FACTOR * k, RERANK_MIN) candidates
+RERANK_MIN = 100
+PQ_TRAIN = PQ_TRAIN_PER_CODE * 2**PQ_NBITS  # training points for the PQ codebooks
 RECALL_TARGET = 0.95  # what "auto" promises for recall@10 against exact search
 TUNE_TARGET = 0.97  # what nprobe is tuned for on synthetic queries, leaving a margin for real ones
 TUNE_QUERIES = 256
@@ -54,6 +76,7 @@ GPU_MAX_K = 2048  # FAISS GPU k-selection limit (also bounds nprobe)
 REBUILD_GROWTH = 4.0  # rebuild an IVF whose size moved this factor away from its build size
 HEADER_FORMAT = 1
 _HASH_CHUNK = 1 << 22
+_RERANK_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -108,6 +131,11 @@ def read_header(path: Path) -> IndexHeader:
     return IndexHeader.from_json(text, where)
 
 
+Refine = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+"""The true vectors of some ids: sorted unique int64 ids -> (the ids found, float32 (n, D) vectors);
+ids it does not find (deleted meanwhile) are left out. An ivfpq search re-ranks with one."""
+
+
 class VectorSource(Protocol):
     """What rebuilding and reconciling need from the catalogue (altsearch.catalog.Catalog)."""
 
@@ -128,7 +156,19 @@ class VectorSource(Protocol):
 
 def kind_for(n: int) -> str:
     """The kind `build(kind="auto")` picks for n vectors."""
-    return "flat" if n <= EXACT_MAX else "ivf"
+    return "flat" if n <= EXACT_MAX else "ivfpq"
+
+
+def pq_m_for(dim: int) -> int:
+    """PQ sub-quantizers (bytes per code) for dim: the largest divisor of dim that is at most
+    max(dim / PQ_SUB_DIMS, min(dim, PQ_MIN_M)): 96 at d=768, 16 at d=32, d itself below 16."""
+    most = max(dim // PQ_SUB_DIMS, min(dim, PQ_MIN_M))
+    return max(m for m in range(1, most + 1) if dim % m == 0)
+
+
+def candidates_for(k: int) -> int:
+    """How many candidates an ivfpq search re-ranks to return the top k."""
+    return max(k * RERANK_FACTOR, RERANK_MIN)
 
 
 def nlist_for(n: int) -> int:
@@ -188,6 +228,45 @@ def exact_search(
     return out_scores, out_ids
 
 
+def refine_from(ids: np.ndarray, vecs: np.ndarray) -> Refine:
+    """A Refine over vectors held in memory (vecs[i] is the vector of ids[i])."""
+    order = np.argsort(ids)
+    sorted_ids = np.asarray(ids, dtype=np.int64)[order]
+
+    def refine(wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pos = np.searchsorted(sorted_ids, wanted).clip(max=max(len(sorted_ids) - 1, 0))
+        found = sorted_ids[pos] == wanted if len(sorted_ids) else np.zeros(len(wanted), bool)
+        return wanted[found], np.asarray(vecs[order[pos[found]]], dtype=np.float32)
+
+    return refine
+
+
+def rerank(
+    queries: np.ndarray, candidates: np.ndarray, k: int, refine: Refine
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of each query among its row of candidate ids (-1: none), scored against the
+    vectors `refine` gives: (scores (Q, k), ids (Q, k)), best first; candidates it lacks are dropped."""
+    wanted = np.unique(candidates[candidates >= 0])
+    got_ids, got_vecs = refine(wanted)
+    got_ids = np.asarray(got_ids, dtype=np.int64)
+    got_vecs = np.asarray(got_vecs, dtype=np.float32).reshape(len(got_ids), queries.shape[1])
+    order = np.argsort(got_ids)
+    got_ids, got_vecs = got_ids[order], got_vecs[order]
+    pos = np.searchsorted(got_ids, candidates).clip(max=max(len(got_ids) - 1, 0))
+    valid = (candidates >= 0) & (got_ids[pos] == candidates) if len(got_ids) else np.zeros(candidates.shape, bool)
+    scores = np.full(candidates.shape, -np.inf, dtype=np.float32)
+    for start in range(0, len(queries), _RERANK_ROWS):  # bounds the (rows, R, D) gather
+        rows = slice(start, start + _RERANK_ROWS)
+        if len(got_ids):
+            scores[rows] = np.matmul(got_vecs[pos[rows]], queries[rows, :, None])[:, :, 0]  # (rows, R)
+    scores[~valid] = -np.inf
+    top = min(k, candidates.shape[1])
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :top]
+    out_scores = np.take_along_axis(scores, best, axis=1)
+    out_ids = np.where(np.isfinite(out_scores), np.take_along_axis(candidates, best, axis=1), -1)
+    return out_scores, out_ids
+
+
 def _read_all(catalog: VectorSource) -> tuple[np.ndarray, np.ndarray]:
     """Every (id, vector) of the catalogue, filled into one preallocated float32 array."""
     expected = catalog.vector_ids()
@@ -239,11 +318,22 @@ def _as_ids(ids: np.ndarray | list[int]) -> np.ndarray:
 # --- IVF building ------------------------------------------------------------------------
 
 
-def _train_ivf(vecs: np.ndarray, rng: np.random.Generator) -> faiss.IndexIVFFlat:
+def _train_ivf(vecs: np.ndarray, rng: np.random.Generator, kind: str) -> faiss.IndexIVF:
     n, dim = vecs.shape
     nlist = nlist_for(n)
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    sample = vecs[np.sort(rng.choice(n, size=min(n, nlist * TRAIN_PER_LIST), replace=False))]
+    wanted = nlist * TRAIN_PER_LIST
+    if kind == "ivf":
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    else:  # residuals to the list centroid, PQ-coded in pq_m_for(dim) bytes
+        index = faiss.IndexIVFPQ(
+            faiss.IndexFlatIP(dim), dim, nlist, pq_m_for(dim), PQ_NBITS, faiss.METRIC_INNER_PRODUCT
+        )
+        index.pq.cp.max_points_per_centroid = PQ_TRAIN_PER_CODE  # FAISS subsamples the rest
+        index.pq.cp.niter = PQ_TRAIN_ITER
+        index.pq.cp.min_points_per_centroid = 1  # no warning on stderr below 39 points per code: the
+        # nprobe tuning measures what the codes are worth after re-ranking
+        wanted = max(wanted, PQ_TRAIN)
+    sample = vecs[np.sort(rng.choice(n, size=min(n, wanted), replace=False))]
     index.train(sample)  # spherical k-means: IVF with inner product normalises its centroids
     index.set_direct_map_type(faiss.DirectMap.Hashtable)  # any ids, removable, readable back
     return index
@@ -263,17 +353,23 @@ def _nprobe_steps(nlist: int) -> list[int]:
     return [s for s in steps if s <= nlist]
 
 
-def _tune_nprobe(index: faiss.IndexIVFFlat, ids: np.ndarray, vecs: np.ndarray, rng: np.random.Generator) -> int:
-    """The smallest nprobe reaching TUNE_TARGET recall@10 on probe queries."""
+def _tune_nprobe(
+    index: faiss.IndexIVF, ids: np.ndarray, vecs: np.ndarray, rng: np.random.Generator, refine: Refine | None
+) -> int:
+    """The smallest nprobe reaching TUNE_TARGET recall@10 on probe queries (after re-ranking the
+    candidates with `refine`, when given, as an ivfpq search does)."""
     queries = _probe_queries(vecs, rng)
     k = min(10, len(ids))
+    wide = min(candidates_for(k), len(ids)) if refine is not None else k
     _, positions = faiss.knn(queries, vecs, k, metric=faiss.METRIC_INNER_PRODUCT)
     exact = ids[positions]
     for nprobe in _nprobe_steps(index.nlist):
-        _, approx = index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
+        _, approx = index.search(queries, wide, params=faiss.SearchParametersIVF(nprobe=nprobe))
+        if refine is not None:
+            _, approx = rerank(queries, approx, k, refine)
         recall = recall_at_k(exact, approx, k)
         if recall >= TUNE_TARGET:
-            log.info("IVF%d, %d vectors: nprobe %d gives recall@10 %.3f", index.nlist, len(ids), nprobe, recall)
+            log.info("%s, %d vectors: nprobe %d gives recall@10 %.3f", type(index).__name__, len(ids), nprobe, recall)
             return nprobe
     return index.nlist
 
@@ -320,8 +416,9 @@ class VectorIndex:
     def build(
         cls, ids: np.ndarray, vecs: np.ndarray, *, kind: str = "auto", device: str = "auto", seed: int = 0
     ) -> VectorIndex:
-        """An index over these vectors; "auto" is exact flat up to EXACT_MAX vectors, else IVF
-        with nprobe tuned for recall@10 (deterministic for a given seed)."""
+        """An index over these vectors; "auto" is exact flat up to EXACT_MAX vectors, else ivfpq.
+        An IVF kind gets the nprobe that reaches TUNE_TARGET recall@10 on probe queries, measured
+        for ivfpq after re-ranking against `vecs` (deterministic for a given seed)."""
         ids = _as_ids(ids)
         vecs = np.ascontiguousarray(vecs, dtype=np.float32)
         if vecs.ndim != 2 or len(vecs) != len(ids):
@@ -332,18 +429,19 @@ class VectorIndex:
             index.add(ids, vecs)
             index.built_count = len(ids)
             return index
-        if kind != "ivf":
+        if kind not in APPROXIMATE:
             raise ValueError(f"unknown index kind {kind!r} (use auto or one of {KINDS})")
-        if len(ids) < TRAIN_PER_LIST:
-            raise ValueError(f"an IVF index needs at least {TRAIN_PER_LIST} vectors, got {len(ids)}")
+        least = TRAIN_PER_LIST if kind == "ivf" else 2**PQ_NBITS  # one training point per PQ code
+        if len(ids) < least:
+            raise ValueError(f"an {kind} index needs at least {least} vectors, got {len(ids)}")
         vecs = _as_vectors(vecs, vecs.shape[1], "vectors")
         if len(np.unique(ids)) != len(ids):
             raise ValueError("ids repeat")
         rng = np.random.default_rng(seed)
-        ivf = _train_ivf(vecs, rng)
+        ivf = _train_ivf(vecs, rng, kind)
         ivf.add_with_ids(vecs, ids)
-        ivf.nprobe = _tune_nprobe(ivf, ids, vecs, rng)
-        return cls(ivf, "ivf", device=device, built_count=len(ids))
+        ivf.nprobe = _tune_nprobe(ivf, ids, vecs, rng, refine_from(ids, vecs) if kind == "ivfpq" else None)
+        return cls(ivf, kind, device=device, built_count=len(ids))
 
     @classmethod
     def from_catalog(cls, catalog: VectorSource, *, kind: str = "auto", device: str = "auto") -> VectorIndex:
@@ -410,23 +508,24 @@ class VectorIndex:
 
     @property
     def nlist(self) -> int:
-        return int(self._cpu.nlist) if self.kind == "ivf" else 0
+        return int(self._cpu.nlist) if self.kind in APPROXIMATE else 0
 
     @property
     def nprobe(self) -> int:
-        return int(self._cpu.nprobe) if self.kind == "ivf" else 0
+        return int(self._cpu.nprobe) if self.kind in APPROXIMATE else 0
 
     @property
     def device(self) -> str:
         return "cpu" if self._gpu is None else f"cuda:{self._gpu}"
 
     def needs_rebuild(self) -> bool:
-        """True when `build(kind="auto")` would now pick another kind, or an IVF's size has moved
-        REBUILD_GROWTH-fold away from the size it was trained for."""
+        """True when `build(kind="auto")` would now switch between exact and approximate search, or
+        an IVF's size has moved REBUILD_GROWTH-fold away from the size it was trained for. An "ivf"
+        index chosen with `optimize` stays one until then; the rebuild picks "auto"'s kind."""
         n = len(self)
-        if kind_for(n) != self.kind:
+        if (self.kind == "flat") != (kind_for(n) == "flat"):
             return True
-        if self.kind == "ivf":
+        if self.kind in APPROXIMATE:
             built = max(self.built_count, 1)
             return n > built * REBUILD_GROWTH or n * REBUILD_GROWTH < built
         return False
@@ -481,7 +580,10 @@ class VectorIndex:
         return int(self._cpu.remove_ids(selector))
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
-        """The stored vectors of these ids (float32 (N, D)); an absent id raises KeyError."""
+        """The stored vectors of these ids (float32 (N, D)); an absent id raises KeyError. An ivfpq
+        index holds lossy codes, not vectors: read those from the catalogue (ValueError here)."""
+        if self.kind == "ivfpq":
+            raise ValueError("an ivfpq index keeps compressed codes only; read vectors from the catalogue")
         ids = _as_ids(ids)
         missing = np.setdiff1d(ids, self._raw_ids())
         if len(missing):
@@ -491,13 +593,17 @@ class VectorIndex:
     # -- search
 
     def search(
-        self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None
+        self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None, refine: Refine | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """(scores float32 (Q, k), ids int64 (Q, k)), best first; empty slots are id -1, score -inf.
 
         `allowed` restricts the results to those ids (a FAISS ID selector, on the CPU copy): exact
         for a flat index; an IVF probes 1/f times more lists when a fraction f of its ids is
         allowed, which is every list (exact again) once f <= nprobe / nlist.
+
+        `refine` gives the true vectors of ids. An ivfpq index finds `candidates_for(k)` candidates
+        and returns the top k of them by their exact inner product with `refine`'s vectors;
+        without it, by their PQ estimates. The other kinds hold exact vectors and ignore it.
         """
         queries = _as_vectors(queries, self.dim, "queries")
         if k < 1:
@@ -505,10 +611,13 @@ class VectorIndex:
         top = min(k, len(self))
         if top == 0 or not len(queries):
             return _pad(np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64), k)
+        wide = min(candidates_for(top), len(self)) if self.kind == "ivfpq" else top
         if allowed is not None:
-            scores, ids = self._search_allowed(queries, top, np.unique(_as_ids(allowed)))
+            scores, ids = self._search_allowed(queries, wide, np.unique(_as_ids(allowed)))
         else:
-            scores, ids = self._searcher(top).search(queries, top)
+            scores, ids = self._searcher(wide).search(queries, wide)
+        if self.kind == "ivfpq":
+            scores, ids = rerank(queries, ids, top, refine) if refine is not None else (scores[:, :top], ids[:, :top])
         return _pad(scores, ids, k)
 
     def _search_allowed(
@@ -535,7 +644,9 @@ class VectorIndex:
         try:
             if self._gpu_resources is None:
                 self._gpu_resources = faiss.StandardGpuResources()
-            return faiss.index_cpu_to_gpu(self._gpu_resources, self._gpu, self._cpu)
+            options = faiss.GpuClonerOptions()
+            options.useFloat16LookupTables = True  # what fits IVFPQ's larger codes; re-ranking follows
+            return faiss.index_cpu_to_gpu(self._gpu_resources, self._gpu, self._cpu, options)
         except (RuntimeError, AttributeError) as err:
             log.warning("could not copy the vector index to GPU %s (%s); searching on the CPU", self._gpu, err)
             self._gpu = None
@@ -667,14 +778,16 @@ def _read_faiss(f: BinaryIO, path: Path) -> faiss.Index:
         raise IndexStoreError(f"vector index {path} is not a readable FAISS file ({first})") from err
 
 
+_FAISS_CLASS = {"flat": faiss.IndexIDMap2, "ivf": faiss.IndexIVFFlat, "ivfpq": faiss.IndexIVFPQ}
+
+
 def _check_matches(index: faiss.Index, header: IndexHeader, path: Path) -> None:
-    expected = faiss.IndexIDMap2 if header.kind == "flat" else faiss.IndexIVFFlat
-    if not isinstance(index, expected):
+    if not isinstance(index, _FAISS_CLASS[header.kind]):
         raise IndexStoreError(f"vector index {path} holds a {type(index).__name__}, not a {header.kind} index")
     if header.kind == "flat" and not isinstance(faiss.downcast_index(index.index), faiss.IndexFlatIP):
         raise IndexStoreError(f"vector index {path} is not an inner-product flat index")
-    if header.kind == "ivf" and index.metric_type != faiss.METRIC_INNER_PRODUCT:
-        raise IndexStoreError(f"vector index {path} is not an inner-product IVF index")
+    if header.kind in APPROXIMATE and index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise IndexStoreError(f"vector index {path} is not an inner-product {header.kind} index")
     if index.d != header.dim or index.ntotal != header.count:
         raise IndexStoreError(
             f"vector index {path} holds {index.ntotal} x {index.d}, "

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from altsearch import Engine, load_model
-from altsearch.errors import IndexLockedError, ModelMismatchError, QueryError
+from altsearch.errors import IndexLockedError, IndexStoreError, ModelMismatchError, QueryError
 from altsearch.home import WriteLock
 from tests.checkpoints import write_checkpoint
 from tests.photos import make_folder, photo, save_photo
@@ -288,3 +288,12 @@ def test_a_folder_that_cannot_be_listed_is_not_taken_for_deleted(engine, photos,
     monkeypatch.setattr(os, "scandir", real)
     again = _index(engine, photos)
     assert again.removed == 0 and engine.failures() == []
+
+
+def test_optimize_refuses_a_kind_it_cannot_build(engine, photos):
+    _index(engine, photos)
+    with pytest.raises(IndexStoreError, match="unknown vector index kind 'hnsw'"):
+        engine.optimize("hnsw")
+    with pytest.raises(IndexStoreError, match="ivfpq index needs at least 256 vectors, got 12"):
+        engine.optimize("ivfpq")  # 256 training points for its PQ codes
+    assert engine.stats()["vector_index"] == "flat" and len(engine.search("a photo", k=3)) == 3

@@ -12,7 +12,18 @@ import pytest
 from altsearch import vectors as vectors_module
 from altsearch.catalog import Catalog
 from altsearch.errors import IndexStoreError
-from altsearch.vectors import VectorIndex, exact_search, gpu_for, header_path, read_header, recall_at_k
+from altsearch.store import IndexStore
+from altsearch.vectors import (
+    VectorIndex,
+    exact_search,
+    gpu_for,
+    header_path,
+    pq_m_for,
+    read_header,
+    recall_at_k,
+    refine_from,
+    rerank,
+)
 
 DIM = 32
 
@@ -243,7 +254,7 @@ def test_ivf_add_remove_and_round_trip(clustered_50k, tmp_path: Path) -> None:  
     assert recall_at_k(exact, index.search(queries, 10)[1]) >= vectors_module.RECALL_TARGET
 
 
-def test_auto_picks_flat_then_ivf(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_picks_flat_then_ivfpq(monkeypatch: pytest.MonkeyPatch) -> None:
     vecs, _ = clustered(3000, 16, 20, spread=0.2, seed=1)
     ids = np.arange(3000, dtype=np.int64)
     monkeypatch.setattr(vectors_module, "EXACT_MAX", 3000)
@@ -252,10 +263,176 @@ def test_auto_picks_flat_then_ivf(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(vectors_module, "EXACT_MAX", 2999)
     assert small.needs_rebuild()  # it has outgrown exact search
     large = VectorIndex.build(ids, vecs, device="cpu")
-    assert large.kind == "ivf" and large.nlist == vectors_module.nlist_for(3000)
+    assert large.kind == "ivfpq" and large.nlist == vectors_module.nlist_for(3000)
     assert not large.needs_rebuild()
-    large.add(np.arange(3000, 12001), np.repeat(vecs, 4, axis=0)[:9001])
-    assert large.needs_rebuild()  # 4x its training size
+    chosen = VectorIndex.build(ids, vecs, kind="ivf", device="cpu")
+    assert not chosen.needs_rebuild()  # an IVF chosen with optimize is kept while it fits its size
+    for index in (large, chosen):
+        index.add(np.arange(3000, 12001), np.repeat(vecs, 4, axis=0)[:9001])
+        assert index.needs_rebuild()  # 4x its training size
+    monkeypatch.setattr(vectors_module, "EXACT_MAX", 10**6)
+    assert VectorIndex.build(ids, vecs, kind="ivfpq", device="cpu").needs_rebuild()  # small: exact again
+
+
+# --- ivfpq: compressed candidates, exact re-rank ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clustered_20k() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    vecs, centres = clustered(20_000, DIM, 100, spread=0.15, seed=0)
+    return np.arange(len(vecs), dtype=np.int64) * 2 + 1, vecs, centres
+
+
+@pytest.fixture(scope="module")
+def ivfpq_20k(clustered_20k) -> VectorIndex:  # noqa: ANN001
+    ids, vecs, _ = clustered_20k
+    return VectorIndex.build(ids, vecs, kind="ivfpq", device="cpu")
+
+
+def test_pq_size_rule() -> None:
+    assert [pq_m_for(d) for d in (768, 512, 64, 24, 30, 7, 3, 1)] == [96, 64, 16, 12, 15, 7, 3, 1]
+    assert all(d % pq_m_for(d) == 0 for d in range(1, 1025))
+
+
+def test_ivfpq_reaches_recall_target_after_rerank(clustered_20k, ivfpq_20k) -> None:  # noqa: ANN001
+    ids, vecs, centres = clustered_20k
+    index = ivfpq_20k
+    assert index.kind == "ivfpq" and len(index) == len(ids) and 1 <= index.nprobe < index.nlist
+    assert index._cpu.pq.M == 16 and index._cpu.by_residual  # 16 bytes a vector, not 128
+    queries = held_out_queries(vecs, centres, seed=7)
+    _, exact = exact_search(queries, ids, vecs, 10)
+    scores, found = index.search(queries, 10, refine=refine_from(ids, vecs))
+    assert recall_at_k(exact[:200], found[:200]) >= vectors_module.RECALL_TARGET
+    assert recall_at_k(exact[200:], found[200:]) >= vectors_module.RECALL_TARGET
+    # the scores are the exact inner products with the true vectors, best first
+    rows = np.searchsorted(ids, found)
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, vecs[rows]), rtol=0, atol=1e-5)
+    assert (np.diff(scores, axis=1) <= 0).all()
+    # without the true vectors: PQ estimates, which are not the exact products
+    pq_scores, pq_found = index.search(queries, 10)
+    pq_exact = np.einsum("qd,qkd->qk", queries, vecs[np.searchsorted(ids, pq_found)])
+    assert np.abs(pq_scores - pq_exact).max() > 1e-3
+
+
+def test_rerank_scores_what_refine_returns() -> None:
+    vecs = unit(50, seed=4)
+    ids = np.arange(50, dtype=np.int64) * 3
+    queries = unit(2, seed=5)
+    candidates = np.array([[0, 3, 6, 9, -1], [147, 12, 30, 3, 6]])
+    scores, found = rerank(queries, candidates, 3, refine_from(ids, vecs))
+    for row in range(2):
+        cand = candidates[row][candidates[row] >= 0]
+        want = sorted(cand, key=lambda i: -(queries[row] @ vecs[i // 3]))[:3]
+        np.testing.assert_array_equal(found[row], want)
+        np.testing.assert_allclose(scores[row], vecs[np.asarray(want) // 3] @ queries[row], atol=1e-6)
+    gone = refine_from(ids[2:], vecs[2:])  # ids 0 and 3 deleted since the index was searched
+    scores, found = rerank(queries[:1], candidates[:1], 4, gone)
+    np.testing.assert_array_equal(np.sort(found[0, :2]), [6, 9])
+    assert (found[0, 2:] == -1).all() and np.isneginf(scores[0, 2:]).all()
+    _, found = rerank(queries, candidates, 2, refine_from(ids[:0], vecs[:0]))
+    assert (found == -1).all()
+
+
+def test_ivfpq_allowed_subsets(clustered_20k, ivfpq_20k) -> None:  # noqa: ANN001
+    ids, vecs, centres = clustered_20k
+    queries = held_out_queries(vecs, centres, seed=8)[:50]
+    truth = refine_from(ids, vecs)
+    rng = np.random.default_rng(3)
+    small = np.sort(rng.choice(len(ids), 200, replace=False))  # every list probed: exact
+    assert_same_results(ivfpq_20k.search(queries, 10, allowed=ids[small], refine=truth),
+                        exact_search(queries, ids[small], vecs[small], 10))
+    large = np.sort(rng.choice(len(ids), 6_000, replace=False))
+    _, found = ivfpq_20k.search(queries, 10, allowed=ids[large], refine=truth)
+    assert np.isin(found, ids[large]).all()
+    _, exact = exact_search(queries, ids[large], vecs[large], 10)
+    assert recall_at_k(exact, found) >= vectors_module.RECALL_TARGET
+
+
+def test_ivfpq_add_remove_and_round_trip(clustered_20k, tmp_path: Path) -> None:  # noqa: ANN001
+    ids, vecs, centres = clustered_20k
+    index = VectorIndex.build(ids[:5000], vecs[:5000], kind="ivfpq", device="cpu")
+    index.add(ids[5000:6000], vecs[5000:6000])
+    index.add(ids[:10], vecs[6000:6010])  # replaces
+    assert index.remove(ids[10:20]) == 10
+    kept_ids = np.concatenate([ids[:10], ids[20:6000]])
+    kept_vecs = np.concatenate([vecs[6000:6010], vecs[20:6000]])
+    np.testing.assert_array_equal(index.ids(), np.sort(kept_ids))
+    with pytest.raises(ValueError, match="catalogue"):
+        index.reconstruct(ids[:10])  # PQ codes are lossy: exact vectors come from the catalogue
+
+    path = tmp_path / "vectors.faiss"
+    header = index.save(path, generation=3)
+    assert (header.kind, header.nlist, header.nprobe) == ("ivfpq", index.nlist, index.nprobe)
+    loaded = VectorIndex.load(path, device="cpu")
+    assert (loaded.kind, loaded.nlist, loaded.nprobe, loaded.built_count) == ("ivfpq", index.nlist, index.nprobe, 5000)
+    truth = refine_from(kept_ids, kept_vecs)
+    queries = held_out_queries(vecs, centres, seed=9)[:30]
+    for got, want in zip(loaded.search(queries, 10, refine=truth), index.search(queries, 10, refine=truth)):
+        np.testing.assert_array_equal(got, want)
+    _, exact = exact_search(queries, kept_ids, kept_vecs, 10)
+    assert recall_at_k(exact, loaded.search(queries, 10, refine=truth)[1]) >= vectors_module.RECALL_TARGET
+    assert loaded.remove(ids[:5]) == 5  # the id map survived the round trip
+    assert not np.isin(loaded.search(queries, 10, refine=truth)[1], ids[:5]).any()
+
+
+def test_ivfpq_reranks_when_k_covers_the_index() -> None:
+    ids = np.arange(300, dtype=np.int64) * 5
+    vecs, _ = clustered(300, DIM, 10, spread=0.2, seed=4)
+    index = VectorIndex.build(ids, vecs, kind="ivfpq", device="cpu")
+    queries = unit(3, seed=6)
+    scores, found = index.search(queries, 400, refine=refine_from(ids, vecs))  # no room for more candidates
+    hit = found >= 0
+    exact = np.einsum("qd,qkd->qk", queries, vecs[found // 5])
+    np.testing.assert_allclose(scores[hit], exact[hit], rtol=0, atol=1e-5)  # re-ranked all the same
+    assert all((np.diff(row[row > -np.inf]) <= 0).all() for row in scores)
+
+
+def test_ivfpq_needs_enough_vectors() -> None:
+    vecs = unit(255)
+    with pytest.raises(ValueError, match="at least 256"):
+        VectorIndex.build(np.arange(255), vecs, kind="ivfpq", device="cpu")
+    with pytest.raises(ValueError, match="unknown index kind"):
+        VectorIndex.build(np.arange(255), vecs, kind="hnsw", device="cpu")
+
+
+def store_add(store: IndexStore, records: list[dict], vecs: np.ndarray) -> None:
+    """What ingestion does: catalogue rows and vectors in one commit, then the vectors into FAISS."""
+    new_ids: list[int] = []
+    store.commit(lambda tx: new_ids.extend(tx.add(records, vecs)), added=(new_ids, vecs))
+
+
+def test_store_switches_to_ivfpq_and_reranks_from_the_catalogue(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """Through IndexStore: auto goes flat -> ivfpq as the index outgrows EXACT_MAX; search scores
+    are exact against the catalogue's vectors; the file round-trips and checks clean."""
+    monkeypatch.setattr(vectors_module, "EXACT_MAX", 500)
+    vecs, centres = clustered(1200, DIM, 30, spread=0.3, seed=2)
+    store = IndexStore(tmp_path / "index", device="cpu")
+    store.bind_model("m", "fp", DIM)
+    records = [{"path": f"/p/{i:05}.jpg", "size": 1, "mtime": 1.0, "content_hash": f"{i}"} for i in range(1200)]
+    store_add(store, records[:400], vecs[:400])
+    assert store.vectors.kind == "flat" and not store.maybe_rebuild()
+    store_add(store, records[400:], vecs[400:])
+    assert store.maybe_rebuild() and store.vectors.kind == "ivfpq"
+    ids, stored = catalog_vectors(store.catalog)
+    queries = held_out_queries(stored, centres, seed=3)
+    scores, found = store.search(queries, 10)
+    rows = np.searchsorted(ids, found)
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, stored[rows]), rtol=0, atol=1e-5)
+    assert recall_at_k(exact_search(queries, ids, stored, 10)[1], found) >= vectors_module.RECALL_TARGET
+    allowed = ids[::7]
+    _, found = store.search(queries, 5, allowed=allowed)
+    assert np.isin(found[found >= 0], allowed).all()
+
+    store.save_vectors()
+    assert store.check() == []
+    store.commit(lambda tx: tx.remove(ids[:3].tolist()), removed_ids=ids[:3])
+    assert not np.isin(store.search(queries, 10)[1], ids[:3]).any()
+    store.save_vectors()
+    store.close()
+    again = IndexStore(tmp_path / "index", create=False, device="cpu")
+    assert again.vectors.kind == "ivfpq" and again.vectors.header is not None and len(again.vectors) == 1197
+    assert again.repair().kind == "ivfpq"
+    again.close()
 
 
 # --- files -------------------------------------------------------------------------------

@@ -1,0 +1,290 @@
+"""Vector search latency, recall@10 and bytes per vector: exact (flat) against approximate (ivf,
+ivfpq with exact re-rank), on clustered embedding-like data, at 10k, 100k and 1M vectors.
+
+For each of ``--sizes`` n, in one process:
+
+1. Data (``make_data``): ``--clusters`` centres (default 4,000) and n + ``--queries`` points around
+   them in ``--dim`` dimensions (default 768), unit length, stored as the catalogue stores vectors
+   (int8 with a per-vector scale; the float32 values used everywhere are those int8 values times
+   their scale). The data is anisotropic like real CLIP embeddings, whose variance is concentrated
+   in a few directions and which share a common mean direction:
+   - a per-dimension standard deviation ``(1 + j) ** -SPECTRUM_DECAY`` (j = 0..d-1) assigned to
+     the dimensions in a shuffled order (FAISS PQ does not rotate, and real embeddings do not sort
+     their variance by coordinate);
+   - centres = spectrum-shaped Gaussian directions plus a common offset of norm ``OFFSET``,
+     normalised (random pairs of points then have a cosine of about 0.4);
+   - points = a uniformly chosen centre + ``SPREAD`` x spectrum-shaped Gaussian noise, normalised.
+   The queries are the last ``--queries`` points: drawn the same way, held out of the index.
+2. The exact baseline: ``faiss.IndexFlatIP`` over the n vectors. Its top 10 per query is the
+   ground truth for recall@10, and its latency the baseline of the "x exact" ratios.
+3. Each of ``--kinds``, built by ``VectorIndex.build(kind=...)`` (the IVF kinds train, add and tune
+   nprobe as altsearch does): build seconds; bytes per vector of the FAISS file (the serialised
+   index over n); recall@10 over the queries; single-query latency p50/p95 over
+   ``--latency-queries`` queries, one query per call, with 1 FAISS thread and with the default
+   thread count (printed). The flat rows go through ``VectorIndex.search`` too.
+   "ivfpq" searches re-rank their candidates against the int8 vectors held in a numpy array in
+   memory (``refine``), so its latency includes the re-rank. "x exact" = the exact p50 / this p50.
+4. ``--store-size`` (default 10,000; 0 skips): the same through ``IndexStore``: a catalogue filled
+   with n rows, the index rebuilt as flat and as ivfpq, and ``IndexStore.search`` timed, where the
+   re-rank reads the candidates' vectors from the catalogue (SQLite) instead of memory. Also
+   prints the catalogue's bytes per image.
+
+A size whose arrays would not fit in the available memory is skipped, with the reason printed
+(1M x 768 needs about 7 GB; 10M x 768 about 70 GB). Figures depend on the machine's load: the
+load average is printed with each table.
+
+Run from the repository root (tests/test_bench_search.py runs a tiny configuration):
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_search.py
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_search.py --sizes 50000,100000,200000 --kinds flat,ivfpq
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SPECTRUM_DECAY = 0.5  # per-dimension std (1 + j) ** -0.5: variance ~ 1 / (1 + j)
+OFFSET = 1.0  # norm of the common mean direction added to the (unit) centres
+SPREAD = 0.6  # noise scale around a centre (the noise has the centres' spectrum, unit norm at 1.0)
+BYTES_PER_FLOAT_COPY = 9  # bytes per vector component at peak: float32 flat + int8 truth + float32 IVF
+
+
+def make_data(n: int, dim: int, clusters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 codes (n, dim), float32 scales (n,)) of unit vectors clustered as the docstring says;
+    vector i is codes[i] * scales[i]."""
+    rng = np.random.default_rng(seed)
+    sigma = (1.0 + np.arange(dim)) ** -SPECTRUM_DECAY
+    sigma = (sigma / np.linalg.norm(sigma))[rng.permutation(dim)].astype(np.float32)
+    mean = rng.standard_normal(dim).astype(np.float32) * sigma
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32) * sigma
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    centres += OFFSET * mean / np.linalg.norm(mean)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    codes = np.empty((n, dim), np.int8)
+    scales = np.empty(n, np.float32)
+    for start in range(0, n, 65536):
+        m = min(n, start + 65536) - start
+        x = centres[rng.integers(0, clusters, m)] + SPREAD * rng.standard_normal((m, dim), np.float32) * sigma
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        scale = np.abs(x).max(axis=1) / 127.0
+        codes[start : start + m] = np.round(x / scale[:, None])
+        scales[start : start + m] = scale
+    return codes, scales
+
+
+def as_float(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    return codes.astype(np.float32) * scales[:, None]
+
+
+def int8_refine(codes: np.ndarray, scales: np.ndarray):
+    """A vectors.Refine over ids 0..n-1 held as int8 codes in memory."""
+
+    def refine(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return ids, as_float(codes[ids], scales[ids])
+
+    return refine
+
+
+def file_bytes(index) -> int:
+    """Size of the FAISS file of `index`, counted while serialising it (nothing kept)."""
+    import faiss
+
+    total = 0
+
+    def count(data: bytes) -> int:
+        nonlocal total
+        total += len(data)
+        return len(data)
+
+    faiss.write_index(index, faiss.PyCallbackIOWriter(count))
+    return total
+
+
+def latency(search, queries: np.ndarray, threads: int) -> tuple[float, float]:
+    """(p50, p95) seconds of search(one query) over the queries, with `threads` FAISS threads."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        search(queries[:1])  # warm-up
+        times = []
+        for q in queries:
+            start = time.perf_counter()
+            search(q[None, :])
+            times.append(time.perf_counter() - start)
+    finally:
+        faiss.omp_set_num_threads(before)
+    return float(np.percentile(times, 50)), float(np.percentile(times, 95))
+
+
+def available_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def bench_size(n: int, args: argparse.Namespace, threads: int) -> dict:
+    import faiss
+
+    from altsearch.vectors import VectorIndex, recall_at_k
+
+    need = n * args.dim * BYTES_PER_FLOAT_COPY
+    have = available_bytes()
+    if have is not None and need > 0.8 * have:
+        return {"n": n, "skipped": f"needs ~{need / 1e9:.0f} GB of memory, {have / 1e9:.0f} GB available"}
+    start = time.perf_counter()
+    codes, scales = make_data(n + args.queries, args.dim, args.clusters, args.seed)
+    queries = as_float(codes[n:], scales[n:])
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    codes, scales = codes[:n], scales[:n]
+    ids = np.arange(n, dtype=np.int64)
+    flat = faiss.IndexFlatIP(args.dim)
+    for s in range(0, n, 65536):
+        flat.add(as_float(codes[s : s + 65536], scales[s : s + 65536]))
+    vecs = faiss.rev_swig_ptr(flat.get_xb(), n * args.dim).reshape(n, args.dim)  # a view, no copy
+    _, truth = flat.search(queries, 10)
+    made_s = time.perf_counter() - start
+    lat_q = queries[: args.latency_queries]
+    rows = []
+    exact = {}
+    for kind in args.kinds:
+        start = time.perf_counter()
+        index = VectorIndex.build(ids, vecs, kind=kind, device="cpu", seed=args.seed)
+        build_s = time.perf_counter() - start
+        refine = int8_refine(codes, scales) if kind == "ivfpq" else None
+        _, found = index.search(queries, 10, refine=refine)
+        row = {
+            "kind": kind, "build_s": build_s, "bytes_per_vector": file_bytes(index._cpu) / n,
+            "nlist": index.nlist, "nprobe": index.nprobe, "recall_at_10": recall_at_k(truth, found, 10),
+        }  # fmt: skip
+        for label, t in (("1", 1), ("n", threads)):
+            row[f"p50_{label}"], row[f"p95_{label}"] = latency(
+                lambda q: index.search(q, 10, refine=refine), lat_q, t
+            )
+            if kind == "flat":
+                exact[label] = row[f"p50_{label}"]
+        rows.append(row)
+        del index
+    for row in rows:
+        for label in ("1", "n"):
+            row[f"x_exact_{label}"] = exact[label] / row[f"p50_{label}"] if label in exact else None
+    return {"n": n, "dim": args.dim, "data_s": made_s, "threads": threads, "rows": rows,
+            "load": os.getloadavg()}
+
+
+def bench_store(n: int, args: argparse.Namespace) -> dict:
+    """IndexStore.search at n vectors, flat and ivfpq (re-ranking from the catalogue)."""
+    from altsearch.store import CATALOG_FILE, IndexStore
+
+    codes, scales = make_data(n + args.latency_queries, args.dim, args.clusters, args.seed)
+    queries = as_float(codes[n:], scales[n:])
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    out: dict = {"n": n, "dim": args.dim}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = IndexStore(Path(tmp), device="cpu")
+        store.bind_model("bench", "bench", args.dim)
+        start = time.perf_counter()
+        for s in range(0, n, 50_000):
+            part = as_float(codes[s : min(n, s + 50_000)], scales[s : min(n, s + 50_000)])
+            records = [{"path": f"/photos/{i:08}.jpg", "size": 1, "mtime": 1.0, "content_hash": f"{i}"}
+                       for i in range(s, s + len(part))]
+            with store.catalog.transaction() as tx:
+                tx.add(records, part)
+        out["fill_s"] = time.perf_counter() - start
+        for kind in ("flat", "ivfpq"):
+            index = store.rebuild(kind)
+            out[f"{kind}_p50"], out[f"{kind}_p95"] = latency(lambda q: store.search(q, 10), queries, 1)
+            if kind == "ivfpq":
+                out["pq_only_p50"], _ = latency(lambda q: index.search(q, 10), queries, 1)
+        store.close()  # the last connection checkpoints the WAL into the file
+        out["catalog_bytes_per_image"] = sum(p.stat().st_size for p in Path(tmp).glob(CATALOG_FILE + "*")) / n
+    out["load"] = os.getloadavg()
+    return out
+
+
+def print_size(result: dict) -> None:
+    n = result["n"]
+    if "skipped" in result:
+        print(f"\n### {n:,} vectors: skipped ({result['skipped']})")
+        return
+    t = result["threads"]
+    print(f"\n### {n:,} x {result['dim']} (data made in {result['data_s']:.1f} s; "
+          f"load average {result['load'][0]:.1f}, {result['load'][1]:.1f}, {result['load'][2]:.1f})\n")
+    print(f"| kind | build s | bytes/vector | nlist | nprobe | recall@10 | p50 ms (1 thr) | p95 ms (1 thr) "
+          f"| x exact (1 thr) | p50 ms ({t} thr) | p95 ms ({t} thr) | x exact ({t} thr) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in result["rows"]:
+        name = "ivfpq + re-rank" if r["kind"] == "ivfpq" else r["kind"]
+        ratio = ["-" if r[f"x_exact_{x}"] is None else f"{r[f'x_exact_{x}']:.1f}" for x in ("1", "n")]
+        print(f"| {name} | {r['build_s']:.1f} | {r['bytes_per_vector']:.0f} | {r['nlist']} | {r['nprobe']} "
+              f"| {r['recall_at_10']:.3f} | {r['p50_1'] * 1e3:.2f} | {r['p95_1'] * 1e3:.2f} | {ratio[0]} "
+              f"| {r['p50_n'] * 1e3:.2f} | {r['p95_n'] * 1e3:.2f} | {ratio[1]} |")
+
+
+def print_store(result: dict) -> None:
+    print(f"\n### Through IndexStore: {result['n']:,} x {result['dim']}, 1 thread "
+          f"(load average {result['load'][0]:.1f}); catalogue filled in {result['fill_s']:.1f} s, "
+          f"{result['catalog_bytes_per_image']:.0f} bytes/image\n")
+    print("| search | p50 ms | p95 ms |")
+    print("|---|---:|---:|")
+    print(f"| IndexStore.search, flat | {result['flat_p50'] * 1e3:.2f} | {result['flat_p95'] * 1e3:.2f} |")
+    print(f"| IndexStore.search, ivfpq, re-rank from the catalogue | {result['ivfpq_p50'] * 1e3:.2f} "
+          f"| {result['ivfpq_p95'] * 1e3:.2f} |")
+    print(f"| VectorIndex.search, ivfpq, PQ scores only (no re-rank) | {result['pq_only_p50'] * 1e3:.2f} | |")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated vector counts")
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--kinds", default="flat,ivf,ivfpq", help="comma-separated; flat is the baseline")
+    parser.add_argument("--clusters", type=int, default=4000)
+    parser.add_argument("--queries", type=int, default=200, help="held-out queries for recall@10")
+    parser.add_argument("--latency-queries", type=int, default=50, help="single queries timed per row")
+    parser.add_argument("--store-size", type=int, default=10_000, help="IndexStore run at this size; 0 skips")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print the results as JSON as well")
+    args = parser.parse_args(argv)
+    args.kinds = [k for k in args.kinds.split(",") if k]
+    if "flat" not in args.kinds:
+        args.kinds.insert(0, "flat")  # the baseline of every ratio
+    args.latency_queries = min(args.latency_queries, args.queries)
+
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    print(f"# bench_search: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"faiss {faiss.__version__}, {threads} FAISS threads by default, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+    results = {"sizes": [], "store": None}
+    for n in (int(s) for s in args.sizes.split(",") if s):
+        result = bench_size(n, args, threads)
+        print_size(result)
+        results["sizes"].append(result)
+    if args.store_size:
+        results["store"] = bench_store(args.store_size, args)
+        print_store(results["store"])
+    if args.json:
+        print(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

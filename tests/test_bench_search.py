@@ -1,0 +1,65 @@
+"""benchmarks/bench_search.py keeps working: its data generator, a tiny run, the memory skip."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_search.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_search", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_data_is_clustered_anisotropic_and_stored_as_int8(bench):
+    codes, scales = bench.make_data(3000, 64, 30, seed=1)
+    assert codes.dtype == np.int8 and codes.shape == (3000, 64) and scales.shape == (3000,)
+    vecs = bench.as_float(codes, scales)
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1, atol=0.02)
+    assert (np.abs(codes).max(axis=1) == 127).all()  # each vector uses the full int8 range
+    # anisotropic: the top 10 % of principal directions hold far more than 10 % of the variance
+    eig = np.linalg.eigvalsh(np.cov(vecs.T))[::-1]
+    assert eig[:6].sum() / eig.sum() > 0.3
+    # a common mean direction: random pairs are positively correlated, neighbours much more so
+    sims = vecs[:500] @ vecs[500:1000].T
+    assert 0.2 < sims.mean() < 0.7
+    top = np.sort(vecs[:100] @ vecs[100:].T, axis=1)[:, -1]
+    assert top.mean() > sims.mean() + 0.2
+    again, _ = bench.make_data(3000, 64, 30, seed=1)
+    np.testing.assert_array_equal(again, codes)  # deterministic for a seed
+
+
+def test_tiny_run_prints_tables_and_ratios(bench, capsys):
+    results = bench.main(["--sizes", "2000", "--dim", "32", "--clusters", "40", "--queries", "30",
+                          "--latency-queries", "5", "--store-size", "400"])
+    out = capsys.readouterr().out
+    assert "| kind | build s | bytes/vector |" in out and "load average" in out
+    assert "| ivfpq + re-rank |" in out and "re-rank from the catalogue" in out
+    rows = {r["kind"]: r for r in results["sizes"][0]["rows"]}
+    assert set(rows) == {"flat", "ivf", "ivfpq"}
+    assert rows["flat"]["recall_at_10"] == 1.0 and rows["flat"]["x_exact_1"] == 1.0
+    assert rows["ivfpq"]["recall_at_10"] >= 0.9
+    assert rows["ivfpq"]["bytes_per_vector"] < rows["flat"]["bytes_per_vector"] / 2
+    for row in rows.values():
+        assert 0 < row["p50_1"] <= row["p95_1"] and row["x_exact_n"] > 0
+    store = results["store"]
+    assert store["n"] == 400 and store["ivfpq_p50"] > 0 and store["catalog_bytes_per_image"] > 32
+
+
+def test_a_size_that_does_not_fit_is_skipped(bench, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "available_bytes", lambda: 10**9)
+    results = bench.main(["--sizes", "10000000", "--store-size", "0"])
+    assert "skipped" in results["sizes"][0]
+    assert "10,000,000 vectors: skipped (needs ~69 GB of memory, 1 GB available)" in capsys.readouterr().out
