@@ -791,8 +791,10 @@ class Catalog:
             blobs: list[bytes] = []
             with self._read("reading vectors") as conn:
                 for part in _chunks(wanted[start : start + batch]):
-                    stmt = sa.select(*_ID_VECTOR).where(vectors.c.image_id.in_(part)).order_by("image_id")
-                    for image_id, blob in conn.execute(stmt):
+                    # plain SQL through the driver: every re-ranked search comes here for ~100 ids
+                    sql = (f"SELECT image_id, vector FROM vectors WHERE image_id IN ({','.join('?' * len(part))})"
+                           " ORDER BY image_id")
+                    for image_id, blob in conn.exec_driver_sql(sql, tuple(part)):
                         chunk_ids.append(image_id)
                         blobs.append(blob)
             if chunk_ids:

@@ -8,14 +8,17 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import AltsearchError, ModelMismatchError, QueryError
 from .home import WriteLock, index_dir
-from .ingest import Ingestor, IndexReport, Progress
 from .query import Query, Term, combine, parse_query
 from .store import IndexStore
+
+if TYPE_CHECKING:  # the ingestion code is imported when indexing starts, not by every search
+    from .ingest import IndexReport, Progress
 
 log = logging.getLogger(__name__)
 
@@ -86,24 +89,27 @@ class Engine:
     ...     hits = engine.search("海边的日落", k=10)
     """
 
-    def __init__(self, store: IndexStore, *, model=None, device: str = "auto", dtype: str = "auto"):
+    def __init__(self, store: IndexStore, *, model=None, device: str = "auto", dtype: str = "auto",
+                 quantize: str | None = None):
         self.store = store
         self._model = model if not isinstance(model, (str, os.PathLike)) else None
         self._model_source = None if self._model is not None else model
         self._device = device
         self._dtype = dtype
+        self._quantize = quantize
         self._bound = False
 
     @classmethod
     def open(cls, index: str | os.PathLike | None = None, *, model=None, device: str = "auto",
-             dtype: str = "auto", create: bool = True) -> "Engine":
+             dtype: str = "auto", quantize: str | None = None, create: bool = True) -> "Engine":
         """Open (or create) the index ``index``: a name under the altsearch home, or a folder.
 
         ``model`` is a hub id, a folder or a loaded :class:`~altsearch.Model`; by default the model the
-        index was built with (``BAAI/AltCLIP`` for a new index).
+        index was built with (``BAAI/AltCLIP`` for a new index). ``quantize="int8"`` loads it with
+        int8 Linear layers (CPU only; see :func:`~altsearch.load_model`).
         """
         store = IndexStore(index_dir(index), create=create, device=device)
-        return cls(store, model=model, device=device, dtype=dtype)
+        return cls(store, model=model, device=device, dtype=dtype, quantize=quantize)
 
     def __enter__(self) -> "Engine":
         return self
@@ -128,7 +134,7 @@ class Engine:
             from .model.resolve import DEFAULT_MODEL
 
             source = self._model_source or self.store.catalog.get_meta("model_id") or DEFAULT_MODEL
-            self._model = load_model(source, device=self._device, dtype=self._dtype)
+            self._model = load_model(source, device=self._device, dtype=self._dtype, quantize=self._quantize)
         if not self._bound:  # the recorded model never changes once set: check it once per engine
             self.store.bind_model(self._model.source, self._model.fingerprint, self._model.dimension)
             self._bound = True
@@ -141,6 +147,8 @@ class Engine:
               include_hidden: bool = False, follow_symlinks: bool = True) -> IndexReport:
         """Bring ``folder`` into the index: new files embedded, changed ones re-embedded, moved ones
         followed, deleted ones dropped. Safe to interrupt; the next run resumes."""
+        from .ingest import Ingestor
+
         folder = Path(folder).expanduser()
         if not folder.exists():
             raise AltsearchError(f"folder not found: {folder}")
@@ -279,4 +287,4 @@ class Engine:
         return [{"path": p, "reason": r, "at": t} for p, r, t in self.store.catalog.failures()]
 
 
-__all__ = ["Engine", "Hit", "IndexReport", "Progress", "to_timestamp"]
+__all__ = ["Engine", "Hit", "to_timestamp"]

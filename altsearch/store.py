@@ -94,6 +94,7 @@ class IndexStore:
         self.device = device
         self.catalog = Catalog(db)
         self._vectors: VectorIndex | None = None
+        self._seen_version: int | None = None  # catalog.data_version() when the vectors were last known current
         self._rw = ReadWriteLock()
         self._open_lock = threading.Lock()
         self._saved_generation: int | None = None
@@ -144,9 +145,13 @@ class IndexStore:
         """Catch up with what another process committed since this index was read."""
         if self._vectors is None:
             return
+        version = self.catalog.data_version()  # first: a commit after this is caught next time
+        if version == self._seen_version:
+            return  # nobody committed since the last look (microseconds, against a catalogue read)
         if self._vectors.generation != self.catalog.generation:
             with self._rw.writing():
                 self._vectors.reconcile(self.catalog, since_generation=self._vectors.generation or 0)
+        self._seen_version = version
 
     def search(self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None):
         """(scores, ids), each (Q, min(k, vectors)): never wider than the index, as k is user input
@@ -171,7 +176,7 @@ class IndexStore:
         """Run ``fn(tx)`` in one catalogue transaction, then apply the vector changes in memory.
 
         ``added`` is ``(ids, vectors)``; the ids may be filled in by ``fn``. Vectors go into FAISS as the
-        catalogue stores them (float16-rounded), so a rebuilt index scores exactly like this one.
+        catalogue stores them (`catalog.as_stored`: int8-rounded), so a rebuilt index scores exactly like this one.
         """
         vectors = self.vectors  # opened (and caught up) before the catalogue moves on
         with _writing(self.folder, "committing to the catalogue"):
