@@ -9,7 +9,8 @@ import torch
 from altsearch import load_model
 from altsearch.model.config import VisionConfig
 from altsearch.model.preprocess import Normalizer, PreprocessConfig
-from altsearch.model.runtime import suggest_batch_size, vision_activation_bytes
+from altsearch.model import runtime
+from altsearch.model.runtime import cpu_flags, suggest_batch_size, vision_activation_bytes
 
 VIT_L14 = VisionConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                        image_size=224, patch_size=14, num_channels=3, layer_norm_eps=1e-5)
@@ -54,3 +55,24 @@ def test_cpu_model_suggests_its_cpu_batch(tiny_checkpoint):
     model = load_model(tiny_checkpoint, device="cpu")
     assert model.suggest_batch_size() == 16 and model.suggest_batch_size(cpu_batch=4) == 4
     assert model.loaded_towers == ()  # nothing to measure on CPU, nothing loaded
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 fma avx512_bf16 amx_tile\n\nprocessor\t: 1\nflags\t: fpu\n")
+    assert cpu_flags(str(info)) == {"fpu", "avx2", "fma", "avx512_bf16", "amx_tile"}
+    assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+@pytest.mark.parametrize(("flags", "want"), [({"avx2", "fma"}, torch.float32), ({"avx512f", "avx512_bf16"}, torch.bfloat16),
+                                             ({"amx_bf16", "amx_tile"}, torch.bfloat16)])
+def test_auto_dtype_on_cpu_is_bf16_only_with_native_bf16(monkeypatch, flags, want):
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
+    assert runtime.pick_dtype("auto", torch.device("cpu")) is want
+    assert runtime.pick_dtype("fp32", torch.device("cpu")) is torch.float32  # an explicit dtype is kept
+
+
+def test_quantize_with_auto_dtype_runs_fp32_even_on_a_native_bf16_cpu(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    assert load_model(tiny_checkpoint, device="cpu").dtype is torch.bfloat16
+    assert load_model(tiny_checkpoint, device="cpu", quantize="int8").dtype is torch.float32
