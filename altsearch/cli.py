@@ -163,8 +163,8 @@ def search(
     query: Annotated[str, typer.Argument(help='Text, image paths and #ids, combined with + and -, '
                                                'e.g. "海边的日落", "beach + sunset - people".')],
     index: IndexOpt = None, model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-    quantize: QuantizeOpt = None, k: KOpt = 10, under: UnderOpt = None, date_from: FromOpt = None, date_to: ToOpt = None,
-    min_score: MinScoreOpt = None, as_json: JsonOpt = False,
+    quantize: QuantizeOpt = None, k: KOpt = 10, under: UnderOpt = None, date_from: FromOpt = None,
+    date_to: ToOpt = None, min_score: MinScoreOpt = None, as_json: JsonOpt = False,
 ):
     """Find images matching a text (any language), an image, or a combination."""
     with _errors(), _engine(index, model, device, dtype, quantize=quantize) as engine:
@@ -177,8 +177,8 @@ def search(
 def similar(
     image: Annotated[str, typer.Argument(help="An image file (indexed or not), or #ID of an indexed image.")],
     index: IndexOpt = None, model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-    quantize: QuantizeOpt = None, k: KOpt = 10, under: UnderOpt = None, date_from: FromOpt = None, date_to: ToOpt = None,
-    min_score: MinScoreOpt = None, as_json: JsonOpt = False,
+    quantize: QuantizeOpt = None, k: KOpt = 10, under: UnderOpt = None, date_from: FromOpt = None,
+    date_to: ToOpt = None, min_score: MinScoreOpt = None, as_json: JsonOpt = False,
 ):
     """Find images that look like IMAGE."""
     target = int(image[1:]) if image.startswith("#") and image[1:].isdigit() else image

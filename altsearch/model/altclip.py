@@ -275,8 +275,9 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto
 
     ``towers`` loads ``"text"`` and/or ``"vision"`` now; by default each loads on first use.
     ``max_length`` caps text tokens (default 77, as BAAI's own inference).
-    ``quantize="int8"`` (CPU, fp32 activations: what ``dtype="auto"`` then picks) quantises the towers' Linear layers as they load: faster
-    on CPUs with fast int8 arithmetic, with vectors close to (not equal to) the float32 ones.
+    ``quantize="int8"`` (CPU, fp32 activations: what ``dtype="auto"`` then picks) quantises the
+    towers' Linear layers as they load: faster on CPUs with fast int8 arithmetic, with vectors
+    close to (not equal to) the float32 ones.
     """
     dev = pick_device(device)
     dt = torch.float32 if quantize and dtype == "auto" else pick_dtype(dtype, dev)

@@ -29,7 +29,8 @@ def check_mode(quantize: str | None, device: torch.device, dtype: torch.dtype) -
         raise ModelError(f"quantize={quantize!r} runs on CPU only, not on {device}; "
                          "GPUs run fp16/bf16 (dtype='auto')")
     if dtype != torch.float32:
-        raise ModelError(f"quantize={quantize!r} needs dtype fp32 activations, not {str(dtype).replace('torch.', '')}")
+        name = str(dtype).replace("torch.", "")
+        raise ModelError(f"quantize={quantize!r} needs dtype fp32 activations, not {name}")
 
 
 def engine() -> str:

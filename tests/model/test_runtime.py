@@ -44,7 +44,8 @@ def test_suggest_batch_size(free, per_image, kwargs, want):
     assert suggest_batch_size(free, per_image, **kwargs) == want
 
 
-@pytest.mark.parametrize("kwargs", [{"free_bytes": -1, "per_image_bytes": 1}, {"free_bytes": 1, "per_image_bytes": 0},
+@pytest.mark.parametrize("kwargs", [{"free_bytes": -1, "per_image_bytes": 1},
+                                    {"free_bytes": 1, "per_image_bytes": 0},
                                     {"free_bytes": 1, "per_image_bytes": 1, "headroom": 0}])
 def test_suggest_batch_size_refuses_nonsense(kwargs):
     with pytest.raises(ValueError):
@@ -59,12 +60,14 @@ def test_cpu_model_suggests_its_cpu_batch(tiny_checkpoint):
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 fma avx512_bf16 amx_tile\n\nprocessor\t: 1\nflags\t: fpu\n")
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 fma avx512_bf16 amx_tile\n\n"
+                    "processor\t: 1\nflags\t: fpu\n")
     assert cpu_flags(str(info)) == {"fpu", "avx2", "fma", "avx512_bf16", "amx_tile"}
     assert cpu_flags(str(tmp_path / "missing")) == frozenset()
 
 
-@pytest.mark.parametrize(("flags", "want"), [({"avx2", "fma"}, torch.float32), ({"avx512f", "avx512_bf16"}, torch.bfloat16),
+@pytest.mark.parametrize(("flags", "want"), [({"avx2", "fma"}, torch.float32),
+                                             ({"avx512f", "avx512_bf16"}, torch.bfloat16),
                                              ({"amx_bf16", "amx_tile"}, torch.bfloat16)])
 def test_auto_dtype_on_cpu_is_bf16_only_with_native_bf16(monkeypatch, flags, want):
     monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
