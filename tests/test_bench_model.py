@@ -66,11 +66,13 @@ def test_ratio_above_one_always_means_altsearch_is_better(bench):
 
 
 def test_int8_rows_compare_against_fp32_and_report_the_drift(bench):
-    int8 = {"images_per_s": 3.0, "texts_per_s": 20.0, "load_s": 2.0, "tokens": 12}
-    fp32 = {"images_per_s": 2.0, "texts_per_s": 10.0, "load_s": 1.0}
+    int8 = {"images_per_s": 3.0, "texts_per_s": 20.0, "load_s": 2.0, "tokens": 12, "cpu_s_per_image": 1.0,
+            "cpu_s_per_text": 0.1}
+    fp32 = {"images_per_s": 2.0, "texts_per_s": 10.0, "load_s": 1.0, "cpu_s_per_image": 2.0, "cpu_s_per_text": 0.2}
     table = bench.int8_rows(int8, fp32, {"image": (0.995, 0.998), "text": (0.99, 0.997)}, batch=8)
     ratios = {metric: f(a, b) for metric, a, b, f, _ in table if f is not None}
     assert ratios["images/s (batch 8, median)"] == 1.5
+    assert ratios["CPU seconds per image (median batch)"] == 2.0  # half the CPU time: 2x better
     assert ratios["load, both towers, quantisation included (s)"] == 0.5  # slower load: below 1
     drift = {metric: a for metric, a, b, f, _ in table if f is None}
     assert drift["cosine to fp32, image embeddings: min"] == 0.995
