@@ -50,6 +50,8 @@ ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", show_default="the index's model, else BAAI/AltCLIP", help="Hub id or model folder.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16.")]
+QuantizeOpt = Annotated[Optional[str], typer.Option(
+    help="int8: quantise the model's Linear layers (CPU, fp32 only; vectors close to, not equal to, fp32).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 KOpt = Annotated[int, typer.Option("-k", "--top", min=1, help="Number of results.")]
 UnderOpt = Annotated[Optional[Path], typer.Option("--under", help="Only images under this folder.")]
@@ -69,10 +71,10 @@ def _errors():
         raise typer.Exit(1) from None
 
 
-def _engine(index, model=None, device="auto", dtype="auto", create=False):
+def _engine(index, model=None, device="auto", dtype="auto", create=False, quantize=None):
     from .engine import Engine
 
-    return Engine.open(index, model=model, device=device, dtype=dtype, create=create)
+    return Engine.open(index, model=model, device=device, dtype=dtype, quantize=quantize, create=create)
 
 
 @contextmanager
@@ -114,6 +116,7 @@ def index(
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per model batch.")] = None,
     workers: Annotated[Optional[int], typer.Option(
         min=0, show_default="cores - 1", help="Decode processes (0 = decode in this process).")] = None,
@@ -127,7 +130,7 @@ def index(
     from .ingest import IndexReport
 
     show_bar = not quiet and not as_json and err.is_terminal
-    with _errors(), _engine(index, model, device, dtype, create=True) as engine:
+    with _errors(), _engine(index, model, device, dtype, create=True, quantize=quantize) as engine:
         try:
             with _progress(show_bar) as progress:
                 report: IndexReport = engine.index(folder, progress=progress, batch_size=batch_size,
@@ -188,15 +191,16 @@ def search(
     query: Annotated[str, typer.Argument(help='Text, image paths and #ids, combined with + and -, '
                                                'e.g. "海边的日落", "beach + sunset - people".')],
     index: IndexOpt = None, model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-    k: KOpt = 10, under: UnderOpt = None, date_from: FromOpt = None, date_to: ToOpt = None,
-    min_score: MinScoreOpt = None, as_json: JsonOpt = False,
+    quantize: QuantizeOpt = None, k: KOpt = 10, under: UnderOpt = None, date_from: FromOpt = None,
+    date_to: ToOpt = None, min_score: MinScoreOpt = None, as_json: JsonOpt = False,
 ):
     """Find images matching a text (any language), an image, or a combination."""
     from .query import parse_query
 
     with _errors():
         parsed = parse_query(query)  # a mistyped query fails before anything is read
-    with _errors(), _engine(index, model, device, dtype) as engine, _vectors_opened_meanwhile(engine):
+    with _errors(), _engine(index, model, device, dtype, quantize=quantize) as engine, \
+            _vectors_opened_meanwhile(engine):
         hits = engine.search(parsed, k=k, under=under, taken_from=date_from, taken_to=date_to,
                              min_score=min_score)
         _print_hits(hits, as_json)
@@ -206,12 +210,13 @@ def search(
 def similar(
     image: Annotated[str, typer.Argument(help="An image file (indexed or not), or #ID of an indexed image.")],
     index: IndexOpt = None, model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-    k: KOpt = 10, under: UnderOpt = None, date_from: FromOpt = None, date_to: ToOpt = None,
-    min_score: MinScoreOpt = None, as_json: JsonOpt = False,
+    quantize: QuantizeOpt = None, k: KOpt = 10, under: UnderOpt = None, date_from: FromOpt = None,
+    date_to: ToOpt = None, min_score: MinScoreOpt = None, as_json: JsonOpt = False,
 ):
     """Find images that look like IMAGE."""
     target = int(image[1:]) if image.startswith("#") and image[1:].isdigit() else image
-    with _errors(), _engine(index, model, device, dtype) as engine, _vectors_opened_meanwhile(engine):
+    with _errors(), _engine(index, model, device, dtype, quantize=quantize) as engine, \
+            _vectors_opened_meanwhile(engine):
         hits = engine.similar(target, k=k, under=under, taken_from=date_from, taken_to=date_to,
                               min_score=min_score)
         _print_hits(hits, as_json)
@@ -293,7 +298,7 @@ def remove(
 @app.command()
 def optimize(
     index: IndexOpt = None,
-    kind: Annotated[str, typer.Option(help="auto (by size), flat (exact) or ivf (approximate).")] = "auto",
+    kind: Annotated[str, typer.Option(help="auto (by size), flat (exact), ivfpq (compact, re-ranked) or ivf (approximate).")] = "auto",
     as_json: JsonOpt = False,
 ):
     """Rebuild the vector index from stored vectors (exact while small, approximate when large)."""

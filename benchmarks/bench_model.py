@@ -12,7 +12,10 @@ architecture, then measures both implementations with the same dtype, device and
   ``from_pretrained`` (which always loads both);
 - peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``) of a fresh process that loads for text and
   answers one text query;
-- the largest absolute difference between the two implementations' features on the same inputs.
+- the largest absolute difference between the two implementations' features on the same inputs;
+- on CPU in fp32 (unless ``--no-int8``), altsearch once more with ``quantize="int8"``: images/s and
+  texts/s against altsearch fp32 from the same run, load time (quantisation included), and the
+  cosine of each int8 embedding to the fp32 one of the same input (min and mean): the drift.
 
 Run from the repository root (not part of the test suite; tests/test_bench_model.py runs --tiny):
 
@@ -247,7 +250,7 @@ class Runner:
             t0 = time.perf_counter()
             towers = ["text"] if self.job["text_only"] else ["text", "vision"]
             self.model = ours.load_model(self.job["ckpt"], device=self.job["device"], dtype=self.job["dtype"],
-                                         towers=towers)
+                                         towers=towers, quantize=self.job.get("quantize"))
             self.image_fn = lambda x: self.model.module.image_features(x)
             self.text_fn = lambda ids, mask: self.model.module.text_features(ids, mask)
         else:
@@ -288,31 +291,32 @@ class Runner:
         if self.device.type == "cuda":
             self.result["cuda_peak_mib"] = self.torch.cuda.max_memory_allocated() / 2**20
 
-    def timed(self, fn, repeats: int) -> tuple[list[float], object]:
-        """Seconds of each of ``repeats`` calls after a warm-up call, and the last output."""
+    def timed(self, fn, repeats: int) -> tuple[list[float], list[float], object]:
+        """Wall and CPU seconds of each of ``repeats`` calls after a warm-up call, and the last output."""
         with self.torch.inference_mode():
             out = fn()  # warm-up
             self.sync()
-            times = []
-            cpu0 = time.process_time()
+            times, cpu = [], []
             for _ in range(repeats):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = fn()
                 self.sync()
                 times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
         # CPU seconds per wall second per thread: well below 1 means other processes took the cores.
-        share = (time.process_time() - cpu0) / (sum(times) * self.result["threads"])
+        share = sum(cpu) / (sum(times) * self.result["threads"])
         self.result["cpu_share"] = min(self.result.get("cpu_share", 1.0), share)
-        return times, out
+        return times, cpu, out
 
     def throughput(self, ids, mask, pixels, out: Path) -> None:
-        impl, repeats = self.job["impl"], self.job["repeats"]
-        times, feats = self.timed(lambda: self.image_fn(pixels), repeats)
-        self.result.update(image_times=times, images_per_s=len(pixels) / statistics.median(times))
+        impl, repeats = self.job.get("tag", self.job["impl"]), self.job["repeats"]
+        times, cpu, feats = self.timed(lambda: self.image_fn(pixels), repeats)
+        self.result.update(image_times=times, images_per_s=len(pixels) / statistics.median(times),
+                           cpu_s_per_image=statistics.median(cpu) / len(pixels))
         np.save(out / f"{impl}_image.npy", feats.float().cpu().numpy())
-        times, feats = self.timed(lambda: self.text_fn(ids, mask), repeats)
+        times, cpu, feats = self.timed(lambda: self.text_fn(ids, mask), repeats)
         self.result.update(text_times=times, texts_per_s=len(ids) / statistics.median(times),
-                           tokens=int(ids.shape[1]))
+                           cpu_s_per_text=statistics.median(cpu) / len(ids), tokens=int(ids.shape[1]))
         np.save(out / f"{impl}_text.npy", feats.float().cpu().numpy())
 
 
@@ -401,8 +405,33 @@ def rows(ours_both: dict, ours_text: dict, theirs: dict, diffs: dict, batch: int
     return out
 
 
-def render(table: list[tuple], info: dict) -> str:
-    header = ("metric", "altsearch", "transformers", "ratio (>1: altsearch better)")
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two (N, D) feature arrays."""
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(axis=1)
+
+
+def int8_rows(int8: dict, fp32: dict, drift: dict, batch: int) -> list[tuple]:
+    """(metric, int8, fp32, ratio, format) for ``quantize="int8"`` against fp32, both altsearch."""
+    tp = lambda a, b: a / b  # noqa: E731
+    tm = lambda a, b: b / a  # noqa: E731
+    return [
+        (f"images/s (batch {batch}, median)", int8["images_per_s"], fp32["images_per_s"], tp, "{:.3f}"),
+        (f"texts/s (batch {len(QUERIES)} x {int8['tokens']} tokens, median)", int8["texts_per_s"],
+         fp32["texts_per_s"], tp, "{:.2f}"),
+        # CPU time barely depends on what else runs: the fairer ratio on a shared machine.
+        ("CPU seconds per image (median batch)", int8["cpu_s_per_image"], fp32["cpu_s_per_image"], tm, "{:.2f}"),
+        ("CPU seconds per text (median batch)", int8["cpu_s_per_text"], fp32["cpu_s_per_text"], tm, "{:.3f}"),
+        ("load, both towers, quantisation included (s)", int8["load_s"], fp32["load_s"], tm, "{:.2f}"),
+        ("cosine to fp32, image embeddings: min", drift["image"][0], None, None, "{:.5f}"),
+        ("cosine to fp32, image embeddings: mean", drift["image"][1], None, None, "{:.5f}"),
+        ("cosine to fp32, text embeddings: min", drift["text"][0], None, None, "{:.5f}"),
+        ("cosine to fp32, text embeddings: mean", drift["text"][1], None, None, "{:.5f}"),
+    ]
+
+
+def _table(header: tuple, table: list[tuple]) -> list[str]:
     lines = [(m, fmt.format(a), "reference" if b is None else fmt.format(b),
               "" if f is None else f"{f(a, b):.2f}x") for m, a, b, f, fmt in table]
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(4)]
@@ -410,6 +439,15 @@ def render(table: list[tuple], info: dict) -> str:
            "-|-".join("-" * w for w in widths)]
     out += [" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
             for r in lines]
+    return out
+
+
+def render(table: list[tuple], info: dict, int8: list[tuple] | None = None) -> str:
+    out = _table(("metric", "altsearch", "transformers", "ratio (>1: altsearch better)"), table)
+    if int8:
+        out += ["", f"altsearch quantize=\"int8\" vs altsearch fp32 (CPU share of the int8 batches "
+                f"{info['cpu_share_int8']:.2f})", ""]
+        out += _table(("metric", "altsearch int8", "altsearch fp32", "ratio (>1: int8 better)"), int8)
     return "\n".join([
         f"machine: {info['cpu']}, {info['cores']} cores; python {info['python']}, torch {info['torch']}, "
         f"transformers {info['transformers']}; {info['threads']} threads; {info['device']} {info['dtype']}; "
@@ -434,6 +472,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, help="where the checkpoint and results go (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint (reused by a later --workdir run)")
     p.add_argument("--warm-cache", action="store_true", help="do not evict the checkpoint before each load")
+    p.add_argument("--no-int8", action="store_true", help="skip the quantize=\"int8\" run (CPU fp32 only)")
     p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -453,6 +492,11 @@ def benchmark(args: argparse.Namespace, work: Path) -> dict:
         "ours_text": dict(impl="ours", text_only=True, prepare=False, query=True, throughput=False),
         "theirs": dict(impl="theirs", text_only=False, prepare=False, query=True, throughput=True),
     }
+    int8 = args.device == "cpu" and args.dtype == "fp32" and not args.no_int8
+    if int8:  # right after ours_both, so both altsearch runs see the machine in a similar state
+        jobs = {"ours_both": jobs.pop("ours_both"),
+                "ours_int8": dict(impl="ours", tag="int8", quantize="int8", text_only=False, prepare=False,
+                                  query=False, throughput=True), **jobs}
     res = {}
     for name, job in jobs.items():
         print(f"running {name} ...", flush=True)
@@ -463,10 +507,21 @@ def benchmark(args: argparse.Namespace, work: Path) -> dict:
                 checkpoint="tiny random" if args.tiny else "random, BAAI/AltCLIP architecture (864M parameters)",
                 loadavg_end=_loadavg(), cpu_share=(res["ours_both"]["cpu_share"], res["theirs"]["cpu_share"]))
     table = rows(res["ours_both"], res["ours_text"], res["theirs"], diffs, args.batch)
-    print("\n" + render(table, info))
-    return {"machine": info, "runs": res, "max_abs_diff": diffs,
-            "table": [{"metric": m, "altsearch": a, "transformers": b, "ratio": None if f is None else f(a, b)}
-                      for m, a, b, f, _ in table]}
+    report = {"machine": info, "runs": res, "max_abs_diff": diffs,
+              "table": [{"metric": m, "altsearch": a, "transformers": b, "ratio": None if f is None else f(a, b)}
+                        for m, a, b, f, _ in table]}
+    qtable = None
+    if int8:
+        cos = {kind: cosines(np.load(work / f"int8_{kind}.npy"), np.load(work / f"ours_{kind}.npy"))
+               for kind in ("image", "text")}
+        drift = {kind: (float(c.min()), float(c.mean())) for kind, c in cos.items()}
+        info["cpu_share_int8"] = res["ours_int8"]["cpu_share"]
+        qtable = int8_rows(res["ours_int8"], res["ours_both"], drift, args.batch)
+        report["int8"] = {"cosine_min_mean": drift,
+                          "table": [{"metric": m, "int8": a, "fp32": b, "ratio": None if f is None else f(a, b)}
+                                    for m, a, b, f, _ in qtable]}
+    print("\n" + render(table, info, qtable))
+    return report
 
 
 def main(argv=None) -> None:

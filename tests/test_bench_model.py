@@ -65,6 +65,25 @@ def test_ratio_above_one_always_means_altsearch_is_better(bench):
     assert all(r > 1 for r in ratios.values())
 
 
+def test_int8_rows_compare_against_fp32_and_report_the_drift(bench):
+    int8 = {"images_per_s": 3.0, "texts_per_s": 20.0, "load_s": 2.0, "tokens": 12, "cpu_s_per_image": 1.0,
+            "cpu_s_per_text": 0.1}
+    fp32 = {"images_per_s": 2.0, "texts_per_s": 10.0, "load_s": 1.0, "cpu_s_per_image": 2.0, "cpu_s_per_text": 0.2}
+    table = bench.int8_rows(int8, fp32, {"image": (0.995, 0.998), "text": (0.99, 0.997)}, batch=8)
+    ratios = {metric: f(a, b) for metric, a, b, f, _ in table if f is not None}
+    assert ratios["images/s (batch 8, median)"] == 1.5
+    assert ratios["CPU seconds per image (median batch)"] == 2.0  # half the CPU time: 2x better
+    assert ratios["load, both towers, quantisation included (s)"] == 0.5  # slower load: below 1
+    drift = {metric: a for metric, a, b, f, _ in table if f is None}
+    assert drift["cosine to fp32, image embeddings: min"] == 0.995
+
+
+def test_cosines_are_row_wise_and_scale_free(bench):
+    a = np.array([[1.0, 0.0], [3.0, 4.0]], np.float32)
+    b = np.array([[2.0, 0.0], [4.0, -3.0]], np.float32)
+    np.testing.assert_allclose(bench.cosines(a, b), [1.0, 0.0], atol=1e-7)
+
+
 def test_tiny_run_compares_both_implementations(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "report.json"
@@ -74,13 +93,17 @@ def test_tiny_run_compares_both_implementations(tmp_path):
         capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for needle in ("metric", "altsearch", "transformers", "images/s", "texts/s", "peak RSS",
-                   "load, text tower only", "max |ours - theirs|", "machine:", "torch"):
+                   "load, text tower only", "max |ours - theirs|", "machine:", "torch",
+                   'quantize="int8"', "altsearch int8", "cosine to fp32"):
         assert needle in proc.stdout, needle
     report = json.loads(out.read_text())
     assert report["machine"]["threads"] == 1
     assert report["max_abs_diff"]["image"] < 1e-4 and report["max_abs_diff"]["text"] < 1e-4
     for row in report["table"]:
         assert row["altsearch"] >= 0 and math.isfinite(row["altsearch"]), row
+    drift = report["int8"]["cosine_min_mean"]
+    assert drift["image"][0] >= 0.99 and drift["text"][0] >= 0.99  # the int8 path ran and stayed close
+    assert report["runs"]["ours_int8"]["images_per_s"] > 0
     runs = report["runs"]
     assert runs["ours_text"]["maxrss_mib"] > 0 and runs["theirs"]["images_per_s"] > 0
     assert not (tmp_path / "work" / "checkpoint").exists()  # no --keep: the checkpoint is removed

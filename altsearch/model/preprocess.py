@@ -473,28 +473,32 @@ def normalize_table(cfg: PreprocessConfig) -> np.ndarray:
 
 
 class Normalizer:
-    """uint8 ``(B, H, W, 3)`` -> float32 ``(B, 3, H, W)`` model input, on the batch's device."""
+    """uint8 ``(B, H, W, 3)`` -> ``(B, 3, H, W)`` model input, on the batch's device.
+
+    The output is float32, or ``dtype``: looking values up in a table already rounded to fp16/bf16
+    gives exactly the float32 result cast to that dtype, without the float32 intermediate.
+    """
 
     def __init__(self, cfg: PreprocessConfig):
         self._table = normalize_table(cfg).reshape(-1)  # channel c, value v at c * 256 + v
-        self._on_device: dict[str, torch.Tensor] = {}
+        self._on_device: dict[tuple[str, str], torch.Tensor] = {}
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         import torch
 
         if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
             raise ValueError(f"expected a uint8 (B, H, W, 3) batch, got {batch.dtype} {tuple(batch.shape)}")
-        table = self._table_on(batch.device)
+        table = self._table_on(batch.device, dtype or torch.float32)
         offsets = torch.arange(0, 768, 256, dtype=torch.int32, device=batch.device).view(1, 3, 1, 1)
         index = batch.permute(0, 3, 1, 2).to(torch.int32) + offsets  # (B, 3, H, W)
         return torch.index_select(table, 0, index.reshape(-1)).view(index.shape)
 
-    def _table_on(self, device: torch.device) -> torch.Tensor:
+    def _table_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         import torch
 
-        key = str(device)
+        key = (str(device), str(dtype))
         if key not in self._on_device:
-            self._on_device[key] = torch.from_numpy(self._table).to(device)
+            self._on_device[key] = torch.from_numpy(self._table).to(device=device, dtype=dtype)
         return self._on_device[key]
 
 
