@@ -99,44 +99,14 @@ def _inside_any(path: str, folders: set[str]) -> bool:
 
 CPU_BATCH_SIZE = 16
 """Images per model batch on a CPU: per-batch overhead is small there, and the first chunk commits sooner."""
-CUDA_BATCH_SIZES = (16, 256)
-"""The smallest and largest batch chosen on CUDA (powers of two); beyond 256 ViT-L/14 runs no faster."""
-_BATCH_MEMORY_SHARE = 0.5  # of the free device memory, for one batch's activations
+CUDA_MAX_BATCH = 256
+"""The largest batch chosen on CUDA: beyond it ViT-L/14 runs no faster, and a chunk waits longer."""
 
 
 def default_batch_size(model) -> int:
-    """Images per model batch: the model's own ``suggested_batch_size()`` when it has one; else 16 on a
-    CPU and, on CUDA, the largest power of two (16 to 256) whose activations fit in half the free
-    device memory."""
-    suggest = getattr(model, "suggested_batch_size", None)
-    if suggest is not None:
-        return suggest()
-    if model.device.type != "cuda":
-        return CPU_BATCH_SIZE
-    import torch
-
-    free, _ = torch.cuda.mem_get_info(model.device)
-    return fit_batch_size(free * _BATCH_MEMORY_SHARE, image_activation_bytes(model.config.vision, model.dtype))
-
-
-def image_activation_bytes(vision, dtype) -> int:
-    """An upper bound on the activations one image holds at once in a vision tower layer (inference):
-    the residual stream and its normed copy, q/k/v and the attention output, the attention
-    probabilities (if the kernel materialises them), the MLP's hidden layer before and after its
-    activation."""
-    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
-    elements = tokens * (6 * vision.hidden_size + 2 * vision.intermediate_size)
-    elements += vision.num_attention_heads * tokens * tokens
-    return elements * dtype.itemsize
-
-
-def fit_batch_size(budget_bytes: float, per_image_bytes: int) -> int:
-    """The largest power of two in ``CUDA_BATCH_SIZES`` whose images fit in ``budget_bytes``."""
-    low, high = CUDA_BATCH_SIZES
-    n = low
-    while n * 2 <= high and n * 2 * per_image_bytes <= budget_bytes:
-        n *= 2
-    return n
+    """Images per model batch: 16 on a CPU; on CUDA as many as fit in the free device memory once the
+    vision tower is loaded, up to 256 (:meth:`altsearch.Model.suggest_batch_size`)."""
+    return model.suggest_batch_size(maximum=CUDA_MAX_BATCH, cpu_batch=CPU_BATCH_SIZE)
 
 
 class _Stage:

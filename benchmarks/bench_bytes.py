@@ -4,7 +4,7 @@ For each of ``--sizes`` (default 10k, 100k, 1M images of ``--dim``-dimensional v
 an index folder is filled the way the product stores one, without running the model: catalogue
 rows through ``Catalog.transaction()`` / ``Tx.add`` (camera-like paths such as
 ``/home/user/Pictures/2023/07/IMG_20230714_183012.jpg``, EXIF-like metadata, a 128-bit hex content
-hash) with clustered unit vectors (bench_index.py's ``ClusteredVectors``), then the vector file
+hash) with clustered unit vectors (bench_query.py's ``ClusteredVectors``), then the vector file
 with ``VectorIndex.build(ids, vecs, kind="auto")`` and ``.save(...)``, as
 ``IndexStore.save_vectors`` does. Columns:
 
@@ -48,7 +48,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_index import CLUSTER_SIZE, ClusteredVectors, machine, render_machine  # noqa: E402
+from bench_index import machine, render_machine  # noqa: E402
+from bench_query import CLUSTER_SIZE, ClusteredVectors  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FILL_CHUNK = 50_000  # catalogue rows per Tx.add call

@@ -250,7 +250,7 @@ def print_store(result: dict) -> None:
     print(f"| VectorIndex.search, ivfpq, PQ scores only (no re-rank) | {result['pq_only_p50'] * 1e3:.2f} | |")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated vector counts")
     parser.add_argument("--dim", type=int, default=768)
@@ -266,6 +266,11 @@ def main(argv: list[str] | None = None) -> dict:
     if "flat" not in args.kinds:
         args.kinds.insert(0, "flat")  # the baseline of every ratio
     args.latency_queries = min(args.latency_queries, args.queries)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
 
     import faiss
 
