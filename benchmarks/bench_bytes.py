@@ -19,8 +19,9 @@ with ``VectorIndex.build(ids, vecs, kind="auto")`` and ``.save(...)``, as
   baseline total / our total (> 1: ours is smaller). "f32" is raw float32 vectors alone,
   ``n * d * 4`` bytes, for reference.
 
-A last line fits ``bytes/image = a + b / n`` to the measured totals and extrapolates to 10M
-images; that figure is extrapolated, not measured.
+A last line fits ``bytes/image = a + b / n`` to the measured totals of the sizes whose vector file
+is the kind 10M images get (ivfpq) and extrapolates to 10M images; that figure is extrapolated,
+not measured.
 
 Run from the repository root (opt-in; tests/test_bench_bytes.py runs a tiny configuration):
 
@@ -198,8 +199,10 @@ def measure_rss(folder: Path, dim: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def fit(rows: list[dict]) -> tuple[float, float] | None:
-    """(a, b) of total bytes/image = a + b / n, least squares; None with fewer than two sizes."""
+def fit(rows: list[dict], kind: str) -> tuple[float, float] | None:
+    """(a, b) of total bytes/image = a + b / n, least squares over the rows of vector-file `kind`
+    (another kind has another cost per image); None with fewer than two such sizes."""
+    rows = [r for r in rows if r["kind"] == kind]
     if len({r["n"] for r in rows}) < 2:
         return None
     n = np.array([r["n"] for r in rows], np.float64)
@@ -224,11 +227,16 @@ def render(rows: list[dict], dim: int) -> str:
     lines.append("RSS = resident memory a fresh process gains opening the index (IndexStore) and answering one "
                  "search with its catalogue rows, / images; baseline = the same rows with float16 catalogue "
                  "vectors (schema 1) + the same vector file, written in this run")
-    coef = fit(rows)
-    if coef is not None:
+    from altsearch.vectors import kind_for
+
+    big = kind_for(10_000_000)
+    coef = fit(rows, big)
+    if coef is None:
+        lines.append(f"fit: fewer than two sizes with the {big} vector file that 10,000,000 images get; no extrapolation")
+    else:
         a, b = coef
-        lines.append(f"fit: total bytes/image = {a:,.0f} {'-' if b < 0 else '+'} {abs(b):,.0f} / n; extrapolated "
-                     f"(not measured) to 10,000,000 images: {a + b / 1e7:,.0f} B/image")
+        lines.append(f"fit over the {big} rows: total bytes/image = {a:,.0f} {'-' if b < 0 else '+'} {abs(b):,.0f} / n; "
+                     f"extrapolated (not measured) to 10,000,000 images: {a + b / 1e7:,.0f} B/image")
     for r in rows:
         lines.append(f"summary: {r['n']:,} images: {r['total_per_image']:,.0f} B/image on disk "
                      f"({r['catalog_per_image']:,.0f} catalogue + {r['vector_per_image']:,.0f} {r['kind']} vector "

@@ -72,3 +72,11 @@ def test_tiny_run_prints_the_table(tmp_path):
     saved = rows[1]["baseline_catalog_per_image"] - rows[1]["catalog_per_image"]
     assert 40 < saved < 90  # float16 (128 B) -> int8 + scale (68 B) per vector, and nothing else changed
     assert not list((tmp_path / "w").iterdir())  # index folders are removed
+
+
+def test_the_10m_extrapolation_fits_only_the_kind_10m_images_get(bench):
+    flat = [{"n": n, "kind": "flat", "total_per_image": 4200.0} for n in (10_000, 100_000)]
+    compact = [{"n": n, "kind": "ivfpq", "total_per_image": 1100.0 + 3e7 / n} for n in (200_000, 1_000_000)]
+    a, b = bench.fit(flat + compact, "ivfpq")
+    assert a == pytest.approx(1100.0) and b == pytest.approx(3e7)
+    assert bench.fit(flat + compact[:1], "ivfpq") is None  # one size cannot be fitted
