@@ -7,13 +7,13 @@ the docs print take minutes to hours, so here each one is parsed by its own scri
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.benchscripts import bench_script
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -34,18 +34,6 @@ def commands() -> list[tuple[str, str, list[str]]]:
     return found
 
 
-def load(script: str):
-    name = Path(script).stem
-    spec = importlib.util.spec_from_file_location(name, ROOT / script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while it executes
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop(name, None)
-    return module
-
-
 def test_the_docs_show_every_benchmark():
     shown = {script for _, script, _ in commands()}
     scripts = {f"benchmarks/{p.name}" for p in (ROOT / "benchmarks").glob("bench_*.py")}
@@ -54,8 +42,8 @@ def test_the_docs_show_every_benchmark():
 
 @pytest.mark.parametrize("doc, script, argv", commands(), ids=lambda v: v if isinstance(v, str) else None)
 def test_documented_command_parses(doc, script, argv):
-    module = load(script)
-    try:
-        module.parse_args(argv)
-    except SystemExit as err:
-        pytest.fail(f"{doc}: `{script} {shlex.join(argv)}` is refused by its parser (exit {err.code})")
+    with bench_script(Path(script).stem) as module:
+        try:
+            module.parse_args(argv)
+        except SystemExit as err:
+            pytest.fail(f"{doc}: `{script} {shlex.join(argv)}` is refused by its parser (exit {err.code})")

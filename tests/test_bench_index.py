@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import ExifTags, Image
+from tests.benchscripts import bench_script
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,12 +19,8 @@ SCRIPT = ROOT / "benchmarks" / "bench_index.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_index", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with bench_script("bench_index") as module:
+        yield module
 
 
 def test_photos_are_distinct_grainy_jpegs_made_once(bench, tmp_path):

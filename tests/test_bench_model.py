@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.benchscripts import bench_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_model.py"
@@ -18,12 +18,8 @@ SCRIPT = ROOT / "benchmarks" / "bench_model.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_model"] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench_model", None)
+    with bench_script("bench_model") as module:
+        yield module
 
 
 def test_streamed_checkpoint_is_the_hub_layout_and_loads_strictly(bench, tmp_path):

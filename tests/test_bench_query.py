@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 
 from altsearch import Engine
+from tests.benchscripts import bench_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_query.py"
@@ -19,12 +19,8 @@ SCRIPT = ROOT / "benchmarks" / "bench_query.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_query", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with bench_script("bench_query") as module:
+        yield module
 
 
 def test_filled_index_searches_the_vectors_the_naive_baseline_reads(bench, tmp_path, tiny_checkpoint):
