@@ -23,12 +23,14 @@ class SelfAttention(nn.Module):
         self.key = L.Linear(d, d)
         self.value = L.Linear(d, d)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, queries: int | None = None) -> torch.Tensor:
+        """Attention over all of x's tokens, for its first ``queries`` tokens (default all)."""
         b, t, d = x.shape  # (B, T, D)
-        q, k, v = (p(x).view(b, t, self.heads, -1).transpose(1, 2)
-                   for p in (self.query, self.key, self.value))  # (B, H, T, d_h)
+        tq = t if queries is None else queries
+        q = self.query(x[:, :tq]).view(b, tq, self.heads, -1).transpose(1, 2)  # (B, H, Tq, d_h)
+        k, v = (p(x).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.key, self.value))
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return a.transpose(1, 2).reshape(b, t, d)
+        return a.transpose(1, 2).reshape(b, tq, d)
 
 
 class DenseLayerNorm(nn.Module):
@@ -49,8 +51,8 @@ class Attention(nn.Module):
         self.self = SelfAttention(cfg)
         self.output = DenseLayerNorm(cfg.hidden_size, cfg.hidden_size, cfg.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.output(self.self(x, mask), x)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, queries: int | None = None) -> torch.Tensor:
+        return self.output(self.self(x, mask, queries), x[:, :queries])
 
 
 class Intermediate(nn.Module):
@@ -69,8 +71,9 @@ class TextLayer(nn.Module):
         self.intermediate = Intermediate(cfg)
         self.output = DenseLayerNorm(cfg.intermediate_size, cfg.hidden_size, cfg.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.attention(x, mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, queries: int | None = None) -> torch.Tensor:
+        """The layer's output for the first ``queries`` tokens (default all)."""
+        x = self.attention(x, mask, queries)
         return self.output(self.intermediate(x), x)
 
 
@@ -79,9 +82,10 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(TextLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x, mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, last_queries: int | None = None) -> torch.Tensor:
+        """All layers; the last one computes only the first ``last_queries`` tokens (default all)."""
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, last_queries if i == len(self.layers) - 1 else None)
         return x
 
 
@@ -125,6 +129,7 @@ class TextTransformer(nn.Module):
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T): True = attend
-        x = self.roberta.encoder(x, mask)
-        # pre_LN and transformation act on every position in the reference; only <s> is used.
+        # Only <s> is used: the last layer computes only its output, and pre_LN and transformation
+        # (which act on every position in the reference) only on it; the same numbers, less work.
+        x = self.roberta.encoder(x, mask, last_queries=1)
         return self.transformation(self.pre_LN(x[:, 0]))  # (B, P)

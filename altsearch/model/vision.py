@@ -24,12 +24,14 @@ class VisionAttention(nn.Module):
         self.v_proj = L.Linear(d, d)
         self.out_proj = L.Linear(d, d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        """Self-attention over all of x's tokens, for its first ``queries`` tokens (default all)."""
         b, t, d = x.shape  # (B, T, D)
-        q, k, v = (p(x).view(b, t, self.heads, -1).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, T, d_h)
+        tq = t if queries is None else queries
+        q = self.q_proj(x[:, :tq]).view(b, tq, self.heads, -1).transpose(1, 2)  # (B, H, Tq, d_h)
+        k, v = (p(x).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.k_proj, self.v_proj))
         a = F.scaled_dot_product_attention(q, k, v)  # scale = d_h ** -0.5
-        return self.out_proj(a.transpose(1, 2).reshape(b, t, d))
+        return self.out_proj(a.transpose(1, 2).reshape(b, tq, d))
 
 
 class VisionMLP(nn.Module):
@@ -50,8 +52,10 @@ class VisionLayer(nn.Module):
         self.layer_norm2 = L.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = VisionMLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
+    def forward(self, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        """The layer's output for the first ``queries`` tokens (default all): each token's output
+        depends on the others only through attention's keys and values."""
+        x = x[:, :queries] + self.self_attn(self.layer_norm1(x), queries)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -60,9 +64,10 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
+    def forward(self, x: torch.Tensor, last_queries: int | None = None) -> torch.Tensor:
+        """All layers; the last one computes only the first ``last_queries`` tokens (default all)."""
+        for i, layer in enumerate(self.layers):
+            x = layer(x, last_queries if i == len(self.layers) - 1 else None)
         return x
 
 
@@ -110,5 +115,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, pixels: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         x = self.pre_layrnorm(self.embeddings(pixels, interpolate_pos_encoding))  # (B, T, D)
-        x = self.encoder(x)
+        # Only the CLS token is pooled: the last layer skips the other 256 tokens' attention outputs
+        # and MLP (the same numbers, ~3.5 % less arithmetic for ViT-L/14).
+        x = self.encoder(x, last_queries=1)
         return self.post_layernorm(x[:, 0])  # (B, D)
