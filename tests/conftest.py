@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,12 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     if config.getoption("--long"):
         os.environ["ALTSEARCH_LONG_TESTS"] = "1"  # read when tests/test_crash.py is imported
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Started in the background by a shell without job control (`cmd &` in a script, nohup),
+        # this process and every process it starts inherit an ignored SIGINT, and Python then
+        # installs no KeyboardInterrupt handler: the Ctrl-C tests would test nothing. Take the
+        # default back, as a process started from a terminal has it.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config, items):
