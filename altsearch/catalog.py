@@ -469,12 +469,17 @@ def _chunks(seq: Sequence[int], size: int = _IN_CHUNK) -> Iterator[Sequence[int]
 
 
 _RECORD_COLUMNS = ", ".join(f.name for f in fields(ImageRecord))
+_SELECT_RECORDS = f"SELECT {_RECORD_COLUMNS} FROM images"
 
 
-def _record(row: sa.Row) -> ImageRecord:
-    values = row._asdict()
-    values["path"] = decode_path(values["path"])
-    return ImageRecord(**values)
+def _record(row: Sequence[object]) -> ImageRecord:
+    """An ImageRecord from a row of `_SELECT_RECORDS` (its columns in the record's field order)."""
+    return ImageRecord(row[0], decode_path(row[1]), *row[2:])  # type: ignore[arg-type]
+
+
+def _placeholders(n: int) -> str:
+    """``?, ?, ...`` for an ``IN (...)`` of n values, bound through the driver."""
+    return ",".join("?" * n)
 
 
 # --- the catalogue -----------------------------------------------------------------------
@@ -722,14 +727,13 @@ class Catalog:
             for chunk in _chunks(sorted(set(wanted))):
                 # plain SQL through the driver: this runs once per query, where building SQLAlchemy
                 # rows cost more than SQLite's lookups
-                sql = f"SELECT {_RECORD_COLUMNS} FROM images WHERE id IN ({','.join('?' * len(chunk))})"
-                for row in conn.exec_driver_sql(sql, tuple(chunk)):
-                    found[row[0]] = ImageRecord(row[0], decode_path(row[1]), *row[2:])
+                sql = f"{_SELECT_RECORDS} WHERE id IN ({_placeholders(len(chunk))})"
+                found.update((rec.id, rec) for rec in map(_record, conn.exec_driver_sql(sql, tuple(chunk))))
         return [found[i] for i in wanted if i in found]
 
     def get_by_path(self, path: str) -> ImageRecord | None:
         with self._read("reading an image") as conn:
-            row = conn.execute(sa.select(images).where(images.c.path == encode_path(path))).first()
+            row = conn.exec_driver_sql(f"{_SELECT_RECORDS} WHERE path = ?", (encode_path(path),)).first()
         return None if row is None else _record(row)
 
     def count(self) -> int:
@@ -792,8 +796,7 @@ class Catalog:
             with self._read("reading vectors") as conn:
                 for part in _chunks(wanted[start : start + batch]):
                     # plain SQL through the driver: every re-ranked search comes here for ~100 ids
-                    sql = (f"SELECT image_id, vector FROM vectors WHERE image_id IN ({','.join('?' * len(part))})"
-                           " ORDER BY image_id")
+                    sql = f"SELECT image_id, vector FROM vectors WHERE image_id IN ({_placeholders(len(part))}) ORDER BY image_id"
                     for image_id, blob in conn.exec_driver_sql(sql, tuple(part)):
                         chunk_ids.append(image_id)
                         blobs.append(blob)
