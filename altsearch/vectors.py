@@ -228,14 +228,22 @@ def exact_search(
     return out_scores, out_ids
 
 
+def _lookup(sorted_ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, found): where each of `wanted` (any shape) is in the ascending `sorted_ids`, and
+    whether it is there at all (positions of missing ones are meaningless)."""
+    if not len(sorted_ids):
+        return np.zeros(wanted.shape, np.intp), np.zeros(wanted.shape, bool)
+    pos = np.searchsorted(sorted_ids, wanted).clip(max=len(sorted_ids) - 1)
+    return pos, sorted_ids[pos] == wanted
+
+
 def refine_from(ids: np.ndarray, vecs: np.ndarray) -> Refine:
     """A Refine over vectors held in memory (vecs[i] is the vector of ids[i])."""
     order = np.argsort(ids)
     sorted_ids = np.asarray(ids, dtype=np.int64)[order]
 
     def refine(wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        pos = np.searchsorted(sorted_ids, wanted).clip(max=max(len(sorted_ids) - 1, 0))
-        found = sorted_ids[pos] == wanted if len(sorted_ids) else np.zeros(len(wanted), bool)
+        pos, found = _lookup(sorted_ids, wanted)
         return wanted[found], np.asarray(vecs[order[pos[found]]], dtype=np.float32)
 
     return refine
@@ -252,13 +260,12 @@ def rerank(
     got_vecs = np.asarray(got_vecs, dtype=np.float32).reshape(len(got_ids), queries.shape[1])
     order = np.argsort(got_ids)
     got_ids, got_vecs = got_ids[order], got_vecs[order]
-    pos = np.searchsorted(got_ids, candidates).clip(max=max(len(got_ids) - 1, 0))
-    valid = (candidates >= 0) & (got_ids[pos] == candidates) if len(got_ids) else np.zeros(candidates.shape, bool)
+    pos, found = _lookup(got_ids, candidates)
+    valid = (candidates >= 0) & found
     scores = np.full(candidates.shape, -np.inf, dtype=np.float32)
-    for start in range(0, len(queries), _RERANK_ROWS):  # bounds the (rows, R, D) gather
+    for start in range(0, len(queries) if len(got_ids) else 0, _RERANK_ROWS):  # bounds the (rows, R, D) gather
         rows = slice(start, start + _RERANK_ROWS)
-        if len(got_ids):
-            scores[rows] = np.matmul(got_vecs[pos[rows]], queries[rows, :, None])[:, :, 0]  # (rows, R)
+        scores[rows] = np.matmul(got_vecs[pos[rows]], queries[rows, :, None])[:, :, 0]  # (rows, R)
     scores[~valid] = -np.inf
     top = min(k, candidates.shape[1])
     best = np.argsort(-scores, axis=1, kind="stable")[:, :top]
