@@ -42,7 +42,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -50,6 +49,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_index import machine, render_machine  # noqa: E402
+from benchlib import int_list, workdir  # noqa: E402
 from bench_query import CLUSTER_SIZE, ClusteredVectors  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,19 +262,10 @@ def run_size(n: int, dim: int, work: Path) -> dict:
     return row
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v.replace("_", "")) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 10:
-        raise argparse.ArgumentTypeError(f"expected integers of at least 10, got {text!r}")
-    return values
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=_ints, default=[10_000, 100_000, 1_000_000],
+    p.add_argument("--sizes", type=int_list(10), default=[10_000, 100_000, 1_000_000],
                    help="index sizes in images (default: 10000,100000,1000000)")
     p.add_argument("--dim", type=int, default=768, help="vector dimension (default: 768, AltCLIP's)")
     p.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary folder, removed)")
@@ -287,18 +278,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-bytes-"))
-    work.mkdir(parents=True, exist_ok=True)
     info = machine(argparse.Namespace(device="cpu", threads=0))
     print(render_machine(info), flush=True)
-    try:
-        rows = []
+    rows = []
+    with workdir(args.workdir, "bench-bytes-") as work:
         for n in args.sizes:
             rows.append(run_size(n, args.dim, work))
             print(table_row(rows[-1]), flush=True)
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
     info["loadavg_end"] = list(os.getloadavg())
     print("\n" + render_machine(info) + "\n\n" + render(rows, args.dim))
     if args.json:

@@ -42,6 +42,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the tiny checkpoint comes from tests/checkpoints.py
+sys.path.insert(1, str(ROOT / "benchmarks"))
+from benchlib import int_list, workdir  # noqa: E402
 
 RENDER_SCALE = 8  # photo content is drawn at 1/8 size and upscaled: smooth and fast to make
 GRAIN = 8  # +- grey levels of the fine and of the coarse grain added at full size
@@ -303,15 +305,6 @@ def render_indexing(rows: list[dict], photo: dict) -> str:
 # -- main -------------------------------------------------------------------------------------------
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v.replace("_", "")) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
-    return values
-
 
 def _size(text: str) -> tuple[int, int]:
     try:
@@ -331,7 +324,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=48, help="photos to index (default: 48)")
     p.add_argument("--size", type=_size, default=(4000, 3000), help="photo size WxH (default: 4000x3000)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality (default: 90)")
-    p.add_argument("--workers", type=_ints, default=[0, 1, 2], help="decode workers to try (default: 0,1,2)")
+    p.add_argument("--workers", type=int_list(0), default=[0, 1, 2], help="decode workers to try (default: 0,1,2)")
     p.add_argument("--batch-size", type=int, help="images per model batch (default: the library's)")
     p.add_argument("--repeats", type=int, default=1, help="rounds over the indexing configurations (median)")
     p.add_argument("--model", help="a real checkpoint (hub id or folder) instead of the tiny random one")
@@ -363,14 +356,11 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-index-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        report = run(args, work)
-    finally:
-        shutil.rmtree(work / "scratch", ignore_errors=True)
-        if args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
+    with workdir(args.workdir, "bench-index-") as work:
+        try:
+            report = run(args, work)
+        finally:
+            shutil.rmtree(work / "scratch", ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False))
 

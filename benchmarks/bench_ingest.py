@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # the tiny checkpoint comes from tests/checkpoints.py
 sys.path.insert(1, str(BENCHMARKS))  # the photo generator and the full-size writer are benchmarks' own
+from benchlib import workdir  # noqa: E402
 
 DEFAULT_IMAGES = {"tiny": 32, "full": 8}
 DTYPES = ("fp32", "fp16", "bf16")
@@ -330,13 +331,8 @@ def main(argv=None) -> None:
     if args.job:
         run_job(json.loads(args.job))
         return
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-ingest-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with workdir(args.workdir, "bench-ingest-") as work:
         report = benchmark(args, work)
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

@@ -49,6 +49,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the key layout and tiny configs come from tests/checkpoints.py
+sys.path.insert(1, str(ROOT / "benchmarks"))
+from benchlib import workdir  # noqa: E402
 
 from tests.checkpoints import (  # noqa: E402
     CLIP_PREPROCESSOR, TINY_TEXT, TINY_VISION, text_shapes, tiny_tokenizer_json, vision_shapes,
@@ -529,15 +531,13 @@ def main(argv=None) -> None:
     if args.worker:
         run_worker(json.loads(args.worker))
         return
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-model-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        report = benchmark(args, work)
-    finally:
-        if not args.keep:
-            shutil.rmtree(work / CKPT_DIR, ignore_errors=True)
-            if args.workdir is None:
-                shutil.rmtree(work, ignore_errors=True)
+    kept = args.workdir or (Path(tempfile.mkdtemp(prefix="bench-model-")) if args.keep else None)
+    with workdir(kept, "bench-model-") as work:
+        try:
+            report = benchmark(args, work)
+        finally:
+            if not args.keep:
+                shutil.rmtree(work / CKPT_DIR, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

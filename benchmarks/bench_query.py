@@ -51,7 +51,6 @@ import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -59,6 +58,8 @@ import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkpoints come from tests/checkpoints.py and bench_model.py
+sys.path.insert(1, str(ROOT / "benchmarks"))
+from benchlib import int_list, workdir  # noqa: E402
 
 # Queries made of words and characters the tiny tokenizer knows (any text works with a real model).
 QUERIES = [
@@ -503,22 +504,13 @@ def render(report: dict) -> str:
 # -- main -------------------------------------------------------------------------------------------
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v.replace("_", "")) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, help="cache for checkpoints and index folders (kept; default: a "
                                                 "temporary folder, removed)")
-    p.add_argument("--sizes", type=_ints, default=[10_000, 1_000_000],
+    p.add_argument("--sizes", type=int_list(1), default=[10_000, 1_000_000],
                    help="index sizes in vectors (default: 10000,1000000)")
     p.add_argument("--model", default="tiny", help="tiny, full or a checkpoint folder (default: tiny)")
     p.add_argument("--queries", type=int, default=50, help="warm queries per index (default: 50)")
@@ -563,13 +555,8 @@ def main(argv=None) -> None:
     if args.child:
         child(json.loads(args.child))
         return
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-query-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with workdir(args.workdir, "bench-query-") as work:
         report = run(args, work)
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False))
 
