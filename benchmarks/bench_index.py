@@ -43,7 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the tiny checkpoint comes from tests/checkpoints.py
 sys.path.insert(1, str(ROOT / "benchmarks"))
-from benchlib import int_list, workdir  # noqa: E402
+from benchlib import cpu_name, int_list, workdir  # noqa: E402
 
 RENDER_SCALE = 8  # photo content is drawn at 1/8 size and upscaled: smooth and fast to make
 GRAIN = 8  # +- grey levels of the fine and of the coarse grain added at full size
@@ -235,12 +235,7 @@ def machine(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_name()
     mem = 0.0
     if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30

@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # the tiny checkpoint comes from tests/checkpoints.py
 sys.path.insert(1, str(BENCHMARKS))  # the photo generator and the full-size writer are benchmarks' own
-from benchlib import workdir  # noqa: E402
+from benchlib import checkpoint_folder, workdir  # noqa: E402
 
 DEFAULT_IMAGES = {"tiny": 32, "full": 8}
 DTYPES = ("fp32", "fp16", "bf16")
@@ -77,23 +77,6 @@ def photos(work: Path, count: int, size: tuple[int, int], quality: int) -> Path:
     return paths[0].parent
 
 
-def checkpoint(work: Path, model: str) -> Path:
-    """The checkpoint folder for ``--model``: tiny and full are written once into ``work``."""
-    if model == "tiny":
-        from tests.checkpoints import write_checkpoint
-
-        folder = work / "tiny-altclip"
-        if not (folder / "config.json").is_file():
-            write_checkpoint(folder, seed=0)
-        return folder
-    if model == "full":
-        from bench_model import write_checkpoint
-
-        return write_checkpoint(work / "full-altclip", tiny=False)
-    folder = Path(model).expanduser()
-    if not (folder / "config.json").is_file():
-        raise SystemExit(f"--model: no checkpoint (config.json) in {folder}; use tiny, full or a folder")
-    return folder
 
 
 # -- the three pipelines, each in its own process ---------------------------------------------------
@@ -302,7 +285,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def benchmark(args: argparse.Namespace, work: Path) -> dict:
     info = machine()
     folder = photos(work, args.images, args.size, args.quality)
-    ckpt = checkpoint(work, args.model)
+    ckpt = checkpoint_folder(args.model, work)
     for p in folder.iterdir():  # every run reads the photos from the page cache
         p.read_bytes()
     scratch = Path(tempfile.mkdtemp(prefix="runs-", dir=work))

@@ -50,7 +50,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the key layout and tiny configs come from tests/checkpoints.py
 sys.path.insert(1, str(ROOT / "benchmarks"))
-from benchlib import workdir  # noqa: E402
+from benchlib import cpu_name, workdir  # noqa: E402
 
 from tests.checkpoints import (  # noqa: E402
     CLIP_PREPROCESSOR, TINY_TEXT, TINY_VISION, text_shapes, tiny_tokenizer_json, vision_shapes,
@@ -357,14 +357,7 @@ def spawn(job: dict, cold: bool) -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
 
     def version(name: str) -> str:
         try:

@@ -42,7 +42,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
@@ -59,7 +58,7 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkpoints come from tests/checkpoints.py and bench_model.py
 sys.path.insert(1, str(ROOT / "benchmarks"))
-from benchlib import int_list, workdir  # noqa: E402
+from benchlib import checkpoint_folder, cpu_name, int_list, workdir  # noqa: E402
 
 # Queries made of words and characters the tiny tokenizer knows (any text works with a real model).
 QUERIES = [
@@ -101,30 +100,8 @@ print(json.dumps({"ids": ids[top].tolist(), "maxrss_mib": resource.getrusage(res
 # -- models -----------------------------------------------------------------------------------------
 
 
-def _bench_model():
-    """benchmarks/bench_model.py as a module (its full-size checkpoint writer)."""
-    spec = importlib.util.spec_from_file_location("bench_model", ROOT / "benchmarks" / "bench_model.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
-def model_folder(choice: str, work: Path) -> Path:
-    """The checkpoint folder for ``--model``: tiny and full are written once into ``work``."""
-    if choice == "tiny":
-        from tests.checkpoints import write_checkpoint
-
-        folder = work / "tiny-altclip"
-        if not (folder / "config.json").is_file():
-            write_checkpoint(folder, seed=0)
-        return folder
-    if choice == "full":
-        return _bench_model().write_checkpoint(work / "full-altclip", tiny=False)
-    folder = Path(choice).expanduser()
-    if not (folder / "config.json").is_file():
-        raise SystemExit(f"--model {choice}: not a checkpoint folder (no config.json)")
-    return folder
 
 
 def model_identity(folder: Path) -> dict:
@@ -439,14 +416,7 @@ def machine(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return {"date": datetime.date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "faiss": faiss.__version__, "device": args.device, "loadavg_start": _loadavg(),
@@ -531,7 +501,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, work: Path) -> dict:
     info = machine(args)
-    ckpt = model_folder(args.model, work)
+    ckpt = checkpoint_folder(args.model, work)
     model = model_identity(ckpt)
     report: dict = {"machine": info, "model": model["model_id"], "dimension": model["dimension"],
                     "model_label": {"tiny": "tiny random", "full": "full-size random AltCLIP"}.get(args.model,

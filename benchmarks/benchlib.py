@@ -7,6 +7,7 @@ every worker.
 from __future__ import annotations
 
 import argparse
+import platform
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -39,3 +40,34 @@ def int_list(minimum: int) -> Callable[[str], list[int]]:
         return values
 
     return parse
+
+
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                        platform.processor() or "unknown")
+    except OSError:
+        return platform.processor() or "unknown"
+
+
+def checkpoint_folder(choice: str, work: Path) -> Path:
+    """The checkpoint folder for a ``--model`` option: "tiny" (the tests' tiny random AltCLIP) and
+    "full" (random weights with the full BAAI/AltCLIP architecture, bench_model.py's writer) are
+    written once into `work`; anything else is a checkpoint folder."""
+    if choice == "tiny":
+        from tests.checkpoints import write_checkpoint
+
+        folder = work / "tiny-altclip"
+        if not (folder / "config.json").is_file():
+            write_checkpoint(folder, seed=0)
+        return folder
+    if choice == "full":
+        from bench_model import write_checkpoint as write_full
+
+        return write_full(work / "full-altclip", tiny=False)
+    folder = Path(choice).expanduser()
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"--model: no checkpoint (config.json) in {folder}; use tiny, full or a folder")
+    return folder
