@@ -108,6 +108,7 @@ _INSERT_IMAGE = (
     f"VALUES ({', '.join('?' * (len(_RECORD_FIELDS) + 2))})"
 )
 _INSERT_VECTOR = "INSERT INTO vectors (image_id, vector, generation) VALUES (?, ?, ?)"
+_DELETE_FAILURE = "DELETE FROM failures WHERE path = ?"
 
 
 @dataclass(frozen=True)
@@ -360,10 +361,13 @@ class Tx:
         self._conn.execute(failures.insert().prefix_with("OR REPLACE"), row)
         self.changed = True
 
-    def clear_failure(self, path: str) -> None:
+    def clear_failures(self, paths: Sequence[str]) -> None:
+        """Forget the failures recorded for these paths (those without one are ignored)."""
         self._check_open()
-        self._conn.execute(sa.delete(failures).where(failures.c.path == encode_path(path)))
-        self.changed = True
+        if paths:
+            # one driver executemany: a SQLAlchemy statement per path cost ~1.6 ms each, per indexed file
+            self._conn.exec_driver_sql(_DELETE_FAILURE, [(encode_path(p),) for p in paths])
+            self.changed = True
 
     def set_meta(self, key: str, value: str) -> None:
         self._check_open()

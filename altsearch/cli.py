@@ -6,6 +6,7 @@ import json
 import os
 import threading
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -52,6 +53,14 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16.")]
 QuantizeOpt = Annotated[Optional[str], typer.Option(
     help="int8: quantise the model's Linear layers (CPU, fp32 only; vectors close to, not equal to, fp32).")]
+
+
+class DecodeChoice(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 KOpt = Annotated[int, typer.Option("-k", "--top", min=1, help="Number of results.")]
 UnderOpt = Annotated[Optional[Path], typer.Option("--under", help="Only images under this folder.")]
@@ -119,9 +128,13 @@ def index(
     quantize: QuantizeOpt = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per model batch.")] = None,
     workers: Annotated[Optional[int], typer.Option(
-        min=0, show_default="cores - 1", help="Decode processes (0 = decode in this process).")] = None,
+        min=0, show_default="cores - 1",
+        help="Decode processes (0 = decode in this process); reader threads when JPEGs decode on the GPU.")] = None,
     full_decode: Annotated[bool, typer.Option(
         "--full-decode", help="Decode JPEGs at full size (slower; no reduced-size decoding).")] = False,
+    decode: Annotated[DecodeChoice, typer.Option(
+        help="Where JPEGs are decoded: auto = on the GPU (nvJPEG) when the model runs on CUDA and "
+             "torchvision is installed.")] = DecodeChoice.auto,
     hidden: Annotated[bool, typer.Option("--hidden", help="Also index hidden files and folders.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     as_json: JsonOpt = False,
@@ -135,7 +148,7 @@ def index(
             with _progress(show_bar) as progress:
                 report: IndexReport = engine.index(folder, progress=progress, batch_size=batch_size,
                                                    workers=workers, draft=not full_decode,
-                                                   include_hidden=hidden)
+                                                   decode=decode.value, include_hidden=hidden)
         except KeyboardInterrupt:  # a second Ctrl-C, or one during the final commit
             err.print("interrupted: what was committed is kept; run the same command again to finish")
             raise typer.Exit(130) from None
@@ -174,8 +187,9 @@ def _progress(enabled: bool):
 
 def _print_report(r) -> None:
     verb = "Interrupted" if r.interrupted else "Indexed"
+    where = ", JPEGs decoded on the GPU" if r.decoder == "gpu" else ""
     out.print(f"{verb} {escape(_printable(r.folder))} in {r.seconds:.1f}s "
-              f"({r.embedded} embedded, {r.images_per_second:.1f} images/s)")
+              f"({r.embedded} embedded, {r.images_per_second:.1f} images/s{where})")
     out.print(f"  added {r.added}, updated {r.updated}, moved {r.moved}, removed {r.removed}, "
               f"unchanged {r.unchanged}, failed {r.failed}"
               + (f" ({r.duplicates} duplicates reused a stored vector)" if r.duplicates else ""))

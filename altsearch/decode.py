@@ -119,6 +119,19 @@ def _open_nonblocking(path: str, flags: int) -> int:
     return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
 
 
+def read_file(path: str) -> bytes | Decoded:
+    """The bytes of a regular file, or the :class:`Decoded` error that says why they could not be read."""
+    try:
+        with open(path, "rb", opener=_open_nonblocking) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a FIFO or device swapped in after the scan
+                return Decoded(path, None, None, None, "not a regular file")
+            return f.read()
+    except FileNotFoundError:
+        return Decoded(path, None, None, None, "file vanished")
+    except OSError as exc:
+        return Decoded(path, None, None, None, read_error_reason(exc))
+
+
 def decode_one(
     path: str | os.PathLike[str],
     cfg: PreprocessConfig,
@@ -128,21 +141,20 @@ def decode_one(
 ) -> Decoded:
     """Read, hash and decode one file. Never raises for a bad or missing file."""
     name = os.fspath(path)
-    try:
-        with open(name, "rb", opener=_open_nonblocking) as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a FIFO or device swapped in after the scan
-                return Decoded(name, None, None, None, "not a regular file")
-            data = f.read()
-    except FileNotFoundError:
-        return Decoded(name, None, None, None, "file vanished")
-    except OSError as exc:
-        return Decoded(name, None, None, None, read_error_reason(exc))
-    content_hash = hash_bytes(data)
+    data = read_file(name)
+    if isinstance(data, Decoded):
+        return data
+    return decode_data(name, hash_bytes(data), data, cfg, draft, max_pixels=max_pixels)
+
+
+def decode_data(path: str, content_hash: str, data: bytes, cfg: PreprocessConfig, draft: int | None, *,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    """A file's bytes decoded to a crop and its metadata, or the error that says why not."""
     try:
         decoded = decode_bytes(data, draft=draft, max_pixels=max_pixels)
     except ImageError as exc:
-        return Decoded(name, content_hash, None, None, str(exc))
-    return Decoded(name, content_hash, resize_crop(decoded.image, cfg), image_meta(decoded), None)
+        return Decoded(path, content_hash, None, None, str(exc))
+    return Decoded(path, content_hash, resize_crop(decoded.image, cfg), image_meta(decoded), None)
 
 
 # --- metadata ------------------------------------------------------------------------------
@@ -150,7 +162,7 @@ def decode_one(
 
 def image_meta(decoded: DecodedImage) -> ImageMeta:
     width, height = decoded.header_size
-    if _orientation(decoded.exif) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+    if orientation_code(decoded.exif) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
         width, height = height, width
     exif = decoded.exif
     return ImageMeta(
@@ -163,7 +175,8 @@ def image_meta(decoded: DecodedImage) -> ImageMeta:
     )
 
 
-def _orientation(exif: Image.Exif | None) -> int | None:
+def orientation_code(exif: Image.Exif | None) -> int | None:
+    """The EXIF orientation (1-8), or None."""
     value = exif.get(ExifTags.Base.Orientation) if exif is not None else None
     return value if isinstance(value, int) else None
 

@@ -144,9 +144,12 @@ class Engine:
 
     def index(self, folder: str | os.PathLike, *, progress: Callable[[Progress], None] | None = None,
               batch_size: int | None = None, workers: int | None = None, draft: bool = True,
-              include_hidden: bool = False, follow_symlinks: bool = True) -> IndexReport:
+              decode: str = "auto", include_hidden: bool = False, follow_symlinks: bool = True) -> IndexReport:
         """Bring ``folder`` into the index: new files embedded, changed ones re-embedded, moved ones
-        followed, deleted ones dropped. Safe to interrupt; the next run resumes."""
+        followed, deleted ones dropped. Safe to interrupt; the next run resumes.
+
+        ``decode``: where JPEGs are decoded, "auto" (on the GPU with nvJPEG when the model runs on CUDA
+        and torchvision is installed), "cpu" or "gpu"."""
         from .ingest import Ingestor
 
         folder = Path(folder).expanduser()
@@ -154,8 +157,11 @@ class Engine:
             raise AltsearchError(f"folder not found: {folder}")
         with WriteLock(self.path):
             model = self.model
-            ingestor = Ingestor(self.store, model, batch_size=batch_size, workers=workers, draft=draft,
-                                progress=progress)
+            try:
+                ingestor = Ingestor(self.store, model, batch_size=batch_size, workers=workers, draft=draft,
+                                    decode=decode, progress=progress)
+            except ValueError as exc:
+                raise AltsearchError(str(exc)) from None
             return ingestor.run(str(folder), include_hidden=include_hidden, follow_symlinks=follow_symlinks)
 
     def remove(self, paths: Iterable[str | os.PathLike]) -> int:

@@ -14,7 +14,8 @@ fresh subprocess:
   that argument ("n/a" otherwise).
 
 images/s counts from the first file to the last vector (model loading excluded: it is printed
-separately, with one warm-up call on a blank image); "x naive" divides by the naive loop of the same
+separately, with one warm-up call: one blank image for the naive loop, a batch of the size indexing
+uses for altsearch, and on a GPU one photo through nvJPEG, whose library starts on first use); "x naive" divides by the naive loop of the same
 run. The cosine column compares each file's altsearch vector (as the catalogue stores it, float16)
 with the naive loop's: reduced-size decoding and float16 storage make them differ slightly.
 
@@ -58,10 +59,11 @@ from benchlib import checkpoint_folder, workdir  # noqa: E402
 
 DEFAULT_IMAGES = {"tiny": 32, "full": 8}
 DTYPES = ("fp32", "fp16", "bf16")
-PIPELINES = ("naive", "altsearch", "altsearch-int8")
+PIPELINES = ("naive", "altsearch", "altsearch-cpu-decode", "altsearch-int8")
 LABELS = {
     "naive": "naive loop: Pillow full decode, transformers processor + AltCLIPModel, 1 image at a time",
     "altsearch": "altsearch Engine.index",
+    "altsearch-cpu-decode": "altsearch Engine.index, decode=\"cpu\"",
     "altsearch-int8": "altsearch Engine.index, int8 quantised model",
 }
 
@@ -98,7 +100,7 @@ def run_naive(job: dict) -> dict:
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[job["dtype"]]
     device = torch.device(job["device"])
-    paths = sorted(str(p) for p in Path(job["photos"]).glob("*.jpg"))
+    paths = sorted(str(p) for p in Path(job["photos"]).glob("*.jpg"))[:job["naive_images"]]
     t0 = time.perf_counter()
     processor = CLIPImageProcessor.from_pretrained(job["ckpt"])
     model = AltCLIPModel.from_pretrained(job["ckpt"], dtype=dtype).to(device).eval()
@@ -130,6 +132,10 @@ def run_altsearch(job: dict) -> dict:
     from altsearch import Engine, load_model
 
     options = {}
+    if job["pipeline"] == "altsearch-cpu-decode" and not job["device"].startswith("cuda"):
+        return {"skipped": "the same as the altsearch row without a GPU"}
+    if job["quantize"] and (job["device"] != "cpu" or job["dtype"] != "fp32"):
+        return {"skipped": "int8 is for fp32 on a CPU"}
     if job["quantize"]:
         if "quantize" not in inspect.signature(load_model).parameters:
             return {"skipped": "load_model has no quantize option"}
@@ -137,14 +143,20 @@ def run_altsearch(job: dict) -> dict:
     t0 = time.perf_counter()
     model = load_model(job["ckpt"], device=job["device"], dtype=job["dtype"], towers=["vision"], **options)
     size = model.preprocess_config.crop_height, model.preprocess_config.crop_width
-    model.encode_pixels(np.zeros((1, *size, 3), np.uint8))  # warm-up
+    from altsearch.ingest import default_batch_size
+
+    batch = job["batch_size"] or default_batch_size(model)
+    model.encode_pixels(np.zeros((batch, *size, 3), np.uint8))  # warm-up, at the batch size indexing uses
+    if job["pipeline"] != "altsearch-cpu-decode" and job["device"].startswith("cuda"):
+        _warm_gpu_decoder(model, job["photos"])
     model.fingerprint  # read once per process, as any first index does
     load_s = time.perf_counter() - t0
     folder = Path(tempfile.mkdtemp(prefix="index-", dir=job["scratch"]))
     try:
         cpu0, t0 = _cpu_seconds(), time.perf_counter()
         with Engine.open(folder, model=model, device=job["device"]) as engine:
-            report = engine.index(job["photos"], workers=job["workers"], batch_size=job["batch_size"])
+            report = engine.index(job["photos"], workers=job["workers"], batch_size=job["batch_size"],
+                                  decode="cpu" if job["pipeline"] == "altsearch-cpu-decode" else "auto")
         seconds = time.perf_counter() - t0
         cpu_s = _cpu_seconds() - cpu0
         with Engine.open(folder, model=model, device=job["device"], create=False) as engine:
@@ -157,7 +169,16 @@ def run_altsearch(job: dict) -> dict:
         raise SystemExit(f"indexing failed: {report.failures[:3]}")
     return {"load_s": load_s, "seconds": seconds, "images": len(paths), "paths": paths, "vectors": vecs,
             "cpu_s": cpu_s, "threads": torch.get_num_threads(), "batch_size": job["batch_size"],
-            "workers": job["workers"]}
+            "workers": job["workers"], "decoder": report.decoder}
+
+
+def _warm_gpu_decoder(model, photos: str) -> None:
+    """Start nvJPEG (its library and buffers load on first use, about a second) on one photo."""
+    from altsearch.gpudecode import GpuDecoder, gpu_decode_unavailable
+
+    if gpu_decode_unavailable(model.device, model.preprocess_config) is None:
+        with GpuDecoder(model.preprocess_config, model.device, draft=448) as decoder:
+            list(decoder.imap(sorted(str(p) for p in Path(photos).glob("*.jpg"))[:1]))
 
 
 def _cpu_seconds() -> float:
@@ -194,8 +215,10 @@ def spawn(job: dict) -> dict:
 def cosines(ours: dict, naive: dict) -> np.ndarray:
     """Cosine between the two runs' vectors of each file (matched by path)."""
     ref = dict(zip(naive["paths"], naive["vectors"]))
-    a = np.stack([ref[p] for p in ours["paths"]]).astype(np.float64)
-    b = ours["vectors"].astype(np.float64)
+    mine = dict(zip(ours["paths"], ours["vectors"]))
+    common = [p for p in ours["paths"] if p in ref]  # the naive loop may have done only the first photos
+    a = np.stack([ref[p] for p in common]).astype(np.float64)
+    b = np.stack([mine[p] for p in common]).astype(np.float64)
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
@@ -214,7 +237,7 @@ def summarise(results: dict[str, dict]) -> list[dict]:
                      "images_per_s": rate, "vs_naive": rate / base_rate,
                      "cpu_ms_per_image": 1e3 * r["cpu_s"] / r["images"],
                      "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
-                     "threads": r["threads"]})
+                     "threads": r["threads"], "decoder": r.get("decoder", "cpu")})
     return rows
 
 
@@ -226,17 +249,18 @@ def render(rows: list[dict], info: dict) -> str:
         f"model: {info['model']}; device {info['device']}, {info['dtype']}, {info['threads']} torch threads; "
         f"photos: {info['images']} x {info['size']} JPEG q{info['quality']} ({info['mb_each']:.2f} MB each)",
         "",
-        "| pipeline | load s | seconds | images/s | x naive | CPU ms/image | cosine to naive min / mean |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| pipeline | JPEGs decoded on | images | load s | seconds | images/s | x naive | CPU ms/image "
+        "| cosine to naive min / mean |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         label = LABELS[r["pipeline"]]
         if "skipped" in r:
-            lines.append(f"| {label} | n/a | n/a | n/a | n/a | n/a | n/a ({r['skipped']}) |")
+            lines.append(f"| {label} | | | | | | | | skipped: {r['skipped']} |")
             continue
         cos = "1 (reference)" if r["pipeline"] == "naive" else f"{r['cosine_min']:.5f} / {r['cosine_mean']:.5f}"
-        lines.append(f"| {label} | {r['load_s']:.1f} | {r['seconds']:.2f} | {r['images_per_s']:.2f} | "
-                     f"{r['vs_naive']:.2f} | {r['cpu_ms_per_image']:.0f} | {cos} |")
+        lines.append(f"| {label} | {r['decoder'].upper()} | {r['images']} | {r['load_s']:.1f} | {r['seconds']:.2f} | "
+                     f"{r['images_per_s']:.2f} | {r['vs_naive']:.2f} | {r['cpu_ms_per_image']:.0f} | {cos} |")
     return "\n".join(lines)
 
 
@@ -263,6 +287,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
     p.add_argument("--dtype", default="fp32", choices=DTYPES, help="default: fp32")
     p.add_argument("--threads", type=int, default=0, help="torch threads in every run (default: torch's)")
+    p.add_argument("--naive-images", type=int, help="photos the naive loop embeds, the first ones (default: all; "
+                   "on a GPU it runs at a few per second)")
     p.add_argument("--workers", type=int, help="altsearch's decode workers (default: its own choice)")
     p.add_argument("--batch-size", type=int, help="altsearch's model batch (default: its own choice)")
     p.add_argument("--workdir", type=Path, help="where photos and checkpoints are cached (default: a temp dir)")
@@ -279,6 +305,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.images = DEFAULT_IMAGES.get(args.model, DEFAULT_IMAGES["full"])
     if args.images < 1:
         p.error("--images must be at least 1")
+    if args.naive_images is not None and not 1 <= args.naive_images <= args.images:
+        p.error("--naive-images must be between 1 and --images")
     return args
 
 
@@ -291,7 +319,7 @@ def benchmark(args: argparse.Namespace, work: Path) -> dict:
     scratch = Path(tempfile.mkdtemp(prefix="runs-", dir=work))
     common = {"ckpt": str(ckpt), "photos": str(folder), "device": args.device, "dtype": args.dtype,
               "threads": args.threads, "workers": args.workers, "batch_size": args.batch_size,
-              "scratch": str(scratch)}
+              "scratch": str(scratch), "naive_images": args.naive_images or args.images}
     results = {}
     try:
         for name in PIPELINES:

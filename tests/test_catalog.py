@@ -207,12 +207,16 @@ def test_failures(cat: Catalog) -> None:
         tx.record_failure("/p/b.jpg", "truncated")
         tx.record_failure("/p/a.jpg", "not an image")
         tx.record_failure("/p/b.jpg", "still truncated")  # replaces
+        tx.record_failure("/p/\udcff.jpg", "truncated")  # not UTF-8
+    assert cat.failure_count() == 3
+    with cat.transaction() as tx:
+        tx.clear_failures(["/p/\udcff.jpg"])
     assert cat.failure_count() == 2
     reasons = [(p, r) for p, r, _ in cat.failures()]
     assert reasons == [("/p/a.jpg", "not an image"), ("/p/b.jpg", "still truncated")]
     with cat.transaction() as tx:
-        tx.clear_failure("/p/a.jpg")
-        tx.clear_failure("/p/never.jpg")
+        tx.clear_failures(["/p/a.jpg", "/p/never.jpg"])
+        tx.clear_failures([])
     assert [p for p, _, _ in cat.failures()] == ["/p/b.jpg"]
 
 

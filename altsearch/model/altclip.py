@@ -40,9 +40,10 @@ class AltCLIP(nn.Module):
         self.visual_projection = L.Linear(cfg.vision.hidden_size, cfg.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.empty(()))
 
-    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                      padded: bool | None = None) -> torch.Tensor:
         """Unnormalised text embeddings, like ``AltCLIPModel.get_text_features``. (B, P)"""
-        return self.text_projection(self.text_model(input_ids, attention_mask))
+        return self.text_projection(self.text_model(input_ids, attention_mask, padded=padded))
 
     def image_features(self, pixels: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """Unnormalised image embeddings, like ``AltCLIPModel.get_image_features``. (B, P)"""
@@ -107,6 +108,7 @@ class Model:
         self._lock = threading.RLock()
         self._tokenizer = None
         self._normalizer = None
+        self._text_graphs = None  # CUDA graphs of the text tower (graphs.TextGraphs), made on first use
         self._fingerprint: str | None = None
         self.load_seconds: dict[str, float] = {}
         self._load_parts(["scale"])
@@ -185,9 +187,22 @@ class Model:
         out = [np.zeros((0, self.dimension), np.float32)]
         for i in range(0, len(texts), batch_size):
             ids, mask = self.tokenizer.encode(list(texts[i:i + batch_size]))
-            feats = self.module.text_features(ids.to(self.device), mask.to(self.device))
+            feats = self._text_features(ids.to(self.device), mask.to(self.device))
             out.append(_unit(feats).cpu().numpy())
         return np.concatenate(out)
+
+    def _text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """On CUDA, small batches replay a recorded CUDA graph (:mod:`.graphs`); otherwise the tower runs."""
+        if self.device.type == "cuda":
+            if self._text_graphs is None:
+                from .graphs import TextGraphs
+
+                self._text_graphs = TextGraphs(self.module.text_features, pad_id=self.config.text.pad_token_id,
+                                               max_length=self.max_length, device=self.device)
+            feats = self._text_graphs(ids, mask)
+            if feats is not None:
+                return feats
+        return self.module.text_features(ids, mask)
 
     @torch.inference_mode()
     def encode_image(self, images: Sequence, *, batch_size: int = 32, draft: int | None = None) -> np.ndarray:

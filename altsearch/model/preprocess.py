@@ -55,7 +55,7 @@ _HIGH_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 _WHITE = (255, 255, 255, 255)
 # resize_crop resizes only the crop window when the full resize would exceed this many crop areas
 # (aspect ratios beyond 64:1), so a 3 x 100000 px strip cannot blow up into gigabytes.
-_MAX_RESIZE_AREA = 64
+MAX_RESIZE_AREA = 64
 
 # What Pillow and its plugins raise on malformed input (besides OSError and its subclasses):
 # SyntaxError (bad PNG/TIFF structure), ValueError (bad modes, oversized chunks, conversions),
@@ -213,7 +213,7 @@ def open_image(
     """
     if isinstance(source, Image.Image):
         with _image_errors():
-            _check_size(source.size, max_pixels)
+            check_size(source.size, max_pixels)
             source.load()
             return to_rgb(_oriented(source))
     if isinstance(source, (str, os.PathLike)):
@@ -245,7 +245,7 @@ def decode_bytes(
     if not data:
         raise ImageError("empty file")
     with _image_errors(), _opened(io.BytesIO(data), draft, max_pixels) as (im, header_size):
-        exif = _exif(im)
+        exif = read_exif(im)
         return DecodedImage(to_rgb(_oriented(im)), header_size, im.format, exif)
 
 
@@ -291,7 +291,7 @@ def _opened(fp: IO[bytes], draft: int | None, max_pixels: int) -> Iterator[tuple
         warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
         with Image.open(fp, formats=formats) as im:
             header_size = im.size
-            _check_size(header_size, max_pixels)
+            check_size(header_size, max_pixels)
             if draft is not None and im.format in _DRAFT_FORMATS:
                 im.draft("RGB", (draft, draft))  # DCT scale chosen so both edges stay >= draft
             im.load()
@@ -315,7 +315,7 @@ def decodable_formats() -> tuple[str, ...]:
     return tuple(f for f in _FORMATS if f in Image.OPEN)
 
 
-def _check_size(size: tuple[int, int], max_pixels: int) -> None:
+def check_size(size: tuple[int, int], max_pixels: int) -> None:
     width, height = size
     if width * height > max_pixels:
         raise ImageError(f"image too large: {width}x{height} px (limit {max_pixels} px)")
@@ -353,7 +353,7 @@ def _one_line(exc: BaseException) -> str:
     return lines[0][:200] if lines else ""
 
 
-def _exif(im: Image.Image) -> Image.Exif | None:
+def read_exif(im: Image.Image) -> Image.Exif | None:
     try:
         return im.getexif()
     except _EXIF_ERRORS as exc:
@@ -427,7 +427,7 @@ def resize_crop(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
         raise ValueError(f"resize_crop needs an RGB image, got mode {img.mode}")
     if cfg.do_resize:
         size = resized_size(*img.size, cfg.shortest_edge)
-        if cfg.do_center_crop and size[0] * size[1] > _MAX_RESIZE_AREA * cfg.crop_width * cfg.crop_height:
+        if cfg.do_center_crop and size[0] * size[1] > MAX_RESIZE_AREA * cfg.crop_width * cfg.crop_height:
             return np.array(_resize_crop_window(img, size, cfg), dtype=np.uint8)
         img = img.resize(size, resample=cfg.resample)
     if cfg.do_center_crop:

@@ -124,10 +124,15 @@ class TextTransformer(nn.Module):
         self.pre_LN = L.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.transformation = L.Linear(cfg.hidden_size, cfg.project_dim)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                padded: bool | None = None) -> torch.Tensor:
+        """``padded``: whether ``attention_mask`` masks anything; None finds out (a wait for the device),
+        True applies it regardless (what a CUDA graph records: no host synchronisation)."""
         x = self.roberta.embeddings(input_ids)  # (B, T, D)
         mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if padded is None:
+            padded = attention_mask is not None and not bool(attention_mask.all())
+        if padded and attention_mask is not None:
             mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T): True = attend
         # Only <s> is used: the last layer computes only its output, and pre_LN and transformation
         # (which act on every position in the reference) only on it; the same numbers, less work.
