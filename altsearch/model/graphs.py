@@ -14,12 +14,15 @@ batches and longer texts run eagerly.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 BATCHES = (1, 2, 4, 8)
 LENGTHS = (8, 16, 32, 48, 64)
@@ -73,9 +76,13 @@ class TextGraphs:
             graph = self._graphs.get(key)
             if graph is None:
                 self._uses[key] += 1
-                if self._uses[key] < RECORD_ON_USE:
+                if self._uses[key] != RECORD_ON_USE:  # the first use, or a recording that failed
                     return None
-                graph = self._graphs[key] = self._record(*key)
+                try:
+                    graph = self._graphs[key] = self._record(*key)
+                except RuntimeError as exc:  # out of memory, an unsupported kernel: stay eager for good
+                    log.warning("text queries of shape %s run without a CUDA graph: %s", key, exc)
+                    return None
             batch, length = ids.shape
             graph.ids.fill_(self.pad_id)
             graph.mask.zero_()
@@ -96,7 +103,8 @@ class TextGraphs:
                 self.features(ids, mask, padded=True)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: CUDA work from other threads (an index run embedding images) may go on meanwhile
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             out = self.features(ids, mask, padded=True)
         self._pool = graph.pool()
         return _Graph(graph, ids, mask, out)

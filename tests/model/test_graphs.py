@@ -92,6 +92,21 @@ def test_buckets_are_recorded_on_second_use_and_replayed(model, cpu_graphs):
     assert tg._graphs[one].graph.replays == 2
 
 
+def test_a_bucket_that_cannot_be_recorded_stays_eager(model, cpu_graphs, monkeypatch, caplog):
+    tg, recorded = cpu_graphs
+    attempts = []
+
+    def fail(batch, length):
+        attempts.append((batch, length))
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(tg, "_record", fail)
+    _, ids, mask = eager(model, TEXTS[:1])
+    assert [tg(ids, mask) for _ in range(4)] == [None] * 4
+    assert len(attempts) == 1 and tg.recorded == ()  # tried once, then left alone
+    assert "without a CUDA graph" in caplog.text
+
+
 def test_what_no_bucket_fits_runs_eagerly(model, cpu_graphs):
     tg, recorded = cpu_graphs
     ids = torch.ones((9, 4), dtype=torch.long)
