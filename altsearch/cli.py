@@ -88,12 +88,13 @@ def _engine(index, model=None, device="auto", dtype="auto", create=False, quanti
 
 @contextmanager
 def _vectors_opened_meanwhile(engine):
-    """Open the index's vector file in a background thread while this one loads the model.
+    """Open the index's vector index in a background thread while this one loads the model.
 
-    Checksumming and reading the file run mostly outside the GIL, so a cold query waits for the
-    slower of the two instead of their sum. The search takes the opened index (or waits for it); an
-    error is left for the search to raise, as it then opens the file itself. The thread is done
-    before the engine closes.
+    A flat index is built from the catalogue's vectors (read in a few large steps, so the thread
+    seldom needs the GIL); an approximate one's file is checksummed and read, mostly outside the GIL.
+    A cold query therefore waits for the slower of the two instead of their sum. The search takes the
+    opened index (or waits for it); an error is left for the search to raise, as it then opens the
+    index itself. The thread is done before the engine closes.
     """
     def open_vectors() -> None:
         try:
@@ -327,7 +328,7 @@ def optimize(
 @app.command()
 def check(
     index: IndexOpt = None,
-    repair: Annotated[bool, typer.Option("--repair", help="Rebuild the vector file from stored vectors.")] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="Rebuild the vector index (and its file, if its kind has one) from stored vectors.")] = False,
     as_json: JsonOpt = False,
 ):
     """Verify that catalogue and vector index agree (exit code 1 when they do not and --repair is off)."""
@@ -341,8 +342,8 @@ def check(
         else:
             for p in problems:
                 out.print(f"problem: {escape(_printable(p))}")
-            out.print("repaired: vector file rebuilt from the catalogue" if repair
-                      else "run `altsearch check --repair` to rebuild the vector file")
+            out.print("repaired: vector index rebuilt from the catalogue" if repair
+                      else "run `altsearch check --repair` to rebuild the vector index")
         if not ok:
             raise typer.Exit(1)
 

@@ -183,8 +183,9 @@ class Engine:
             return {"kind": index.kind, "vectors": len(index)}
 
     def check(self, *, repair: bool = False) -> list[str]:
-        """Problems in the catalogue or the vector file; with ``repair`` the vector file is rebuilt from
-        the catalogue's stored vectors. Returns the problems found (before any repair)."""
+        """Problems in the catalogue or the vector file; with ``repair`` the vector index (and its file,
+        if its kind has one) is rebuilt from the catalogue's stored vectors. Returns the problems found
+        (before any repair)."""
         problems = self.store.check()
         if repair and problems:
             with WriteLock(self.path):

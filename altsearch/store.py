@@ -1,9 +1,13 @@
-"""One index on disk: the catalogue (the truth) and the FAISS file derived from it.
+"""One index on disk: the catalogue (the truth) and, for an approximate vector index, the FAISS file
+derived from it.
 
-Every catalogue transaction bumps a generation number; the FAISS file records the generation it
-reflects. On open a lagging, damaged or foreign vector file is caught up or rebuilt from the vectors
-stored in the catalogue (:meth:`VectorIndex.open`), never by running the model again. A long-lived
-reader picks up what another process committed on its next search (:meth:`IndexStore.refresh`).
+A flat (exact) vector index has no file: it is built in memory from the vectors stored in the
+catalogue whenever the index is opened, so it cannot disagree with it. An approximate one is saved:
+every catalogue transaction bumps a generation number, and the FAISS file records the generation it
+reflects. On open a lagging file is caught up from the catalogue, and a damaged or foreign one is
+replaced by a flat index built from it (:meth:`VectorIndex.open`), never by running the model again.
+A long-lived reader picks up what another process committed on its next search
+(:meth:`IndexStore.refresh`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import numpy as np
 from . import faults
 from .catalog import Catalog, as_stored
 from .errors import IndexStoreError, ModelMismatchError
-from .vectors import KINDS, VectorIndex
+from .home import LOCK_FILE
+from .vectors import APPROXIMATE, KINDS, VectorIndex, kind_for, remove_saved, saved_kind
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,12 @@ def _writing(folder: Path, doing: str) -> Iterator[None]:
     except OSError as err:
         raise IndexStoreError(f"cannot write index {folder} while {doing}: {err.strerror or err}; "
                               "it keeps its last committed state") from err
+
+
+def _written_before(folder: Path) -> bool:
+    """Whether a writer has used this index folder (its lock file or a vector file is there): its
+    catalogue was complete then, whereas one killed while it was created has neither beside it."""
+    return any((folder / name).exists() for name in (LOCK_FILE, VECTORS_FILE))
 
 
 def _remove_stale_temps(folder: Path) -> None:
@@ -87,10 +98,10 @@ class IndexStore:
                 raise IndexStoreError(f"no index at {self.folder} (create one with: altsearch index FOLDER "
                                       f"--index {self.folder})")
             self.folder.mkdir(parents=True, exist_ok=True)
-        elif not create and db.stat().st_size == 0 and (self.folder / VECTORS_FILE).exists():
+        elif not create and db.stat().st_size == 0 and _written_before(self.folder):
             # damage, not a catalogue being created: SQLite would silently start a new, empty one
-            raise IndexStoreError(f"catalogue {db} is empty (0 bytes) beside a vector file: it was truncated; "
-                                  "restore it, or delete the index folder and re-index")
+            raise IndexStoreError(f"catalogue {db} is empty (0 bytes) in an index that was written to: it was "
+                                  "truncated; restore it, or delete the index folder and re-index")
         self.device = device
         self.catalog = Catalog(db)
         self._vectors: VectorIndex | None = None
@@ -192,16 +203,24 @@ class IndexStore:
             vectors.generation = self.catalog.generation  # one writer at a time (the write lock)
 
     def save_vectors(self) -> None:
-        """Write the vector file atomically if it lags behind the catalogue."""
+        """Write the vector file atomically if it lags behind the catalogue (a writer's call, under the
+        index's write lock; every writer opens the vectors first). A flat index has none, as every open
+        builds it from the catalogue: a file there (an approximate index's before a switch to flat, or
+        a flat one an older altsearch saved) is stale, and is deleted."""
         if self._vectors is None:
             return
+        path = self.folder / VECTORS_FILE
+        if self._vectors.kind not in APPROXIMATE:
+            with _writing(self.folder, f"deleting the stale {VECTORS_FILE}"):
+                _remove_stale_temps(self.folder)
+                remove_saved(path)
+            return
         generation = self._vectors.generation
-        if generation == self._saved_generation and (self.folder / VECTORS_FILE).is_file():
+        if generation == self._saved_generation and path.is_file():
             return
         with _writing(self.folder, f"saving {VECTORS_FILE}"), self._rw.reading():
             _remove_stale_temps(self.folder)
-            self._vectors.save(self.folder / VECTORS_FILE, generation=generation,
-                               catalog_id=self.catalog.catalog_id)
+            self._vectors.save(path, generation=generation, catalog_id=self.catalog.catalog_id)
         self._saved_generation = generation
 
     def rebuild(self, kind: str = "auto") -> VectorIndex:
@@ -241,17 +260,24 @@ class IndexStore:
     # -- health ---------------------------------------------------------------------------------------
 
     def check(self) -> list[str]:
-        """Problems in the catalogue, and between it and the vector file ([] when clean)."""
+        """Problems in the catalogue, and between it and the vector file ([] when clean). Without an
+        approximate index's file the index is flat, built from the catalogue when opened: it cannot
+        disagree with it, but beyond EXACT_MAX images the file an approximate index keeps is missing."""
         problems = list(self.catalog.integrity())
         path = self.folder / VECTORS_FILE
-        if not path.is_file():
-            if self.catalog.count():
-                problems.append(f"{VECTORS_FILE} is missing")
-            return problems
         try:
-            index = VectorIndex.load(path, device="cpu")
+            kind = saved_kind(path)
+            if kind in APPROXIMATE and not path.is_file():
+                return problems + [f"{VECTORS_FILE} is missing (its header {path.name}.json is there)"]
+            index = VectorIndex.load(path, device="cpu") if kind in APPROXIMATE else None
         except IndexStoreError as e:
             return problems + [str(e)]
+        if index is None:  # none there, or an older altsearch's flat file, which is passed over
+            count = self.catalog.count()
+            if kind_for(count) != "flat":
+                problems.append(f"{VECTORS_FILE} is missing: {count} images call for an approximate index "
+                                "(searched exactly, in memory, until it is built)")
+            return problems
         header = index.header
         if header.catalog_id != self.catalog.catalog_id:
             return problems + [f"{VECTORS_FILE} belongs to another catalogue"]
@@ -270,7 +296,9 @@ class IndexStore:
         return problems
 
     def repair(self) -> VectorIndex:
-        """Rebuild the vector file from the catalogue's stored vectors and write it."""
-        index = self.rebuild(kind=self._vectors.kind if self._vectors is not None else "auto")
+        """Rebuild the vector index from the catalogue's stored vectors and write its file: an
+        approximate index in use keeps its kind; otherwise the size picks it ("auto")."""
+        current = self._vectors.kind if self._vectors is not None else None
+        index = self.rebuild(kind=current if current in APPROXIMATE else "auto")
         self.save_vectors()
         return index

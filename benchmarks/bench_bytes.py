@@ -4,18 +4,22 @@ For each of ``--sizes`` (default 10k, 100k, 1M images of ``--dim``-dimensional v
 an index folder is filled the way the product stores one, without running the model: catalogue
 rows through ``Catalog.transaction()`` / ``Tx.add`` (camera-like paths such as
 ``/home/user/Pictures/2023/07/IMG_20230714_183012.jpg``, EXIF-like metadata, a 128-bit hex content
-hash) with clustered unit vectors (bench_query.py's ``ClusteredVectors``), then the vector file
-with ``VectorIndex.build(ids, vecs, kind="auto")`` and ``.save(...)``, as
-``IndexStore.save_vectors`` does. Columns:
+hash) with clustered unit vectors (bench_query.py's ``ClusteredVectors``), then the vector index as
+``altsearch optimize`` makes it (``IndexStore.rebuild("auto")`` and ``.save_vectors()``): up to
+EXACT_MAX images a flat index, which has no file (it is built from the catalogue when the index is
+opened), beyond it an ivfpq saved to ``vectors.faiss``. Columns:
 
 - catalogue, vector file, total: on-disk bytes of ``catalog.sqlite`` (checkpointed, no WAL) and of
-  ``vectors.faiss`` + its header, divided by the number of images;
+  ``vectors.faiss`` + its header (none for flat), divided by the number of images;
 - RSS: the resident memory a fresh process gains by opening the index with ``IndexStore`` and
   answering one search (vector search plus the catalogue rows of the hits), divided by the number
-  of images. It is what a searching process holds per image: the loaded vector index and
-  SQLite's page cache;
-- baseline: the previous layout, measured in the same run: the same catalogue rows with float16
-  vectors (schema 1, written into a scratch SQLite file) beside the same vector file; "x" is
+  of images. It is what a searching process holds per image: the vector index (a flat one as float32
+  vectors built from the catalogue's int8 ones) and SQLite's page cache;
+- open s: seconds that process took to open the vector index: for flat, reading and dequantising
+  every vector from the catalogue; for ivfpq, checking and reading the file;
+- baseline: the previous layouts, measured in the same run: the same catalogue rows with float16
+  vectors (schema 1, written into a scratch SQLite file) beside the vector file that layout saved
+  (flat: the float32 FAISS file, its 350-byte header left out; ivfpq: the same file as ours); "x" is
   baseline total / our total (> 1: ours is smaller). "f32" is raw float32 vectors alone,
   ``n * d * 4`` bytes, for reference.
 
@@ -28,8 +32,8 @@ Run from the repository root (opt-in; tests/test_bench_bytes.py runs a tiny conf
     .venv/bin/python benchmarks/bench_bytes.py
     .venv/bin/python benchmarks/bench_bytes.py --sizes 10000,100000 --dim 768 --workdir /tmp/bench-bytes
 
-The 1M size needs ~7 GB of memory (the float32 vectors while the vector file builds) and ~2 GB
-of disk; nothing is kept unless ``--workdir`` is given (then its index folders are removed too,
+The 1M size needs several GB of memory (every vector as float32 while the ivfpq index trains) and
+~2 GB of disk; nothing is kept unless ``--workdir`` is given (then its index folders are removed too,
 one size at a time: they are never reused).
 """
 
@@ -51,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_index import machine, render_machine  # noqa: E402
 from benchlib import int_list, workdir  # noqa: E402
 from bench_query import CLUSTER_SIZE, ClusteredVectors  # noqa: E402
+from bench_search import file_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FILL_CHUNK = 50_000  # catalogue rows per Tx.add call
@@ -81,15 +86,13 @@ def fake_records(start: int, n: int) -> list[dict]:
 
 def build_index(folder: Path, n: int, dim: int, seed: int = 0) -> dict:
     """The index folder of ``n`` fake images; returns its figures and the float16 baseline's."""
-    from altsearch.catalog import Catalog, as_stored
-    from altsearch.store import CATALOG_FILE, VECTORS_FILE
-    from altsearch.vectors import VectorIndex, header_path
+    from altsearch.catalog import Catalog
+    from altsearch.store import CATALOG_FILE, VECTORS_FILE, IndexStore
+    from altsearch.vectors import header_path
 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     source = ClusteredVectors(np.random.default_rng(seed), max(1, n // CLUSTER_SIZE), dim)
-    ids = np.empty(n, np.int64)
-    stored = np.empty((n, dim), np.float32)
     baseline = Float16Catalog(folder / "baseline-schema1.sqlite")
     add_s = 0.0
     with Catalog(folder / CATALOG_FILE) as cat:
@@ -102,21 +105,28 @@ def build_index(folder: Path, n: int, dim: int, seed: int = 0) -> dict:
                     m = min(FILL_CHUNK, n - s)
                     records, vecs = fake_records(s, m), source.sample(m)
                     t0 = time.perf_counter()
-                    ids[s:s + m] = tx.add(records, vecs)
+                    tx.add(records, vecs)
                     add_s += time.perf_counter() - t0
-                    stored[s:s + m] = as_stored(vecs)
                     baseline.add(records, vecs, tx.generation)
-        t0 = time.perf_counter()
-        index = VectorIndex.build(ids, stored, kind="auto", device="cpu", seed=seed)
-        build_s = time.perf_counter() - t0
-        del stored
-        index.save(folder / VECTORS_FILE, generation=cat.generation, catalog_id=cat.catalog_id)
     baseline.close()
-    catalog_bytes = _checkpointed_size(folder / CATALOG_FILE)
-    vector_bytes = (folder / VECTORS_FILE).stat().st_size + header_path(folder / VECTORS_FILE).stat().st_size
-    return {"n": n, "dim": dim, "kind": index.kind, "catalog_bytes": catalog_bytes, "vector_bytes": vector_bytes,
-            "baseline_catalog_bytes": _checkpointed_size(baseline.path), "add_rows_per_s": n / add_s,
-            "build_s": build_s}
+    store = IndexStore(folder, create=False, device="cpu")
+    try:
+        t0 = time.perf_counter()
+        index = store.rebuild("auto")
+        build_s = time.perf_counter() - t0
+        store.save_vectors()
+        kind = index.kind
+        # the previous layout saved a flat index too: this FAISS index, float32
+        old_flat_bytes = file_bytes(index._cpu) if kind == "flat" else None
+        del index
+    finally:
+        store.close()
+    files = (folder / VECTORS_FILE, header_path(folder / VECTORS_FILE))
+    vector_bytes = sum(f.stat().st_size for f in files if f.exists())
+    return {"n": n, "dim": dim, "kind": kind, "catalog_bytes": _checkpointed_size(folder / CATALOG_FILE),
+            "vector_bytes": vector_bytes, "baseline_catalog_bytes": _checkpointed_size(baseline.path),
+            "baseline_vector_bytes": vector_bytes if old_flat_bytes is None else old_flat_bytes,
+            "add_rows_per_s": n / add_s, "build_s": build_s}
 
 
 class Float16Catalog:
@@ -169,7 +179,7 @@ def _checkpointed_size(path: Path) -> int:
 
 
 _RSS_PROBE = r"""
-import json, sys
+import json, sys, time
 import numpy as np
 from altsearch.store import IndexStore
 
@@ -182,10 +192,13 @@ query = np.random.default_rng(1).standard_normal((1, dim)).astype(np.float32)
 query /= np.linalg.norm(query)
 before = rss()
 store = IndexStore(sys.argv[1], create=False, device="cpu")
+t0 = time.perf_counter()
+vectors = store.vectors
+open_s = time.perf_counter() - t0
 scores, ids = store.search(query, 10)
 records = store.catalog.get(ids[0].tolist())
 assert len(records) == 10, len(records)
-print(json.dumps({"rss_growth": rss() - before, "vectors": len(store.vectors), "kind": store.vectors.kind}))
+print(json.dumps({"rss_growth": rss() - before, "vectors": len(vectors), "kind": vectors.kind, "open_s": open_s}))
 """
 
 
@@ -213,20 +226,23 @@ def fit(rows: list[dict], kind: str) -> tuple[float, float] | None:
 
 def table_row(r: dict) -> str:
     return (f"| {r['n']:,} | {r['kind']} | {r['catalog_per_image']:,.0f} | {r['vector_per_image']:,.0f} | "
-            f"{r['total_per_image']:,.0f} | {r['rss_per_image']:,.0f} | {r['baseline_catalog_per_image']:,.0f} | "
-            f"{r['baseline_per_image']:,.0f} | {r['vs_baseline']:.2f} | {r['f32_per_image']:,.0f} |")
+            f"{r['total_per_image']:,.0f} | {r['rss_per_image']:,.0f} | {r['open_s']:.2f} | "
+            f"{r['baseline_catalog_per_image']:,.0f} | {r['baseline_per_image']:,.0f} | {r['vs_baseline']:.2f} | "
+            f"{r['f32_per_image']:,.0f} |")
 
 
 def render(rows: list[dict], dim: int) -> str:
     lines = [f"bytes per indexed image, d={dim}", "",
-             "| images | vector file | catalogue B/image | vector file B/image | total B/image | RSS B/image | "
-             "baseline catalogue B/image (fp16) | baseline total B/image | x baseline | f32 vectors B/image |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| images | vector index | catalogue B/image | vector file B/image | total B/image | RSS B/image | "
+             "open s | baseline catalogue B/image (fp16) | baseline total B/image | x baseline | "
+             "f32 vectors B/image |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [table_row(r) for r in rows]
     lines.append("")
     lines.append("RSS = resident memory a fresh process gains opening the index (IndexStore) and answering one "
-                 "search with its catalogue rows, / images; baseline = the same rows with float16 catalogue "
-                 "vectors (schema 1) + the same vector file, written in this run")
+                 "search with its catalogue rows, / images; open s = its seconds to open the vector index (flat: "
+                 "built from the catalogue; no file); baseline = the same rows with float16 catalogue vectors "
+                 "(schema 1) + the vector file that layout saved (flat: float32), written in this run")
     from altsearch.vectors import kind_for
 
     big = kind_for(10_000_000)
@@ -240,7 +256,8 @@ def render(rows: list[dict], dim: int) -> str:
     for r in rows:
         lines.append(f"summary: {r['n']:,} images: {r['total_per_image']:,.0f} B/image on disk "
                      f"({r['catalog_per_image']:,.0f} catalogue + {r['vector_per_image']:,.0f} {r['kind']} vector "
-                     f"file) = {r['vs_baseline']:.2f}x smaller than the float16 layout; Tx.add "
+                     f"file) = {r['vs_baseline']:.2f}x smaller than the float16 layout; {r['rss_per_image']:,.0f} "
+                     f"B/image resident, the vector index opened in {r['open_s']:.2f} s; Tx.add "
                      f"{r['add_rows_per_s']:,.0f} rows/s")
     return "\n".join(lines)
 
@@ -254,7 +271,7 @@ def run_size(n: int, dim: int, work: Path) -> dict:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     total = row["catalog_bytes"] + row["vector_bytes"]
-    baseline = row["baseline_catalog_bytes"] + row["vector_bytes"]
+    baseline = row["baseline_catalog_bytes"] + row["baseline_vector_bytes"]
     row.update(catalog_per_image=row["catalog_bytes"] / n, vector_per_image=row["vector_bytes"] / n,
                total_per_image=total / n, rss_per_image=row["rss_growth"] / n,
                baseline_catalog_per_image=row["baseline_catalog_bytes"] / n, baseline_per_image=baseline / n,

@@ -41,18 +41,33 @@ class Case:
 # --- the CLI in a subprocess -------------------------------------------------------------
 
 
-def cli(*args: object) -> list[str]:
-    """The argv of ``python -m altsearch ARGS`` (paths may be str, Path or bytes)."""
-    return [sys.executable, "-m", "altsearch", *[a if isinstance(a, bytes) else str(a) for a in args]]
+# The CLI with `vectors.EXACT_MAX` lowered to argv[1]: a test index of a few hundred images then
+# behaves as one beyond EXACT_MAX, whose ivfpq vector index indexing runs keep and save as a file
+# (a flat index has none). An ivfpq needs 256 vectors at least.
+_LARGE_CLI = ("import sys\n"
+              "from altsearch.cli import main\n"
+              "from altsearch import vectors\n"
+              "vectors.EXACT_MAX = int(sys.argv.pop(1))\n"
+              "main()\n")
+
+
+def cli(*args: object, exact_max: int | None = None) -> list[str]:
+    """The argv of ``python -m altsearch ARGS`` (paths may be str, Path or bytes); with ``exact_max``,
+    of the CLI run with that `vectors.EXACT_MAX`."""
+    argv = [a if isinstance(a, bytes) else str(a) for a in args]
+    if exact_max is None:
+        return [sys.executable, "-m", "altsearch", *argv]
+    return [sys.executable, "-c", _LARGE_CLI, str(exact_max), *argv]
 
 
 def cli_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **extra}
 
 
-def run_cli(*args: object, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
+def run_cli(*args: object, timeout: float = 300, exact_max: int | None = None, **popen) -> subprocess.CompletedProcess:
     env = popen.pop("env", None) or cli_env()
-    return subprocess.run(cli(*args), capture_output=True, text=True, env=env, timeout=timeout, **popen)
+    return subprocess.run(cli(*args, exact_max=exact_max), capture_output=True, text=True, env=env,
+                          timeout=timeout, **popen)
 
 
 def assert_one_line_error(result, *words: str) -> None:

@@ -62,7 +62,9 @@ def test_tiny_run_prints_the_table(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["n"] for r in rows] == [300, 1200]
     for r in rows:
-        assert r["vectors"] == r["n"] and r["rss_growth"] > 0
+        assert r["vectors"] == r["n"] and r["rss_growth"] > 0 and r["open_s"] > 0
+        assert r["kind"] == "flat" and r["vector_bytes"] == 0  # built from the catalogue when opened
+        assert r["baseline_vector_bytes"] > r["n"] * 64 * 4  # the float32 file the previous layout saved
         assert r["total_per_image"] == pytest.approx(r["catalog_per_image"] + r["vector_per_image"])
         assert r["vs_baseline"] > 1
     saved = rows[1]["baseline_catalog_per_image"] - rows[1]["catalog_per_image"]

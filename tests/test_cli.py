@@ -7,13 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from altsearch.catalog import Catalog
 from altsearch.cli import app
 from altsearch.ingest import IndexReport
 from tests.checkpoints import write_checkpoint
+from tests.oldformats import write_old_flat_file
 from tests.photos import make_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,11 +64,24 @@ def test_search_json_is_ranked_objects(indexed, run):
         assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
 
 
-def test_search_without_a_vector_file_rebuilds_it_and_answers_the_same(indexed, run):
-    index, _ = indexed
+def test_an_older_altsearchs_flat_vector_file_is_passed_over_then_deleted(indexed, run):
+    """A flat index has no file: the search builds it from the catalogue beside the model load. A
+    vectors.faiss that an older altsearch saved for it (here with other vectors, and a header that
+    makes it look current) is never read, is no problem to `check`, and the next `index` deletes it."""
+    index, photos = indexed
     args = ("search", "sunset over the sea", "--index", index, "-k", "5", "--json")
     before = json.loads(run(*args).stdout)
-    (index / "vectors.faiss").unlink()  # opened beside the model load: rebuilt from the catalogue there
+    assert sorted(p.name for p in index.iterdir() if "vectors" in p.name) == []
+    with Catalog(index / "catalog.sqlite") as cat:
+        ids = cat.vector_ids()
+        other = np.random.default_rng(7).standard_normal((len(ids), cat.dimension)).astype(np.float32)
+        write_old_flat_file(index / "vectors.faiss", ids, other, generation=cat.generation,
+                            catalog_id=cat.catalog_id)
+    searched = run(*args)
+    assert json.loads(searched.stdout) == before and searched.stderr == ""
+    assert "consistent" in run("check", "--index", index).stdout
+    run("index", photos, "--index", index, "--workers", "0")  # nothing to do, but a writer: it cleans up
+    assert sorted(p.name for p in index.iterdir() if "vectors" in p.name) == []
     assert json.loads(run(*args).stdout) == before
 
 
@@ -124,6 +140,7 @@ def test_remove_optimize_check(indexed, run):
     assert json.loads(run("remove", photos / "trips", "--index", index, "--json").stdout) == {"removed": 4}
     assert json.loads(run("optimize", "--index", index, "--json").stdout) == {"kind": "flat", "vectors": 4}
     assert "consistent" in run("check", "--index", index).stdout
+    assert not (index / "vectors.faiss").exists()  # a flat index is built from the catalogue when opened
     (index / "vectors.faiss").write_bytes(b"tampered")
     bad = run("check", "--index", index, code=1)
     assert "problem:" in bad.stdout

@@ -5,9 +5,11 @@ Two lanes run side by side, each on its own photo folder and index, each restart
 moved, rewritten and touched files), so there is always work to interrupt:
 
 - fault points: ``ALTSEARCH_FAULTS`` SIGKILLs the indexer inside a catalogue transaction, right
-  after a commit, between writing and renaming the vector file, or after the k-th decoded image;
+  after a commit, between writing and renaming the vector file, or after the k-th decoded image.
+  This lane's index is one beyond EXACT_MAX, whose ivfpq vector index is saved to a file after every
+  run (the CLI runs with EXACT_MAX lowered; a flat index has no file to kill a save of);
 - random times: SIGKILL (of the indexer alone, as ``kill -9`` does) at a seeded random moment after
-  it took the index's write lock.
+  it took the index's write lock. This lane's index is flat, built from the catalogue when opened.
 
 After every kill the index must open consistent (one vector per catalogued image, catalogue
 integrity clean) and no decode worker may outlive its parent. After the final, uninterrupted run:
@@ -46,6 +48,7 @@ LONG = os.environ.get("ALTSEARCH_LONG_TESTS") == "1"
 POINT_KILLS = 40 if LONG else 12
 RANDOM_KILLS = 30 if LONG else 8
 FIRST_PHOTOS = 400 if LONG else 100
+LARGE_PHOTOS = max(FIRST_PHOTOS, 260)  # an ivfpq index is built from 256 vectors at least
 QUERIES = ("sunset over the sea", "海边的日落", "a red circle on grey")
 SIZE = (96, 72)
 BAD = ("bad-truncated.jpg", "bad-text.png")  # unreadable: recorded as failures on every run
@@ -61,6 +64,7 @@ class Lane:
     rng: np.random.Generator
     next_seed: int = 0
     kills: Counter = field(default_factory=Counter)
+    large: bool = False  # an ivfpq vector index, kept by CLI runs with EXACT_MAX lowered (_make_large)
     runs: int = 0
     finished: int = 0  # runs that ended before their random kill came
     committing: int = 0  # random kills in runs that had committed something (moves, a chunk, failures)
@@ -92,20 +96,37 @@ class Lane:
         os.utime(touched, (later, later))
 
 
-def _make_lane(root: Path, name: str, seed: int) -> Lane:
+def _make_lane(root: Path, name: str, seed: int, photos: int = FIRST_PHOTOS) -> Lane:
     lane = Lane(name, root / f"{name}-photos", root / f"{name}-index", np.random.default_rng(seed),
                 next_seed=seed * 100_000)
-    lane.add(FIRST_PHOTOS)
+    lane.add(photos)
     (lane.folder / BAD[0]).write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 40)
     (lane.folder / BAD[1]).write_bytes(b"not a png at all\n")
     return lane
 
 
+def _make_large(lane: Lane, checkpoint: Path) -> None:
+    """Index the lane's folder and give it the vector index of an index beyond EXACT_MAX: an ivfpq,
+    saved to a file, which the lane's CLI runs keep (they run with EXACT_MAX lowered) and save."""
+    with Engine.open(lane.index, model=str(checkpoint), device="cpu") as engine:
+        engine.index(lane.folder, workers=0)
+        assert engine.optimize("ivfpq")["kind"] == "ivfpq"
+    lane.large = True
+
+
 # --- one run -------------------------------------------------------------------------------
 
 
+def _index_args(lane: Lane, checkpoint: Path, workers: int) -> tuple:
+    return "index", lane.folder, "--index", lane.index, "--model", checkpoint, "--workers", workers, "--json"
+
+
 def _index_cmd(lane: Lane, checkpoint: Path, workers: int) -> list[str]:
-    return cli("index", lane.folder, "--index", lane.index, "--model", checkpoint, "--workers", workers, "--json")
+    return cli(*_index_args(lane, checkpoint, workers), exact_max=1 if lane.large else None)
+
+
+def _run_index(lane: Lane, checkpoint: Path, workers: int) -> subprocess.CompletedProcess:
+    return run_cli(*_index_args(lane, checkpoint, workers), exact_max=1 if lane.large else None)
 
 
 def _start(cmd: list[str], **env: str) -> subprocess.Popen:
@@ -213,6 +234,7 @@ def _point_specs(rng: np.random.Generator, n: int) -> list[str]:
 
 
 def _point_lane(lane: Lane, checkpoint: Path) -> None:
+    _make_large(lane, checkpoint)
     for spec in _point_specs(lane.rng, POINT_KILLS):
         lane.mutate()
         lane.runs += 1
@@ -278,7 +300,7 @@ def _baseline(lane: Lane, root: Path, checkpoint: Path) -> dict[str, list[tuple[
 
 
 def _finish_lane(lane: Lane, root: Path, checkpoint: Path) -> dict:
-    final = run_cli(*_index_cmd(lane, checkpoint, workers=1)[3:])
+    final = _run_index(lane, checkpoint, workers=1)
     assert final.returncode == 0, final.stderr[-3000:]
     expected = {str(p): p for p in lane.images()}
     with Catalog(lane.index / "catalog.sqlite") as cat:
@@ -292,9 +314,14 @@ def _finish_lane(lane: Lane, root: Path, checkpoint: Path) -> dict:
     assert failures == {str(lane.folder / name) for name in BAD}
     info = json.loads(run_cli("info", "--index", lane.index, "--json").stdout)
     assert info["images"] == info["vectors"] == len(expected)
-    check = run_cli("check", "--index", lane.index, "--json")
+    check = run_cli("check", "--index", lane.index, "--json", exact_max=1 if lane.large else None)
     assert check.returncode == 0 and json.loads(check.stdout) == {"problems": [], "repaired": False}
     assert not list(lane.index.glob(".vectors.faiss.*.tmp")), "temp files of killed saves were left behind"
+    assert (lane.index / "vectors.faiss").is_file() == lane.large  # a flat index has no file
+    if lane.large:  # back to the size it really is: exact search, and no vector file
+        optimized = run_cli("optimize", "--index", lane.index, "--json")
+        assert json.loads(optimized.stdout) == {"kind": "flat", "vectors": len(expected)}, optimized.stderr
+        assert not [p for p in lane.index.iterdir() if "vectors" in p.name]
     baseline = _baseline(lane, root, checkpoint)
     with Engine.open(lane.index, device="cpu", create=False) as engine:
         for q in QUERIES:
@@ -309,7 +336,7 @@ def _finish_lane(lane: Lane, root: Path, checkpoint: Path) -> dict:
 
 
 def test_sigkill_at_fault_points_and_random_times_loses_nothing(tmp_path, tiny_checkpoint):
-    lanes = {"points": (_make_lane(tmp_path, "points", 1), _point_lane),
+    lanes = {"points": (_make_lane(tmp_path, "points", 1, photos=LARGE_PHOTOS), _point_lane),
              "random": (_make_lane(tmp_path, "random", 2), _random_lane)}
 
     def drive(name: str) -> dict:
@@ -330,12 +357,18 @@ def test_sigkill_at_fault_points_and_random_times_loses_nothing(tmp_path, tiny_c
 @pytest.mark.parametrize("point, committed", [
     ("decoded:24", "some"),  # mid-run: the finished images are committed, the summary printed
     ("commit:2", "none"),  # inside the first chunk's transaction: it rolls back
-    ("save-temp:1", "all"),  # writing the vector file at the end: everything is committed already
+    ("save-temp:1", "all"),  # writing the vector file at the end (an ivfpq's): everything is committed
 ])
 def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(tmp_path, tiny_checkpoint, point, committed):
     """SIGINT to the whole process group, as a terminal's Ctrl-C sends it (the decode worker included),
-    delivered at a known point: the fault hook stops the indexer there (SIGSTOP) until it is sent on."""
-    lane = _make_lane(tmp_path, "ctrl-c", 3)
+    delivered at a known point: the fault hook stops the indexer there (SIGSTOP) until it is sent on.
+    The first two runs start from an empty index (flat); the save is one of an index beyond EXACT_MAX,
+    indexed before, to which the run adds the changes of one Lane.mutate."""
+    saving = point.startswith("save")
+    lane = _make_lane(tmp_path, "ctrl-c", 3, photos=LARGE_PHOTOS if saving else FIRST_PHOTOS)
+    if saving:
+        _make_large(lane, tiny_checkpoint)
+        lane.mutate()
     n = len(lane.images())
     proc = _start(_index_cmd(lane, tiny_checkpoint, workers=1)[:-1], ALTSEARCH_FAULTS=f"{point}=stop")
     _wait_until_stopped(proc)
@@ -355,10 +388,11 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(tmp_path, tiny_checkpoint
     with _opened(lane.index) as store:
         before = store.catalog.count()
     assert {"some": 0 < before < n, "none": before == 0, "all": before == n}[committed], before
-    resumed = run_cli(*_index_cmd(lane, tiny_checkpoint, workers=1)[3:])
+    resumed = _run_index(lane, tiny_checkpoint, workers=1)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     report = json.loads(resumed.stdout)
     assert (report["added"], report["unchanged"], report["failed"]) == (n - before, before, len(BAD))
     with _opened(lane.index) as store:
         assert store.check() == [] and store.catalog.count() == len(store.vectors) == n
+        assert store.vectors.kind == ("ivfpq" if saving else "flat")
     assert not list(lane.index.glob(".vectors.faiss.*.tmp"))

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from altsearch import Engine, load_model
+from altsearch import vectors as vectors_module
 from altsearch.errors import IndexLockedError, IndexStoreError, ModelMismatchError, QueryError
 from altsearch.home import WriteLock
 from tests.checkpoints import write_checkpoint
@@ -218,18 +219,43 @@ def test_interrupt_commits_finished_work(engine, photos, monkeypatch):
     assert _index(engine, photos).added == 9
 
 
-def test_vector_file_lagging_behind_is_caught_up(tmp_path, photos, tiny_checkpoint):
+def test_a_flat_index_has_no_file_and_opens_with_what_was_committed(tmp_path, photos, tiny_checkpoint):
     index = tmp_path / "index"
     with Engine.open(index, model=str(tiny_checkpoint), device="cpu") as e:
         _index(e, photos)
-        saved = (index / "vectors.faiss").read_bytes()
         save_photo(photos / "late.jpg", seed=500)
         _index(e, photos)
-    (index / "vectors.faiss").write_bytes(saved)  # as if killed before the last save
+        assert e.stats()["vector_index"] == "flat"
+    assert sorted(p.name for p in index.iterdir() if "vectors" in p.name) == []  # built from the catalogue
     with Engine.open(index, device="cpu") as e:
         assert e.stats()["vectors"] == 13
-        assert e.similar(photos / "late.jpg", k=1)  # found through the caught-up vectors
+        assert e.similar(photos / "late.jpg", k=1)
         assert any(h.path.endswith("late.jpg") for h in e.search("a photo", k=13))
+
+
+def test_vector_file_lagging_behind_is_caught_up(tmp_path, tiny_checkpoint, monkeypatch):
+    """An approximate index's file left one save behind, as a kill before the last save leaves it. The
+    index is an ivf (40 vectors at least) chosen with optimize, and EXACT_MAX is lowered so that
+    indexing keeps it, as it keeps the ivfpq of an index beyond EXACT_MAX."""
+    photos = tmp_path / "photos"
+    make_folder(photos, 48)
+    index = tmp_path / "index"
+    with Engine.open(index, model=str(tiny_checkpoint), device="cpu") as e:
+        _index(e, photos)
+        assert e.optimize("ivf") == {"kind": "ivf", "vectors": 48}
+        saved = {name: (index / name).read_bytes() for name in ("vectors.faiss", "vectors.faiss.json")}
+        monkeypatch.setattr(vectors_module, "EXACT_MAX", 1)
+        save_photo(photos / "late.jpg", seed=500)
+        _index(e, photos)
+        assert e.stats()["vector_index"] == "ivf"
+    for name, data in saved.items():
+        (index / name).write_bytes(data)
+    with Engine.open(index, device="cpu") as e:
+        vectors = e.store.vectors
+        assert vectors.kind == "ivf" and vectors.header.generation < e.store.generation  # the old file, caught up
+        assert e.stats()["vectors"] == 49
+        assert e.similar(photos / "late.jpg", k=1)
+        assert any(h.path.endswith("late.jpg") for h in e.search("a photo", k=49))
 
 
 def test_decode_workers_give_the_same_index(tmp_path, photos, tiny_checkpoint):
@@ -246,28 +272,33 @@ def test_remove_and_check_repair(engine, photos):
     assert engine.remove([photos / "trips"]) == 6
     assert engine.stats()["images"] == engine.stats()["vectors"] == 6
     assert all("trips" not in h.path for h in engine.search("a photo", k=12))
+    assert not (engine.path / "vectors.faiss").exists()  # flat: built from the catalogue
     (engine.path / "vectors.faiss").write_bytes(b"garbage")
     problems = engine.check()
-    assert problems
+    assert problems == [f"vector index {engine.path / 'vectors.faiss'} has no header vectors.faiss.json; "
+                        "rebuild the index"]
     assert engine.check(repair=True) == problems
-    assert engine.check() == []
+    assert engine.check() == [] and not (engine.path / "vectors.faiss").exists()
     assert len(engine.search("a photo", k=12)) == 6
 
 
-def test_current_vector_file_opens_without_reconciling(tmp_path, photos, tiny_checkpoint, monkeypatch):
+def test_current_vector_file_opens_without_reconciling(tmp_path, tiny_checkpoint, monkeypatch):
     from altsearch.vectors import VectorIndex
 
+    photos = tmp_path / "photos"
+    make_folder(photos, 40)  # an ivf needs 40 vectors
     index = tmp_path / "index"
     with Engine.open(index, model=str(tiny_checkpoint), device="cpu") as e:
         _index(e, photos)
-        e.optimize("flat")
+        e.optimize("ivf")
 
     def no_reconcile(*a, **k):
         raise AssertionError("a current vector file was reconciled")
 
     monkeypatch.setattr(VectorIndex, "reconcile", no_reconcile)
     with Engine.open(index, device="cpu") as e:
-        assert len(e.search("a photo", k=12)) == 12 and e.stats()["vectors"] == 12
+        assert len(e.search("a photo", k=12)) == 12 and e.stats()["vectors"] == 40
+        assert e.stats()["vector_index"] == "ivf"
 
 
 def test_a_folder_that_cannot_be_listed_is_not_taken_for_deleted(engine, photos, monkeypatch):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from altsearch import Engine, faults
+from altsearch import vectors as vectors_module
 from altsearch.decode import DEFAULT_DRAFT, hash_file
 from altsearch.errors import IndexStoreError
 from altsearch.scan import FileEntry, scan
@@ -25,6 +26,7 @@ from tests.hostile import assert_one_line_error, cli_env, run_cli
 from tests.photos import make_folder
 
 FIRST, MORE = 24, 12
+LARGE_FIRST = 260  # an ivfpq index is built from 256 vectors at least
 
 
 @pytest.fixture
@@ -37,6 +39,26 @@ def built(tmp_path, tiny_checkpoint):
         assert engine.index(photos, workers=0).added == FIRST
     make_folder(photos, MORE, start=FIRST)
     return photos, index
+
+
+@pytest.fixture
+def built_large(tmp_path, tiny_checkpoint, monkeypatch):
+    """As `built`, but as an index beyond EXACT_MAX, whose vector index is an ivfpq saved to a file (a
+    flat one has none): EXACT_MAX is lowered in this process (a CLI run needs ``exact_max=1``)."""
+    monkeypatch.setattr(vectors_module, "EXACT_MAX", 1)
+    photos = tmp_path / "photos"
+    make_folder(photos, LARGE_FIRST)
+    index = tmp_path / "idx"
+    with Engine.open(index, model=str(tiny_checkpoint), device="cpu") as engine:
+        assert engine.index(photos, workers=0).added == LARGE_FIRST
+        assert engine.stats()["vector_index"] == "ivfpq"
+    make_folder(photos, MORE, start=LARGE_FIRST)
+    return photos, index
+
+
+def _kind(index: Path) -> str:
+    with Engine.open(index, device="cpu", create=False) as engine:
+        return engine.stats()["vector_index"]
 
 
 @pytest.fixture
@@ -136,11 +158,12 @@ def test_a_point_fires_on_its_counted_hit_only(armed):
     ("commit:1=raise", False),  # the bookkeeping transaction
     ("commit:2=raise", False),  # the first chunk of new images
     ("committed:2=raise", True),  # the chunk is in; the in-memory vector index never heard of it
-    ("save-temp=raise", True),  # writing the vector file
+    ("save-temp=raise", True),  # writing the vector file (an ivfpq's: a flat index has none)
     ("save-replace=raise", True),  # between renaming the vector file and its header
 ])
-def test_disk_full_stops_the_run_at_the_last_good_state(built, armed, spec, commits_chunk):
-    photos, index = built
+def test_disk_full_stops_the_run_at_the_last_good_state(request, armed, spec, commits_chunk):
+    photos, index = request.getfixturevalue("built_large" if spec.startswith("save") else "built")
+    kind = _kind(index)
     before = _snapshot(index)
     armed(spec)
     with Engine.open(index, device="cpu") as engine, \
@@ -154,12 +177,15 @@ def test_disk_full_stops_the_run_at_the_last_good_state(built, armed, spec, comm
     assert not list(index.glob(".vectors.faiss.*.tmp")) or spec.startswith("save")
     _assert_converged(index, photos)
     assert not list(index.glob(".vectors.faiss.*.tmp")), "the next save clears temp files of failed ones"
+    assert _kind(index) == kind and (index / "vectors.faiss").exists() == (kind == "ivfpq")
 
 
 @pytest.mark.parametrize("spec, where", [("commit:2=raise", "committing"), ("save-temp=raise", "saving vectors.faiss")])
-def test_disk_full_is_one_line_through_the_cli(built, spec, where):
-    photos, index = built
-    result = run_cli("index", photos, "--index", index, "--workers", "0", env=cli_env(ALTSEARCH_FAULTS=spec))
+def test_disk_full_is_one_line_through_the_cli(request, spec, where):
+    saving = spec.startswith("save")
+    photos, index = request.getfixturevalue("built_large" if saving else "built")
+    result = run_cli("index", photos, "--index", index, "--workers", "0", env=cli_env(ALTSEARCH_FAULTS=spec),
+                     exact_max=1 if saving else None)
     assert_one_line_error(result, "No space left on device", where)
     _assert_sound(index)
     _assert_converged(index, photos)

@@ -23,7 +23,9 @@ from altsearch.vectors import (
     recall_at_k,
     refine_from,
     rerank,
+    saved_kind,
 )
+from tests.oldformats import write_old_flat_file
 
 DIM = 32
 
@@ -69,6 +71,12 @@ def data() -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture
 def flat(data) -> VectorIndex:  # noqa: ANN001
     return VectorIndex.build(*data, kind="flat", device="cpu")
+
+
+@pytest.fixture
+def ivf(data) -> VectorIndex:  # noqa: ANN001
+    """A kind that is saved to a file (a flat index never is)."""
+    return VectorIndex.build(*data, kind="ivf", device="cpu")
 
 
 # --- numpy helpers -----------------------------------------------------------------------
@@ -432,33 +440,55 @@ def test_store_switches_to_ivfpq_and_reranks_from_the_catalogue(tmp_path: Path, 
     again = IndexStore(tmp_path / "index", create=False, device="cpu")
     assert again.vectors.kind == "ivfpq" and again.vectors.header is not None and len(again.vectors) == 1197
     assert again.repair().kind == "ivfpq"
+
+    path = tmp_path / "index" / "vectors.faiss"
+    assert again.rebuild("flat").kind == "flat"  # optimize --kind flat: exact, in memory, nothing on disk
+    again.save_vectors()
+    assert not path.exists() and not header_path(path).exists()
+    assert again.check() == ["vectors.faiss is missing: 1197 images call for an approximate index "
+                             "(searched exactly, in memory, until it is built)"]
     again.close()
+    third = IndexStore(tmp_path / "index", create=False, device="cpu")
+    assert third.vectors.kind == "flat" and len(third.vectors) == 1197
+    _, exact = third.search(queries, 10)
+    np.testing.assert_array_equal(exact, exact_search(queries, *catalog_vectors(third.catalog), 10)[1])
+    assert third.maybe_rebuild() and third.vectors.kind == "ivfpq"  # the next indexing run switches back
+    third.save_vectors()
+    assert path.exists() and third.check() == []
+    third.close()
 
 
 # --- files -------------------------------------------------------------------------------
 
 
-def test_save_load_round_trip(data, flat, tmp_path: Path) -> None:  # noqa: ANN001
+def test_save_load_round_trip(data, ivf, tmp_path: Path) -> None:  # noqa: ANN001
     path = tmp_path / "vectors.faiss"
-    header = flat.save(path, generation=12, catalog_id="abc")
-    assert (header.kind, header.dim, header.count) == ("flat", DIM, 1000)
+    header = ivf.save(path, generation=12, catalog_id="abc")
+    assert (header.kind, header.dim, header.count, header.nlist) == ("ivf", DIM, 1000, ivf.nlist)
     assert (header.generation, header.catalog_id) == (12, "abc")
-    assert read_header(path) == header
+    assert read_header(path) == header and saved_kind(path) == "ivf"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vectors.faiss", "vectors.faiss.json"]  # no temp
     assert faiss.read_index(str(path)).ntotal == 1000  # a plain FAISS file
     loaded = VectorIndex.load(path, device="cpu")
     assert loaded.header == header
     queries = unit(6, seed=3)
-    for got, want in zip(loaded.search(queries, 10), flat.search(queries, 10)):
+    for got, want in zip(loaded.search(queries, 10), ivf.search(queries, 10)):
         np.testing.assert_array_equal(got, want)
-    flat.remove(data[0][:100])
-    assert flat.save(path, generation=13).count == 900  # replaces the old pair
+    ivf.remove(data[0][:100])
+    assert ivf.save(path, generation=13).count == 900  # replaces the old pair
     assert len(VectorIndex.load(path, device="cpu")) == 900 and read_header(path).generation == 13
 
 
-def test_failed_save_keeps_the_old_files(flat, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_a_flat_index_is_never_saved(flat, tmp_path: Path) -> None:  # noqa: ANN001
+    """Opening builds it from the catalogue: a float32 copy on disk would cost 3 KB per image."""
+    with pytest.raises(ValueError, match="flat index is not saved"):
+        flat.save(tmp_path / "vectors.faiss")
+    assert list(tmp_path.iterdir()) == [] and saved_kind(tmp_path / "vectors.faiss") is None
+
+
+def test_failed_save_keeps_the_old_files(ivf, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     path = tmp_path / "vectors.faiss"
-    flat.save(path, generation=1)
+    ivf.save(path, generation=1)
     before = path.read_bytes(), header_path(path).read_bytes()
 
     def disk_full(index, writer) -> None:  # noqa: ANN001
@@ -467,14 +497,14 @@ def test_failed_save_keeps_the_old_files(flat, tmp_path: Path, monkeypatch) -> N
 
     monkeypatch.setattr(vectors_module, "_write_faiss", disk_full)
     with pytest.raises(OSError, match="No space"):
-        flat.save(path, generation=2)
+        ivf.save(path, generation=2)
     assert (path.read_bytes(), header_path(path).read_bytes()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vectors.faiss", "vectors.faiss.json"]
 
 
-def test_damaged_files_are_detected(flat, tmp_path: Path) -> None:  # noqa: ANN001
+def test_damaged_files_are_detected(ivf, tmp_path: Path) -> None:  # noqa: ANN001
     path = tmp_path / "vectors.faiss"
-    flat.save(path)
+    ivf.save(path)
     good = path.read_bytes()
 
     path.write_bytes(good[: len(good) // 2])
@@ -500,26 +530,42 @@ def test_damaged_files_are_detected(flat, tmp_path: Path) -> None:  # noqa: ANN0
     header_path(path).unlink()
     with pytest.raises(IndexStoreError, match="no header"):
         VectorIndex.load(path)
+    with pytest.raises(IndexStoreError, match="no header"):
+        saved_kind(path)
 
 
-def test_not_a_faiss_file_with_a_matching_header(flat, tmp_path: Path) -> None:  # noqa: ANN001
-    """Bytes that pass the checksum still have to be a flat or IVF inner-product index."""
+def test_not_a_faiss_file_with_a_matching_header(ivf, tmp_path: Path) -> None:  # noqa: ANN001
+    """Bytes that pass the checksum still have to be an inner-product index of the kind the header names."""
     path = tmp_path / "vectors.faiss"
     other = tmp_path / "other.faiss"
-    l2 = faiss.IndexIDMap2(faiss.IndexFlatL2(DIM))
-    VectorIndex(l2, "flat").save(other)
-    flat.save(path)
+    quantizer = faiss.IndexFlatL2(DIM)
+    l2 = faiss.IndexIVFFlat(quantizer, DIM, 4, faiss.METRIC_L2)
+    l2.train(unit(200, seed=4))
+    VectorIndex(l2, "ivf").save(other)
+    ivf.save(path)
     path.write_bytes(other.read_bytes())
     header_path(path).write_text(header_path(other).read_text())
-    with pytest.raises(IndexStoreError, match="not an inner-product flat index"):
+    with pytest.raises(IndexStoreError, match="not an inner-product ivf index"):
+        VectorIndex.load(path)
+
+    header = json.loads(header_path(path).read_text())
+    header_path(path).write_text(json.dumps(header | {"kind": "ivfpq"}))
+    with pytest.raises(IndexStoreError, match="holds a IndexIVFFlat, not a ivfpq index"):
         VectorIndex.load(path)
 
     garbage = b"garbage!" * 64
     path.write_bytes(garbage)
-    header = json.loads(header_path(path).read_text())
     header |= {"size_bytes": len(garbage), "sha256": hashlib.sha256(garbage).hexdigest()}
     header_path(path).write_text(json.dumps(header))
     with pytest.raises(IndexStoreError, match="not a readable FAISS file"):
+        VectorIndex.load(path)
+
+
+def test_an_old_flat_file_is_refused_by_load(data, tmp_path: Path) -> None:  # noqa: ANN001
+    path = tmp_path / "vectors.faiss"
+    write_old_flat_file(path, *data, generation=3, catalog_id="abc")
+    assert saved_kind(path) == "flat"
+    with pytest.raises(IndexStoreError, match="flat index saved by an older altsearch"):
         VectorIndex.load(path)
 
 
@@ -576,7 +622,11 @@ def catalog_vectors(cat: Catalog) -> tuple[np.ndarray, np.ndarray]:
 
 def test_from_catalog_and_reconcile(tmp_path: Path) -> None:
     cat = catalog_with(tmp_path, 300)
-    index = VectorIndex.from_catalog(cat, device="cpu")
+    ids, vecs = catalog_vectors(cat)
+    flat = VectorIndex.from_catalog(cat, device="cpu")  # auto: exact at this size
+    assert (flat.kind, len(flat), flat.built_count, flat.generation) == ("flat", 300, 300, cat.generation)
+    np.testing.assert_array_equal(flat.reconstruct(ids), vecs)  # exactly the catalogue's (int8) vectors
+    index = VectorIndex.from_catalog(cat, kind="ivf", device="cpu")
     assert index.generation == cat.generation and len(index) == 300
     path = tmp_path / "vectors.faiss"
     index.save(path, catalog_id=cat.catalog_id)
@@ -596,32 +646,61 @@ def test_from_catalog_and_reconcile(tmp_path: Path) -> None:
     cat.close()
 
 
-def test_open_reconciles_or_rebuilds(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_open_reconciles_a_saved_file_or_builds_a_flat_index(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cat = catalog_with(tmp_path, 200)
     path = tmp_path / "vectors.faiss"
-    fresh = VectorIndex.open(path, cat, device="cpu")  # no file yet: built from the catalogue
-    assert len(fresh) == 200 and fresh.generation == cat.generation
-    fresh.save(path, catalog_id=cat.catalog_id)
+    fresh = VectorIndex.open(path, cat, device="cpu")  # no file: flat, built from the catalogue
+    assert (fresh.kind, len(fresh), fresh.header, fresh.generation) == ("flat", 200, None, cat.generation)
+    assert not path.exists() and not header_path(path).exists()  # opening writes nothing
+    saved = VectorIndex.from_catalog(cat, kind="ivf", device="cpu")
+    saved.save(path, catalog_id=cat.catalog_id)
     with cat.transaction() as tx:
         tx.remove([5])
     ids, vecs = catalog_vectors(cat)
 
     caught_up = VectorIndex.open(path, cat, device="cpu")
-    assert caught_up.header is not None  # loaded, not rebuilt
+    assert caught_up.kind == "ivf" and caught_up.header is not None  # loaded, not rebuilt
     np.testing.assert_array_equal(caught_up.ids(), ids)
 
-    fresh.save(path, catalog_id="another catalogue")
+    saved.save(path, catalog_id="another catalogue")
     with caplog.at_level(logging.WARNING, logger="altsearch.vectors"):
         rebuilt = VectorIndex.open(path, cat, device="cpu")
-    assert rebuilt.header is None and "does not match its catalogue" in caplog.text
+    assert (rebuilt.kind, rebuilt.header) == ("flat", None) and "does not match its catalogue" in caplog.text
     np.testing.assert_array_equal(rebuilt.reconstruct(ids), vecs)
 
-    fresh.save(path, generation=cat.generation + 5, catalog_id=cat.catalog_id)  # ahead: restored catalogue
+    saved.save(path, generation=cat.generation + 5, catalog_id=cat.catalog_id)  # ahead: restored catalogue
     assert VectorIndex.open(path, cat, device="cpu").header is None
 
     path.write_bytes(b"damaged")
     assert len(VectorIndex.open(path, cat, device="cpu")) == 199
+    path.unlink()  # a header without its file
+    assert VectorIndex.open(path, cat, device="cpu").kind == "flat"
     cat.close()
+
+
+def test_an_old_flat_file_is_passed_over_then_deleted_by_a_writer(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """An index folder from before flat indexes were built from the catalogue: its vectors.faiss (here
+    with other vectors than the catalogue's, which a reader must not use) is never read, and the first
+    writer that saves deletes it, header and all."""
+    catalog_with(tmp_path, 200).close()
+    store = IndexStore(tmp_path, create=False, device="cpu")
+    ids, vecs = catalog_vectors(store.catalog)
+    path = tmp_path / "vectors.faiss"
+    write_old_flat_file(path, ids, unit(200, seed=99), generation=store.generation, catalog_id=store.catalog.catalog_id)
+    with caplog.at_level(logging.INFO, logger="altsearch.vectors"):
+        index = store.vectors
+    assert (index.kind, index.header) == ("flat", None)
+    np.testing.assert_array_equal(index.reconstruct(ids), vecs)
+    assert "older altsearch" in caplog.text and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert store.check() == []  # stale, not a disagreement: the index never uses it
+    assert path.exists() and header_path(path).exists()  # a reader changes nothing on disk
+    store.save_vectors()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".vectors", "vectors"))) == []
+    store.close()
+    again = IndexStore(tmp_path, create=False, device="cpu")
+    assert again.vectors.kind == "flat" and len(again.vectors) == 200 and again.check() == []
+    again.close()
 
 
 def test_from_empty_catalog(tmp_path: Path) -> None:
