@@ -22,6 +22,7 @@ for :meth:`altsearch.Model.encode_pixels`. torchvision is optional (``pip instal
 from __future__ import annotations
 
 import functools
+import importlib.util
 import io
 import logging
 import os
@@ -89,11 +90,12 @@ def _nvjpeg() -> JpegDecoder | None:
     return decode
 
 
-def gpu_decode_unavailable(device: torch.device, cfg: PreprocessConfig) -> str | None:
-    """Why JPEGs cannot be decoded on ``device`` for ``cfg`` (None: they can)."""
+def gpu_decode_unavailable(device: torch.device, cfg: PreprocessConfig, *, load: bool = True) -> str | None:
+    """Why JPEGs cannot be decoded on ``device`` for ``cfg`` (None: they can). With ``load=False``
+    torchvision is only looked for, not imported (importing it takes seconds)."""
     if device.type != "cuda":
         return f"the model runs on {device.type}, not CUDA"
-    if _nvjpeg() is None:
+    if importlib.util.find_spec("torchvision") is None or (load and _nvjpeg() is None):
         return 'torchvision is not installed (pip install "altsearch[gpu]")'
     if cfg.resample != Image.Resampling.BICUBIC or not (cfg.do_resize and cfg.do_center_crop):
         return "the preprocessing is not a bicubic resize and centre crop"
@@ -101,10 +103,11 @@ def gpu_decode_unavailable(device: torch.device, cfg: PreprocessConfig) -> str |
 
 
 def choose_decoder(choice: str, device: torch.device, cfg: PreprocessConfig) -> str:
-    """ "cpu" or "gpu" for an ``--decode`` choice; "gpu" that cannot be honoured raises ValueError."""
+    """ "cpu" or "gpu" for an ``--decode`` choice; "gpu" that cannot be honoured raises ValueError.
+    "auto" does not import torchvision yet: a run that decodes few files never needs it."""
     if choice not in DECODE_CHOICES:
         raise ValueError(f"decode must be one of {', '.join(DECODE_CHOICES)}, got {choice!r}")
-    reason = gpu_decode_unavailable(device, cfg) if choice != "cpu" else "cpu asked for"
+    reason = gpu_decode_unavailable(device, cfg, load=choice == "gpu") if choice != "cpu" else "cpu asked for"
     if choice == "gpu" and reason is not None:
         raise ValueError(f"cannot decode on the GPU: {reason}")
     return "cpu" if reason is not None else "gpu"

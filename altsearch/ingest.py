@@ -281,6 +281,7 @@ class Ingestor:
             return
         if self.decode == "auto" and len(work) < GPU_DECODE_MIN:
             self.decoder = "cpu"  # a few files: starting nvJPEG would cost more than it saves
+        decoder = self._decoder(self.batch_size + 2 * max(self.workers, 1))
         report.decoder = self.decoder
         by_path = {w.entry.path: w for w in work}
         # Only an index that held images before this run can hold a vector this run did not make.
@@ -316,8 +317,7 @@ class Ingestor:
             if future.done():
                 collect()
 
-        ahead = self.batch_size + 2 * max(self.workers, 1)  # decoded and waiting: a batch, and then some
-        with _Stage("altsearch-model", self.overlap) as model, self._decoder(ahead) as pool:
+        with _Stage("altsearch-model", self.overlap) as model, decoder as pool:
             try:
                 for n, d in enumerate(pool.imap(list(by_path)), 1):
                     faults.point("decoded")
@@ -349,11 +349,18 @@ class Ingestor:
                     collect()
 
     def _decoder(self, ahead: int):
+        """The decoder of this run; ``ahead``: files decoded and waiting (a batch, and then some)."""
         cfg = self.model.preprocess_config
         if self.decoder == "gpu":
             from .gpudecode import GpuDecoder
 
-            return GpuDecoder(cfg, self.model.device, readers=self._readers or None, draft=self.draft)
+            try:
+                return GpuDecoder(cfg, self.model.device, readers=self._readers or None, draft=self.draft)
+            except RuntimeError as exc:  # torchvision found but not importable (built for another torch)
+                if self.decode == "gpu":
+                    raise
+                log.warning("decoding JPEGs on the CPU: %s", exc)
+                self.decoder = "cpu"
         return DecodePool(cfg, workers=self.workers, draft=self.draft, max_in_flight=ahead)
 
     # -- committing ------------------------------------------------------------------------------

@@ -195,7 +195,7 @@ def test_engine_refuses_gpu_decoding_on_a_cpu_model(tiny_checkpoint, tmp_path, f
 def test_ingestion_with_gpu_decoding_indexes_what_cpu_decoding_does(tiny_checkpoint, tmp_path, folder, monkeypatch):
     """The whole run with the stand-in: the same files indexed and failed, vectors within decoding noise."""
     monkeypatch.setattr(gpudecode, "_nvjpeg", lambda: pillow_as_nvjpeg)
-    monkeypatch.setattr(gpudecode, "gpu_decode_unavailable", lambda device, cfg: None)
+    monkeypatch.setattr(gpudecode, "gpu_decode_unavailable", lambda device, cfg, load=True: None)
     reports, vectors = {}, {}
     for way in ("cpu", "gpu"):
         with Engine.open(tmp_path / way, model=str(tiny_checkpoint), device="cpu") as engine:
@@ -217,10 +217,36 @@ def test_auto_decodes_on_the_gpu_only_for_enough_files(tiny_checkpoint, tmp_path
     from altsearch import ingest
 
     monkeypatch.setattr(gpudecode, "_nvjpeg", lambda: pillow_as_nvjpeg)
-    monkeypatch.setattr(gpudecode, "gpu_decode_unavailable", lambda device, cfg: None)
+    monkeypatch.setattr(gpudecode, "gpu_decode_unavailable", lambda device, cfg, load=True: None)
     used = []
     for minimum in (len(folder) + 1, len(folder) - 1):
         monkeypatch.setattr(ingest, "GPU_DECODE_MIN", minimum)
         with Engine.open(tmp_path / f"idx-{minimum}", model=str(tiny_checkpoint), device="cpu") as engine:
             used.append(engine.index(folder["plain"].parent).decoder)
     assert used == ["cpu", "gpu"]
+
+
+def test_auto_looks_for_torchvision_without_importing_it(monkeypatch):
+    """Importing torchvision takes seconds: "auto" only looks for it; "gpu" imports it at once."""
+    imported = []
+    monkeypatch.setattr(gpudecode.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(gpudecode, "_nvjpeg", lambda: imported.append(1) or pillow_as_nvjpeg)
+    cuda = torch.device("cuda")
+    assert choose_decoder("auto", cuda, CFG) == "gpu" and imported == []
+    assert choose_decoder("gpu", cuda, CFG) == "gpu" and imported == [1]
+    monkeypatch.setattr(gpudecode.importlib.util, "find_spec", lambda name: None)
+    assert choose_decoder("auto", cuda, CFG) == "cpu"
+
+
+def test_auto_falls_back_to_the_cpu_when_torchvision_does_not_load(tiny_checkpoint, tmp_path, folder,
+                                                                   monkeypatch, caplog):
+    from altsearch import ingest
+
+    monkeypatch.setattr(gpudecode, "gpu_decode_unavailable", lambda device, cfg, load=True: None)
+    monkeypatch.setattr(gpudecode, "_nvjpeg", lambda: None)  # found, but its import fails
+    monkeypatch.setattr(ingest, "GPU_DECODE_MIN", 1)
+    with Engine.open(tmp_path / "idx", model=str(tiny_checkpoint), device="cpu") as engine:
+        report = engine.index(folder["plain"].parent)
+    existing = [p for p in folder.values() if p.exists()]
+    assert report.decoder == "cpu" and "decoding JPEGs on the CPU" in caplog.text
+    assert (report.added, report.failed) == (len(existing) - 2, 2)  # the truncated and the garbage file
