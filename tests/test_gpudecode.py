@@ -250,3 +250,36 @@ def test_auto_falls_back_to_the_cpu_when_torchvision_does_not_load(tiny_checkpoi
     existing = [p for p in folder.values() if p.exists()]
     assert report.decoder == "cpu" and "decoding JPEGs on the CPU" in caplog.text
     assert (report.added, report.failed) == (len(existing) - 2, 2)  # the truncated and the garbage file
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), RuntimeError("simulated crash")], ids=["ctrl-c", "crash"])
+def test_a_run_stopped_mid_way_resumes_without_duplicates(tiny_checkpoint, tmp_path, monkeypatch, stop):
+    """The GPU decoder's reader threads and groups in flight change nothing of what a stopped run keeps."""
+    from tests.photos import make_folder
+
+    monkeypatch.setattr(gpudecode, "_nvjpeg", lambda: pillow_as_nvjpeg)
+    monkeypatch.setattr(gpudecode, "gpu_decode_unavailable", lambda device, cfg, load=True: None)
+    photos = tmp_path / "photos"
+    make_folder(photos, 12)
+    with Engine.open(tmp_path / "idx", model=str(tiny_checkpoint), device="cpu") as engine:
+        real, calls = engine.model.encode_pixels, []
+
+        def failing(pixels):
+            calls.append(len(pixels))
+            if len(calls) == 3:
+                raise stop
+            return real(pixels)
+
+        monkeypatch.setattr(engine.model, "encode_pixels", failing)
+        if isinstance(stop, KeyboardInterrupt):
+            first = engine.index(photos, decode="gpu", batch_size=2)
+            assert first.interrupted and first.added == 4
+        else:
+            with pytest.raises(RuntimeError, match="simulated crash"):
+                engine.index(photos, decode="gpu", batch_size=2)
+        assert engine.stats()["images"] == 4  # the two batches embedded before the stop
+        monkeypatch.setattr(engine.model, "encode_pixels", real)
+        second = engine.index(photos, decode="gpu", batch_size=2)
+        assert (second.added, second.unchanged, second.decoder) == (8, 4, "gpu")
+        assert engine.stats()["images"] == engine.stats()["vectors"] == 12
+        assert engine.check() == []
