@@ -160,9 +160,12 @@ class Ingestor:
                  draft: bool = True, chunk_size: int = 512, commit_seconds: float = 5.0,
                  save_seconds: float = 60.0, overlap: bool | None = None, decode: str = "auto",
                  progress: Callable[[Progress], None] | None = None):
+        from .gpudecode import choose_decoder
+
         on_cuda = model.device.type == "cuda"
-        self.decoder = "cpu" if decode == "cpu" else _choose_decoder(decode, model)  # "gpu" refused here
         self.decode = decode
+        # whether JPEGs may go to the GPU; a "gpu" that cannot be honoured is refused here, before the scan
+        self._gpu_decode = choose_decoder(decode, model.device, model.preprocess_config) == "gpu"
         self.store = store
         self.model = model
         self.batch_size = batch_size or default_batch_size(model)
@@ -279,10 +282,7 @@ class Ingestor:
     def _embed(self, work: list[_Work], report: IndexReport) -> None:
         if not work:
             return
-        if self.decode == "auto" and len(work) < GPU_DECODE_MIN:
-            self.decoder = "cpu"  # a few files: starting nvJPEG would cost more than it saves
-        decoder = self._decoder(self.batch_size + 2 * max(self.workers, 1))
-        report.decoder = self.decoder
+        report.decoder, decoder = self._decoder(len(work))
         by_path = {w.entry.path: w for w in work}
         # Only an index that held images before this run can hold a vector this run did not make.
         lookup = self.store.catalog.count() > 0
@@ -348,20 +348,22 @@ class Ingestor:
                 if in_model and in_model[0][1].exception() is None:  # waits for the model
                     collect()
 
-    def _decoder(self, ahead: int):
-        """The decoder of this run; ``ahead``: files decoded and waiting (a batch, and then some)."""
+    def _decoder(self, files: int) -> tuple[str, object]:
+        """Where this run decodes JPEGs ("cpu" or "gpu") and its decoder, for ``files`` to embed. "auto"
+        keeps a run of fewer than GPU_DECODE_MIN files on the CPU: starting nvJPEG would cost more than
+        it saves."""
         cfg = self.model.preprocess_config
-        if self.decoder == "gpu":
+        if self._gpu_decode and (self.decode == "gpu" or files >= GPU_DECODE_MIN):
             from .gpudecode import GpuDecoder
 
             try:
-                return GpuDecoder(cfg, self.model.device, readers=self._readers or None, draft=self.draft)
+                return "gpu", GpuDecoder(cfg, self.model.device, readers=self._readers or None, draft=self.draft)
             except RuntimeError as exc:  # torchvision found but not importable (built for another torch)
                 if self.decode == "gpu":
                     raise
                 log.warning("decoding JPEGs on the CPU: %s", exc)
-                self.decoder = "cpu"
-        return DecodePool(cfg, workers=self.workers, draft=self.draft, max_in_flight=ahead)
+        ahead = self.batch_size + 2 * max(self.workers, 1)  # decoded and waiting: a batch, and then some
+        return "cpu", DecodePool(cfg, workers=self.workers, draft=self.draft, max_in_flight=ahead)
 
     # -- committing ------------------------------------------------------------------------------
 
@@ -423,12 +425,6 @@ class Ingestor:
         if save:
             self.store.save_vectors()
         return written
-
-
-def _choose_decoder(decode: str, model) -> str:
-    from .gpudecode import choose_decoder
-
-    return choose_decoder(decode, model.device, model.preprocess_config)
 
 
 def _stack(pixels: list) -> np.ndarray:
