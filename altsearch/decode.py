@@ -22,7 +22,6 @@ import hashlib
 import logging
 import os
 import signal
-import stat
 import threading
 import time
 from collections import deque
@@ -42,7 +41,7 @@ from altsearch.model.preprocess import (
     DecodedImage,
     PreprocessConfig,
     decode_bytes,
-    read_error_reason,
+    read_image_bytes,
     resize_crop,
 )
 
@@ -114,22 +113,14 @@ def hash_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def _open_nonblocking(path: str, flags: int) -> int:
-    """Opening a FIFO must not wait for a writer (O_NONBLOCK does nothing to regular files)."""
-    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
-
-
 def read_file(path: str) -> bytes | Decoded:
-    """The bytes of a regular file, or the :class:`Decoded` error that says why they could not be read."""
+    """The bytes of a regular file (:func:`~altsearch.model.preprocess.read_image_bytes`), or the
+    :class:`Decoded` error that says why they could not be read."""
     try:
-        with open(path, "rb", opener=_open_nonblocking) as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a FIFO or device swapped in after the scan
-                return Decoded(path, None, None, None, "not a regular file")
-            return f.read()
-    except FileNotFoundError:
-        return Decoded(path, None, None, None, "file vanished")
-    except OSError as exc:
-        return Decoded(path, None, None, None, read_error_reason(exc))
+        return read_image_bytes(path)
+    except ImageError as exc:
+        gone = isinstance(exc.__cause__, FileNotFoundError)  # scanned, then deleted before its turn
+        return Decoded(path, None, None, None, "file vanished" if gone else str(exc))
 
 
 def decode_one(

@@ -27,7 +27,6 @@ import io
 import logging
 import os
 import threading
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -54,7 +53,7 @@ from altsearch.model.preprocess import (
     MAX_RESIZE_AREA,
     DecodedImage,
     PreprocessConfig,
-    check_size,
+    open_header,
     read_exif,
     resized_size,
 )
@@ -208,7 +207,7 @@ class GpuDecoder:
         self._decode_jpeg = decode_jpeg or _nvjpeg()
         if self._decode_jpeg is None:
             raise RuntimeError('GPU decoding needs torchvision (pip install "altsearch[gpu]")')
-        self.stats = {"gpu": 0, "cpu": 0}  # files decoded each way, for the report
+        self.stats = {"gpu": 0, "cpu": 0}  # files decoded each way (for tests and diagnostics)
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
 
@@ -267,14 +266,11 @@ class GpuDecoder:
         if not data.startswith(b"\xff\xd8") or not data.endswith(_EOI):
             return None
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with Image.open(io.BytesIO(data), formats=("JPEG",)) as im:
-                    if im.format != "JPEG" or im.mode not in _GPU_MODES:
-                        return None
-                    check_size(im.size, self.max_pixels)  # raises ImageError, as on the CPU
-                    exif = read_exif(im)
-                    meta = image_meta(DecodedImage(None, im.size, im.format, exif))
+            with open_header(io.BytesIO(data), self.max_pixels, formats=("JPEG",)) as im:  # size: as on the CPU
+                if im.format != "JPEG" or im.mode not in _GPU_MODES:  # MPO, CMYK, YCCK
+                    return None
+                exif = read_exif(im)
+                meta = image_meta(DecodedImage(None, im.size, im.format, exif))
         except ImageError:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever Pillow makes of a bad header: the CPU path decides

@@ -106,10 +106,14 @@ def test_content_hash_is_blake2b_of_the_bytes(corpus):
 
 
 def test_permission_denied(corpus, monkeypatch):
-    def refuse(path, *args, **kwargs):
-        raise PermissionError(13, "Permission denied", str(path))
+    real_open = os.open
 
-    monkeypatch.setattr(decode, "open", refuse, raising=False)  # shadows the builtin in decode only
+    def refuse(path, *args, **kwargs):
+        if os.fspath(path) == os.fspath(corpus["good"]):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)  # how image files are opened for reading
     assert decode_one(corpus["good"], CFG, None).error == "permission denied"
 
 

@@ -269,14 +269,14 @@ def test_folder_renamed_while_indexing(tmp_path, tiny_checkpoint):
 
 
 def test_permission_errors_are_recorded_then_recovered(tmp_path, tiny_checkpoint, monkeypatch):
-    from altsearch import decode, scan as scan_module
+    from altsearch import scan as scan_module
 
     photos = tmp_path / "photos"
     make_folder(photos, 16)
     index = tmp_path / "idx"
     locked_file = _scan_order(photos)[0]
     locked_folder = str(photos / "trips")
-    real_open, real_scandir = open, os.scandir
+    real_open, real_scandir = os.open, os.scandir
 
     def guarded_open(path, *args, **kwargs):
         if os.fspath(path) == locked_file:
@@ -288,14 +288,14 @@ def test_permission_errors_are_recorded_then_recovered(tmp_path, tiny_checkpoint
             raise PermissionError(13, "Permission denied", os.fspath(path))
         return real_scandir(path)
 
-    monkeypatch.setattr(decode, "open", guarded_open, raising=False)  # shadows the builtin in decode only
+    monkeypatch.setattr(os, "open", guarded_open)  # how image files are opened for reading
     monkeypatch.setattr(scan_module.os, "scandir", guarded_scandir)
     with Engine.open(index, model=str(tiny_checkpoint), device="cpu") as engine:
         report = engine.index(photos, workers=0)
         assert sorted(report.failures) == [(locked_file, "permission denied"), (locked_folder, "permission denied")]
         assert report.added == 16 - 8 - 1  # "trips" holds 8 of the 16
         assert engine.check() == []
-    monkeypatch.delattr(decode, "open")
+    monkeypatch.setattr(os, "open", real_open)
     monkeypatch.setattr(scan_module.os, "scandir", real_scandir)
     with Engine.open(index, device="cpu", create=False) as engine:
         again = engine.index(photos, workers=0)

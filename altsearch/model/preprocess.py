@@ -213,7 +213,7 @@ def open_image(
     """
     if isinstance(source, Image.Image):
         with _image_errors():
-            check_size(source.size, max_pixels)
+            _check_size(source.size, max_pixels)
             source.load()
             return to_rgb(_oriented(source))
     if isinstance(source, (str, os.PathLike)):
@@ -282,20 +282,27 @@ def read_error_reason(exc: OSError) -> str:
 
 
 @contextlib.contextmanager
-def _opened(fp: IO[bytes], draft: int | None, max_pixels: int) -> Iterator[tuple[Image.Image, tuple[int, int]]]:
-    """Open, refuse oversized images by header, set up draft decoding, load the first frame."""
-    formats = decodable_formats()
+def open_header(fp: IO[bytes], max_pixels: int, formats: tuple[str, ...] | None = None) -> Iterator[Image.Image]:
+    """Open an image without decoding its pixels (header and metadata only), refusing an oversized one
+    by its header (:class:`ImageError`). Pillow's own errors for a file it cannot open pass through."""
     with warnings.catch_warnings():
         # Our own max_pixels check replaces Pillow's warning; EXIF/chunk chatter is not actionable.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-        with Image.open(fp, formats=formats) as im:
-            header_size = im.size
-            check_size(header_size, max_pixels)
-            if draft is not None and im.format in _DRAFT_FORMATS:
-                im.draft("RGB", (draft, draft))  # DCT scale chosen so both edges stay >= draft
-            im.load()
-            yield im, header_size
+        with Image.open(fp, formats=formats or decodable_formats()) as im:
+            _check_size(im.size, max_pixels)
+            yield im
+
+
+@contextlib.contextmanager
+def _opened(fp: IO[bytes], draft: int | None, max_pixels: int) -> Iterator[tuple[Image.Image, tuple[int, int]]]:
+    """Open, refuse oversized images by header, set up draft decoding, load the first frame."""
+    with open_header(fp, max_pixels) as im:
+        header_size = im.size
+        if draft is not None and im.format in _DRAFT_FORMATS:
+            im.draft("RGB", (draft, draft))  # DCT scale chosen so both edges stay >= draft
+        im.load()
+        yield im, header_size
 
 
 @functools.cache
@@ -315,7 +322,7 @@ def decodable_formats() -> tuple[str, ...]:
     return tuple(f for f in _FORMATS if f in Image.OPEN)
 
 
-def check_size(size: tuple[int, int], max_pixels: int) -> None:
+def _check_size(size: tuple[int, int], max_pixels: int) -> None:
     width, height = size
     if width * height > max_pixels:
         raise ImageError(f"image too large: {width}x{height} px (limit {max_pixels} px)")
