@@ -238,15 +238,22 @@ def test_ivf_allowed_subsets(clustered_50k, ivf_50k) -> None:  # noqa: ANN001
     assert recall_at_k(exact, found) >= vectors_module.RECALL_TARGET
 
 
-def test_ivf_add_remove_and_round_trip(clustered_50k, tmp_path: Path) -> None:  # noqa: ANN001
-    ids, vecs, centres = clustered_50k
-    index = VectorIndex.build(ids[:5000], vecs[:5000], kind="ivf", device="cpu")
+def add_replace_remove(index: VectorIndex, ids: np.ndarray, vecs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """On an index built from the first 5,000 vectors: add 1,000, give 10 of the first ids new vectors,
+    remove 10 others; checks the ids it holds, and returns the (ids, vectors) it should hold."""
     index.add(ids[5000:6000], vecs[5000:6000])
     index.add(ids[:10], vecs[6000:6010])  # replaces
     assert index.remove(ids[10:20]) == 10
     kept_ids = np.concatenate([ids[:10], ids[20:6000]])
     kept_vecs = np.concatenate([vecs[6000:6010], vecs[20:6000]])
     np.testing.assert_array_equal(index.ids(), np.sort(kept_ids))
+    return kept_ids, kept_vecs
+
+
+def test_ivf_add_remove_and_round_trip(clustered_50k, tmp_path: Path) -> None:  # noqa: ANN001
+    ids, vecs, centres = clustered_50k
+    index = VectorIndex.build(ids[:5000], vecs[:5000], kind="ivf", device="cpu")
+    kept_ids, kept_vecs = add_replace_remove(index, ids, vecs)
     np.testing.assert_array_equal(index.reconstruct(ids[:10]), vecs[6000:6010])
 
     path = tmp_path / "vectors.faiss"
@@ -359,12 +366,7 @@ def test_ivfpq_allowed_subsets(clustered_20k, ivfpq_20k) -> None:  # noqa: ANN00
 def test_ivfpq_add_remove_and_round_trip(clustered_20k, tmp_path: Path) -> None:  # noqa: ANN001
     ids, vecs, centres = clustered_20k
     index = VectorIndex.build(ids[:5000], vecs[:5000], kind="ivfpq", device="cpu")
-    index.add(ids[5000:6000], vecs[5000:6000])
-    index.add(ids[:10], vecs[6000:6010])  # replaces
-    assert index.remove(ids[10:20]) == 10
-    kept_ids = np.concatenate([ids[:10], ids[20:6000]])
-    kept_vecs = np.concatenate([vecs[6000:6010], vecs[20:6000]])
-    np.testing.assert_array_equal(index.ids(), np.sort(kept_ids))
+    kept_ids, kept_vecs = add_replace_remove(index, ids, vecs)
     with pytest.raises(ValueError, match="catalogue"):
         index.reconstruct(ids[:10])  # PQ codes are lossy: exact vectors come from the catalogue
 
