@@ -187,12 +187,14 @@ class Model:
         out = [np.zeros((0, self.dimension), np.float32)]
         for i in range(0, len(texts), batch_size):
             ids, mask = self.tokenizer.encode(list(texts[i:i + batch_size]))
-            feats = self._text_features(ids.to(self.device), mask.to(self.device))
+            feats = self.text_features(ids.to(self.device), mask.to(self.device))
             out.append(_unit(feats).cpu().numpy())
         return np.concatenate(out)
 
-    def _text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """On CUDA, small batches replay a recorded CUDA graph (:mod:`.graphs`); otherwise the tower runs."""
+    def text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Unnormalised features (B, P) of token ids and mask already on the device (what
+        :meth:`encode_text` runs after tokenizing). On CUDA, batches of short texts replay a recorded
+        CUDA graph (:mod:`.graphs`); otherwise the tower runs."""
         if self.device.type == "cuda":
             if self._text_graphs is None:
                 from .graphs import TextGraphs

@@ -32,12 +32,13 @@ def eager(model, texts):
         return model.module.text_features(ids, mask), ids, mask
 
 
-@pytest.mark.parametrize("texts", [TEXTS[:1], TEXTS[1:], TEXTS])
-def test_padding_up_to_a_bucket_changes_nothing(model, texts):
+@pytest.mark.parametrize("texts,bucket", [(TEXTS[:1], (8, 48)), (TEXTS[1:], (8, 48)), (TEXTS, (8, 48)),
+                                          (TEXTS * 7, (32, 64))])
+def test_padding_up_to_a_bucket_changes_nothing(model, texts, bucket):
     expected, ids, mask = eager(model, texts)
     b, t = ids.shape
-    big_ids = torch.full((8, 48), model.config.text.pad_token_id, dtype=ids.dtype)
-    big_mask = torch.zeros((8, 48), dtype=mask.dtype)
+    big_ids = torch.full(bucket, model.config.text.pad_token_id, dtype=ids.dtype)
+    big_mask = torch.zeros(bucket, dtype=mask.dtype)
     big_mask[b:, 0] = 1
     big_ids[:b, :t], big_mask[:b, :t] = ids, mask
     with torch.inference_mode():
@@ -109,11 +110,32 @@ def test_a_bucket_that_cannot_be_recorded_stays_eager(model, cpu_graphs, monkeyp
 
 def test_what_no_bucket_fits_runs_eagerly(model, cpu_graphs):
     tg, recorded = cpu_graphs
-    ids = torch.ones((9, 4), dtype=torch.long)
-    assert tg.bucket(9, 4) is None and tg(ids, torch.ones_like(ids)) is None
-    assert tg.bucket(1, model.max_length) == (1, model.max_length)
+    assert model.max_length > graphs.LENGTHS[-1]  # else long texts could not be told apart here
+    ids = torch.ones((65, 4), dtype=torch.long)
+    assert tg.bucket(65, 4) is None and tg(ids, torch.ones_like(ids)) is None
+    ids = torch.ones((9, graphs.LENGTHS[-1] + 1), dtype=torch.long)  # many long texts: compute-bound
+    assert tg.bucket(*ids.shape) is None and tg(ids, torch.ones_like(ids)) is None
     assert tg.bucket(1, model.max_length + 1) is None
     assert recorded == []
+
+
+def test_buckets_cover_short_batches_up_to_64_and_long_texts_up_to_8(model, cpu_graphs):
+    tg, _ = cpu_graphs
+    top = graphs.LENGTHS[-1]
+    assert tg.bucket(9, 4) == (16, 8) and tg.bucket(33, top) == (64, top) and tg.bucket(64, 17) == (64, 32)
+    assert tg.bucket(1, model.max_length) == (1, model.max_length)
+    assert tg.bucket(8, top + 1) == (8, tg.lengths[tg.lengths.index(top) + 1])
+
+
+def test_a_batch_of_queries_replays_from_a_large_bucket(model, cpu_graphs):
+    tg, recorded = cpu_graphs
+    texts = [f"{t} {n}" for n in range(7) for t in TEXTS]  # 21 queries: the bucket of 32
+    expected, ids, mask = eager(model, texts)
+    with torch.inference_mode():
+        assert tg(ids, mask) is None  # first use: eager
+        got = tg(ids, mask)
+    assert recorded == [tg.bucket(*ids.shape)] and recorded[0][0] == 32
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
 def test_a_cuda_model_encodes_through_the_graphs(model, monkeypatch):
