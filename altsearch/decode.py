@@ -55,7 +55,14 @@ CRASHED = "decoder crashed"
 """The error of a path whose decoding killed its worker process (segfault, OOM kill)."""
 _PARENT_POLL_S = 0.5  # how often a worker checks that its parent is still alive
 
-_HASH_BYTES = 16  # blake2b-128
+HASH_KINDS = ("sha256-128", "blake2b-128")
+"""The content hashes a catalogue can use (its meta ``content_hash``), each 128 bits in hex."""
+DEFAULT_HASH = "sha256-128"
+"""What new catalogues use: SHA-256 runs on the SHA extensions of x86 CPUs (AMD since Zen, Intel since
+Ice Lake / Goldmont) and ARMv8 through OpenSSL, 2.2x BLAKE2b's speed here (1.21 against 0.54 GB/s)."""
+LEGACY_HASH = "blake2b-128"
+"""What catalogues made before the ``content_hash`` meta existed hold; they keep it."""
+_HASH_BYTES = 16
 _CHUNK = 1 << 20
 _WORKERS_PER_IN_FLIGHT = 4
 _CPU_MODEL_CORES_FOR_A_WORKER = 2  # with a model on the CPU, a decode worker only on more cores than this
@@ -89,7 +96,7 @@ class Decoded:
     """The outcome for one path: pixels + metadata, or an error (``pixels`` is None)."""
 
     path: str
-    content_hash: str | None  # blake2b-128 hex of the file's bytes; None when it could not be read
+    content_hash: str | None  # hex content hash of the file's bytes (hash_bytes); None when it could not be read
     pixels: np.ndarray | None  # uint8 (crop_h, crop_w, 3)
     meta: ImageMeta | None
     error: str | None
@@ -99,18 +106,28 @@ class Decoded:
         return self.error is None
 
 
-def hash_bytes(data: bytes) -> str:
-    """The content hash of a file's bytes (blake2b, 128-bit, hex)."""
-    return hashlib.blake2b(data, digest_size=_HASH_BYTES).hexdigest()
+def _digest(kind: str):
+    if kind == "sha256-128":
+        return hashlib.sha256()
+    if kind == "blake2b-128":
+        return hashlib.blake2b(digest_size=_HASH_BYTES)
+    raise ValueError(f"unknown content hash {kind!r} (known: {', '.join(HASH_KINDS)})")
 
 
-def hash_file(path: str | os.PathLike[str]) -> str:
-    """The same hash as :attr:`Decoded.content_hash`, streamed; raises OSError if unreadable."""
-    digest = hashlib.blake2b(digest_size=_HASH_BYTES)
+def hash_bytes(data: bytes, kind: str = DEFAULT_HASH) -> str:
+    """The content hash of a file's bytes: 128 bits of ``kind`` (one of :data:`HASH_KINDS`), hex."""
+    digest = _digest(kind)
+    digest.update(data)
+    return digest.digest()[:_HASH_BYTES].hex()
+
+
+def hash_file(path: str | os.PathLike[str], kind: str = DEFAULT_HASH) -> str:
+    """The same hash as :func:`hash_bytes` of the file's bytes, streamed; raises OSError if unreadable."""
+    digest = _digest(kind)
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
-    return digest.hexdigest()
+    return digest.digest()[:_HASH_BYTES].hex()
 
 
 def read_file(path: str) -> bytes | Decoded:
@@ -129,13 +146,15 @@ def decode_one(
     draft: int | None = DEFAULT_DRAFT,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    hash_kind: str = DEFAULT_HASH,
 ) -> Decoded:
-    """Read, hash and decode one file. Never raises for a bad or missing file."""
+    """Read, hash (:func:`hash_bytes` with ``hash_kind``) and decode one file. Never raises for a bad or
+    missing file."""
     name = os.fspath(path)
     data = read_file(name)
     if isinstance(data, Decoded):
         return data
-    return decode_data(name, hash_bytes(data), data, cfg, draft, max_pixels=max_pixels)
+    return decode_data(name, hash_bytes(data, hash_kind), data, cfg, draft, max_pixels=max_pixels)
 
 
 def decode_data(path: str, content_hash: str, data: bytes, cfg: PreprocessConfig, draft: int | None, *,
@@ -265,11 +284,12 @@ def _worker_init(parent: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _decode_in_worker(path: str, cfg: PreprocessConfig, draft: int | None, max_pixels: int) -> Decoded:
+def _decode_in_worker(path: str, cfg: PreprocessConfig, draft: int | None, max_pixels: int,
+                      hash_kind: str) -> Decoded:
     marker = os.environ.get(CRASH_HOOK_ENV)
     if marker and marker in os.path.basename(path):
         os._exit(70)  # test hook: simulate a decoder segfault
-    return decode_one(path, cfg, draft, max_pixels=max_pixels)
+    return decode_one(path, cfg, draft, max_pixels=max_pixels, hash_kind=hash_kind)
 
 
 @dataclass(frozen=True)
@@ -296,8 +316,11 @@ class DecodePool:
         draft: int | None = DEFAULT_DRAFT,
         max_in_flight: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        hash_kind: str = DEFAULT_HASH,
     ):
+        _digest(hash_kind)  # an unknown kind fails here, not in every worker
         self.cfg = cfg
+        self.hash_kind = hash_kind
         self.workers = default_workers() if workers is None else workers
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
@@ -324,7 +347,8 @@ class DecodePool:
     def imap(self, paths: Iterable[str | os.PathLike[str]]) -> Iterator[Decoded]:
         """One :class:`Decoded` per path, in completion order."""
         if self.workers == 0:
-            return (decode_one(p, self.cfg, self.draft, max_pixels=self.max_pixels) for p in paths)
+            return (decode_one(p, self.cfg, self.draft, max_pixels=self.max_pixels, hash_kind=self.hash_kind)
+                    for p in paths)
         return self._imap_processes(iter(paths))
 
     def _imap_processes(self, source: Iterator[str | os.PathLike[str]]) -> Iterator[Decoded]:
@@ -363,7 +387,8 @@ class DecodePool:
         for _ in range(2):  # a pool found broken on submit is restarted once
             executor = self._running_executor()
             try:
-                future = executor.submit(_decode_in_worker, path, self.cfg, self.draft, self.max_pixels)
+                future = executor.submit(_decode_in_worker, path, self.cfg, self.draft, self.max_pixels,
+                                         self.hash_kind)
             except BrokenProcessPool:
                 self._restart(self._generation)
                 continue

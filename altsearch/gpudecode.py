@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from altsearch.decode import (
+    DEFAULT_HASH,
     DRAFT_SCALE,
     Decoded,
     ImageMeta,
@@ -197,13 +198,15 @@ class GpuDecoder:
 
     def __init__(self, cfg: PreprocessConfig, device: torch.device | str, *, readers: int | None = None,
                  group: int = GROUP, draft: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 decode_jpeg: JpegDecoder | None = None):
+                 hash_kind: str = DEFAULT_HASH, decode_jpeg: JpegDecoder | None = None):
         self.cfg = cfg
         self.device = torch.device(device)
         self.readers = readers or _default_readers()
         self.group = group
         self.draft = draft  # for the files decoded on the CPU
         self.max_pixels = max_pixels
+        self.hash_kind = hash_kind
+        hash_bytes(b"", hash_kind)  # an unknown kind fails here, not in every reader
         self._decode_jpeg = decode_jpeg or _nvjpeg()
         if self._decode_jpeg is None:
             raise RuntimeError('GPU decoding needs torchvision (pip install "altsearch[gpu]")')
@@ -254,7 +257,7 @@ class GpuDecoder:
         data = read_file(path)
         if isinstance(data, Decoded):
             return data
-        content_hash = hash_bytes(data)
+        content_hash = hash_bytes(data, self.hash_kind)
         try:
             jpeg = self._probe(path, content_hash, data)
         except ImageError as exc:

@@ -31,7 +31,17 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import faults
-from .decode import DEFAULT_DRAFT, DecodePool, Decoded, default_workers, hash_file
+from .decode import (
+    DEFAULT_DRAFT,
+    DEFAULT_HASH,
+    HASH_KINDS,
+    LEGACY_HASH,
+    DecodePool,
+    Decoded,
+    default_workers,
+    hash_file,
+)
+from .errors import IndexStoreError
 from .scan import FileEntry, ScanProblem, scan
 
 log = logging.getLogger(__name__)
@@ -108,6 +118,24 @@ CUDA_MAX_BATCH = 256
 """The largest batch chosen on CUDA: beyond it ViT-L/14 runs no faster, and a chunk waits longer."""
 
 
+HASH_META = "content_hash"  # the catalogue meta key naming the content hash (decode.HASH_KINDS)
+
+
+def content_hash_kind(catalog) -> str:
+    """The content hash this catalogue's files are hashed with (its meta ``content_hash``), recorded on
+    first use: :data:`~altsearch.decode.DEFAULT_HASH` for a catalogue without images, and
+    :data:`~altsearch.decode.LEGACY_HASH` for one filled before the key existed, so that the hashes
+    it holds keep matching their files."""
+    kind = catalog.get_meta(HASH_META)
+    if kind is None:
+        kind = LEGACY_HASH if catalog.count() else DEFAULT_HASH
+        catalog.set_meta(HASH_META, kind)
+    if kind not in HASH_KINDS:
+        raise IndexStoreError(f"the catalogue's files were hashed with {kind!r}, which this version of "
+                              f"altsearch does not know (it knows {', '.join(HASH_KINDS)}): upgrade altsearch")
+    return kind
+
+
 def default_batch_size(model) -> int:
     """Images per model batch: 16 on a CPU; on CUDA as many as fit in the free device memory once the
     vision tower is loaded, up to 256 (:meth:`altsearch.Model.suggest_batch_size`)."""
@@ -182,6 +210,7 @@ class Ingestor:
         self._writer = _Stage("altsearch-writer", False)
         self._writing: Future | None = None  # the chunk the writer has, not yet in the report
         self._last_commit = self._last_save = time.monotonic()
+        self.hash_kind = DEFAULT_HASH  # the catalogue's, read when a run starts
 
     # -- the run ---------------------------------------------------------------------------------
 
@@ -189,6 +218,7 @@ class Ingestor:
         root = os.path.abspath(os.path.expanduser(root))
         report = IndexReport(folder=root)
         t0 = time.perf_counter()
+        self.hash_kind = content_hash_kind(self.store.catalog)
         with _Stage("altsearch-writer", self.overlap) as self._writer:
             try:
                 work = self._plan(root, report, include_hidden, follow_symlinks)
@@ -275,7 +305,7 @@ class Ingestor:
 
     def _hash(self, entry: FileEntry) -> str | None:
         try:
-            return hash_file(entry.path)
+            return hash_file(entry.path, self.hash_kind)
         except OSError:
             return None  # vanished or unreadable: the decode step records why
 
@@ -357,13 +387,15 @@ class Ingestor:
             from .gpudecode import GpuDecoder
 
             try:
-                return "gpu", GpuDecoder(cfg, self.model.device, readers=self._readers or None, draft=self.draft)
+                return "gpu", GpuDecoder(cfg, self.model.device, readers=self._readers or None, draft=self.draft,
+                                         hash_kind=self.hash_kind)
             except RuntimeError as exc:  # torchvision found but not importable (built for another torch)
                 if self.decode == "gpu":
                     raise
                 log.warning("decoding JPEGs on the CPU: %s", exc)
         ahead = self.batch_size + 2 * max(self.workers, 1)  # decoded and waiting: a batch, and then some
-        return "cpu", DecodePool(cfg, workers=self.workers, draft=self.draft, max_in_flight=ahead)
+        return "cpu", DecodePool(cfg, workers=self.workers, draft=self.draft, max_in_flight=ahead,
+                                 hash_kind=self.hash_kind)
 
     # -- committing ------------------------------------------------------------------------------
 

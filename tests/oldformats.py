@@ -23,3 +23,20 @@ def write_old_flat_file(path: Path, ids: np.ndarray, vecs: np.ndarray, *, genera
                          sha256=hashlib.sha256(data).hexdigest(), generation=generation, catalog_id=catalog_id,
                          built_count=len(ids), nlist=0, nprobe=0, faiss_version=faiss.__version__, saved_at=0.0)
     header_path(Path(path)).write_text(header.to_json())
+
+
+def hash_like_before_hash_kinds(catalog_file: Path) -> int:
+    """Rewrite a catalogue as altsearch left it before catalogues named their content hash: every file's
+    hash BLAKE2b-128 of its bytes, and no ``content_hash`` meta key. Returns the rows rewritten."""
+    import sqlite3
+
+    from altsearch.catalog import decode_path
+
+    with sqlite3.connect(catalog_file) as conn:
+        rows = conn.execute("SELECT id, path FROM images").fetchall()
+        for image_id, path in rows:
+            digest = hashlib.blake2b(Path(decode_path(path)).read_bytes(), digest_size=16).hexdigest()
+            conn.execute("UPDATE images SET content_hash = ? WHERE id = ?", (digest, image_id))
+        conn.execute("DELETE FROM meta WHERE key = 'content_hash'")
+    conn.close()
+    return len(rows)

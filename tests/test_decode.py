@@ -97,12 +97,30 @@ def test_every_hostile_file_gives_a_clear_result(corpus):
     assert (results["one_pixel"].pixels == (12, 34, 56)).all()
 
 
-def test_content_hash_is_blake2b_of_the_bytes(corpus):
-    result = decode_one(corpus["good"], CFG, None)
-    expected = hashlib.blake2b(corpus["good"].read_bytes(), digest_size=16).hexdigest()
-    assert result.content_hash == hash_file(corpus["good"]) == expected
-    assert decode_one(corpus["truncated"], CFG, None).content_hash == hash_file(corpus["truncated"])
-    assert decode_one(corpus["vanished"], CFG, None).content_hash is None
+HASHES = {"sha256-128": lambda b: hashlib.sha256(b).hexdigest()[:32],
+          "blake2b-128": lambda b: hashlib.blake2b(b, digest_size=16).hexdigest()}
+
+
+@pytest.mark.parametrize("kind", decode.HASH_KINDS)
+def test_content_hash_is_128_bits_of_the_kind_asked_for(corpus, kind):
+    expected = HASHES[kind](corpus["good"].read_bytes())
+    assert decode_one(corpus["good"], CFG, None, hash_kind=kind).content_hash == hash_file(corpus["good"], kind) == expected
+    truncated = decode_one(corpus["truncated"], CFG, None, hash_kind=kind)
+    assert truncated.content_hash == hash_file(corpus["truncated"], kind) == HASHES[kind](corpus["truncated"].read_bytes())
+    assert decode_one(corpus["vanished"], CFG, None, hash_kind=kind).content_hash is None
+
+
+def test_the_default_hash_is_sha256_and_an_unknown_one_is_refused(corpus):
+    assert decode.DEFAULT_HASH == "sha256-128" and decode.DEFAULT_HASH in decode.HASH_KINDS
+    assert decode_one(corpus["good"], CFG, None).content_hash == HASHES["sha256-128"](corpus["good"].read_bytes())
+    with pytest.raises(ValueError, match="unknown content hash 'md5'"):
+        DecodePool(CFG, workers=0, hash_kind="md5")
+
+
+def test_worker_processes_hash_with_the_pool_s_kind(corpus):
+    with DecodePool(CFG, workers=1, hash_kind="blake2b-128") as pool:
+        (result,) = pool.imap([corpus["good"]])
+    assert result.content_hash == HASHES["blake2b-128"](corpus["good"].read_bytes())
 
 
 def test_permission_denied(corpus, monkeypatch):

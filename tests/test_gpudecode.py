@@ -18,7 +18,7 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 
 from altsearch import Engine, gpudecode
-from altsearch.decode import DecodePool, decode_one
+from altsearch.decode import HASH_KINDS, DecodePool, decode_one, hash_file
 from altsearch.errors import AltsearchError
 from altsearch.gpudecode import GpuDecoder, choose_decoder, draft_step, orient, resize_crop_tensor
 from altsearch.model.preprocess import PreprocessConfig, resize_crop
@@ -133,9 +133,11 @@ def run_both(paths, **kw):
     return gpu, cpu, stats
 
 
-def test_every_file_gets_the_cpu_path_s_verdict_hash_and_metadata(folder):
-    gpu, cpu, stats = run_both(list(folder.values()), max_pixels=5_000_000)
+@pytest.mark.parametrize("hash_kind", HASH_KINDS)
+def test_every_file_gets_the_cpu_path_s_verdict_hash_and_metadata(folder, hash_kind):
+    gpu, cpu, stats = run_both(list(folder.values()), max_pixels=5_000_000, hash_kind=hash_kind)
     assert gpu.keys() == cpu.keys() == {str(p) for p in folder.values()}
+    assert gpu[str(folder["plain"])].content_hash == hash_file(folder["plain"], hash_kind)
     for name, path in folder.items():
         g, c = gpu[str(path)], cpu[str(path)]
         assert (g.error, g.content_hash, g.meta) == (c.error, c.content_hash, c.meta), name

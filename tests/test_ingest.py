@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +14,9 @@ import pytest
 from altsearch import Engine, faults
 from altsearch.decode import DecodePool
 from altsearch.errors import IndexStoreError
-from altsearch.ingest import CPU_BATCH_SIZE, Ingestor, default_batch_size
+from altsearch.ingest import CPU_BATCH_SIZE, HASH_META, Ingestor, default_batch_size
+from altsearch.store import CATALOG_FILE
+from tests.oldformats import hash_like_before_hash_kinds
 from tests.photos import make_folder
 
 
@@ -125,3 +130,50 @@ def test_default_batch_size_asks_the_model_first(tiny_checkpoint):
     assert default_batch_size(model) == CPU_BATCH_SIZE
     model.suggest_batch_size = lambda **limits: 40 if limits == {"maximum": 256, "cpu_batch": 16} else 0
     assert default_batch_size(model) == 40
+
+
+def _hashes(engine) -> dict[str, str]:
+    cat = engine.store.catalog
+    return {r.path: r.content_hash for r in cat.get(cat.filter_ids().tolist())}
+
+
+def test_a_new_catalogue_hashes_files_with_sha256(tmp_path, tiny_checkpoint, photos):
+    with Engine.open(tmp_path / "index", model=str(tiny_checkpoint), device="cpu") as engine:
+        engine.index(photos)
+        assert engine.store.catalog.get_meta(HASH_META) == "sha256-128"
+        hashes = _hashes(engine)
+    assert len(hashes) == 14
+    assert all(h == hashlib.sha256(Path(p).read_bytes()).hexdigest()[:32] for p, h in hashes.items())
+
+
+def test_a_catalogue_from_before_hash_kinds_keeps_blake2b_and_still_follows_its_files(tmp_path, tiny_checkpoint,
+                                                                                       photos):
+    """Its stored hashes are BLAKE2b: hashing with anything else would take a touched file for a changed
+    one and a moved file for a new one, and embed both again."""
+    with Engine.open(tmp_path / "index", model=str(tiny_checkpoint), device="cpu") as engine:
+        engine.index(photos)
+    assert hash_like_before_hash_kinds(tmp_path / "index" / CATALOG_FILE) == 14
+    touched, moved, copied = sorted(photos.rglob("img_*"))[3:6]
+    os.utime(touched, (1e9, 1e9))  # same bytes, another mtime
+    moved.rename(photos / f"renamed{moved.suffix}")
+    shutil.copyfile(copied, photos / f"copy{copied.suffix}")  # new path, known bytes
+    make_folder(photos / "new", 1, start=50)
+    with Engine.open(tmp_path / "index", model=str(tiny_checkpoint), device="cpu") as engine:
+        report = engine.index(photos)
+        kind, hashes = engine.store.catalog.get_meta(HASH_META), _hashes(engine)
+        assert engine.check() == []
+    assert (report.moved, report.removed, report.embedded, report.duplicates) == (1, 0, 1, 1)
+    assert kind == "blake2b-128"
+    assert all(h == hashlib.blake2b(Path(p).read_bytes(), digest_size=16).hexdigest() for p, h in hashes.items())
+
+
+def test_a_catalogue_hashed_with_an_unknown_kind_is_refused_before_anything_changes(tmp_path, tiny_checkpoint,
+                                                                                     photos):
+    with Engine.open(tmp_path / "index", model=str(tiny_checkpoint), device="cpu") as engine:
+        engine.index(photos)
+        engine.store.catalog.set_meta(HASH_META, "xxh3-128")
+        before = _hashes(engine)
+        make_folder(photos / "new", 1, start=50)
+        with pytest.raises(IndexStoreError, match="'xxh3-128', which this version of altsearch does not know"):
+            engine.index(photos)
+        assert _hashes(engine) == before
