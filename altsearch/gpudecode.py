@@ -27,6 +27,7 @@ import io
 import logging
 import os
 import threading
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -68,6 +69,7 @@ _GPU_MODES = frozenset({"RGB", "L"})  # what nvJPEG decodes to RGB; CMYK and YCC
 _EOI = b"\xff\xd9"  # JPEG end-of-image marker
 _DRAFT_STEPS = (8, 4, 2)  # libjpeg's reduced DCT scales
 _MAX_READERS = 8
+
 
 
 JpegDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
@@ -292,7 +294,13 @@ class GpuDecoder:
     def _decode_group(self, group: list[_Jpeg]) -> Iterator[Decoded]:
         if not group:
             return
-        images = self._decode_many([torch.frombuffer(bytearray(j.data), dtype=torch.uint8) for j in group])
+        with warnings.catch_warnings():
+            # The tensors share the files' bytes objects, which nothing writes to; torch warns that it
+            # cannot protect them. Copying each file into a bytearray instead cost 1.4 ms per 2.4 MB
+            # photo in the thread that feeds the GPU (45 ms per group of 32 here, mostly page faults).
+            warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+            encoded = [torch.frombuffer(j.data, dtype=torch.uint8) for j in group]
+        images = self._decode_many(encoded)
         crops: list[torch.Tensor | None] = [None] * len(group)
         alike: dict[tuple, list[int]] = {}  # the same size and orientation: resized as one batch
         for n, (jpeg, image) in enumerate(zip(group, images)):
