@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # the tiny checkpoint comes from tests/checkpoints.py
 sys.path.insert(1, str(BENCHMARKS))  # the photo generator and the full-size writer are benchmarks' own
-from benchlib import checkpoint_folder, workdir  # noqa: E402
+from benchlib import checkpoint_folder, run_in_workdir  # noqa: E402
 
 DEFAULT_IMAGES = {"tiny": 32, "full": 8}
 DTYPES = ("fp32", "fp16", "bf16")
@@ -343,10 +343,7 @@ def main(argv=None) -> None:
     if args.job:
         run_job(json.loads(args.job))
         return
-    with workdir(args.workdir, "bench-ingest-") as work:
-        report = benchmark(args, work)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    run_in_workdir(args, "bench-ingest-", benchmark)
 
 
 if __name__ == "__main__":

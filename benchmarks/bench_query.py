@@ -58,7 +58,7 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkpoints come from tests/checkpoints.py and bench_model.py
 sys.path.insert(1, str(ROOT / "benchmarks"))
-from benchlib import checkpoint_folder, cpu_name, int_list, workdir  # noqa: E402
+from benchlib import checkpoint_folder, cpu_name, int_list, run_in_workdir  # noqa: E402
 
 # Queries made of words and characters the tiny tokenizer knows (any text works with a real model).
 QUERIES = [
@@ -525,10 +525,7 @@ def main(argv=None) -> None:
     if args.child:
         child(json.loads(args.child))
         return
-    with workdir(args.workdir, "bench-query-") as work:
-        report = run(args, work)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    run_in_workdir(args, "bench-query-", run)
 
 
 if __name__ == "__main__":

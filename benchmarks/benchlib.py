@@ -7,6 +7,7 @@ every worker.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import shutil
 import tempfile
@@ -25,6 +26,16 @@ def workdir(path: Path | None, prefix: str) -> Iterator[Path]:
     finally:
         if path is None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def run_in_workdir(args: argparse.Namespace, prefix: str, run: Callable[[argparse.Namespace, Path], dict]) -> dict:
+    """``run(args, work)`` in the ``--workdir`` folder (or a temporary one, see :func:`workdir`); its report
+    is also written to ``--json`` when given."""
+    with workdir(args.workdir, prefix) as work:
+        report = run(args, work)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    return report
 
 
 def int_list(minimum: int) -> Callable[[str], list[int]]:

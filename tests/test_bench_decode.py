@@ -1,0 +1,34 @@
+"""benchmarks/bench_decode.py keeps working: a tiny run of its table of decoding stages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_decode.py"
+
+
+def test_tiny_run_prints_every_cpu_stage_against_the_naive_decode(tmp_path):
+    out = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--images", "3", "--size", "640x480", "--readers", "2", "--workers", "1",
+         "--device", "cuda", "--workdir", str(tmp_path / "work"), "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for needle in ("machine:", "| stage | setting | photos/s | x naive | CPU ms/photo |", "2 threads", "1 process"):
+        assert needle in proc.stdout, needle
+    report = json.loads(out.read_text())
+    stages = [r["stage"] for r in report["stages"]]
+    cpu_stages = ["naive", "readers, sha256-128", "readers, blake2b-128", "cpu decode"]
+    if "no GPU decoding rows" in proc.stdout:
+        assert stages == cpu_stages
+    else:  # a CUDA machine with torchvision
+        assert stages == cpu_stages + ["nvJPEG alone"] * 3 + ["GPU decoder, whole"]
+    rows = {r["stage"]: r for r in report["stages"]}
+    assert rows["naive"]["x_naive"] == 1.0
+    assert all(r["photos"] == 3 and r["photos_per_s"] > 0 and r["cpu_ms_per_photo"] > 0 for r in rows.values())
+    # the worker process's CPU time is counted, not only this process's
+    assert rows["cpu decode"]["cpu_ms_per_photo"] > 5 * rows["readers, sha256-128"]["cpu_ms_per_photo"]
