@@ -123,15 +123,16 @@ def gpu_rows(cfg, paths: list[str], device: str) -> list[dict]:
     if why:
         print(f"  (no GPU decoding rows: {why})", flush=True)
         return []
-    from torchvision.io import decode_jpeg
+    from altsearch.gpudecode import _nvjpeg
 
+    decode_jpeg, target = _nvjpeg(), torch.device(device)  # the call the GPU decoder makes
     encoded = {p: torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in paths}
     sync = torch.cuda.synchronize
     rows = []
     for group in NVJPEG_GROUPS:
         def nvjpeg(part: list[str], group=group) -> int:
             for i in range(0, len(part), group):
-                decode_jpeg([encoded[p] for p in part[i:i + group]], device=device)
+                decode_jpeg([encoded[p] for p in part[i:i + group]], target)
             return len(part)
 
         rows.append(timed("nvJPEG alone", f"groups of {group}", paths, nvjpeg, sync))
