@@ -32,3 +32,33 @@ def test_tiny_run_prints_every_cpu_stage_against_the_naive_decode(tmp_path):
     assert all(r["photos"] == 3 and r["photos_per_s"] > 0 and r["cpu_ms_per_photo"] > 0 for r in rows.values())
     # the worker process's CPU time is counted, not only this process's
     assert rows["cpu decode"]["cpu_ms_per_photo"] > 5 * rows["readers, sha256-128"]["cpu_ms_per_photo"]
+
+
+def test_the_gpu_rows_time_nvjpeg_in_groups_and_the_whole_decoder(tmp_path, monkeypatch):
+    """What --device cuda adds, run here with the tests' Pillow stand-in for nvJPEG on the CPU."""
+    import torch
+
+    from altsearch import gpudecode
+    from altsearch.model.preprocess import PreprocessConfig
+    from tests.benchscripts import bench_script
+    from tests.photos import save_photo
+    from tests.test_gpudecode import pillow_as_nvjpeg
+
+    calls = []
+
+    def nvjpeg(tensors, device):
+        calls.append(len(tensors))
+        return pillow_as_nvjpeg(tensors, device)
+
+    monkeypatch.setattr(gpudecode, "_nvjpeg", lambda: nvjpeg)
+    monkeypatch.setattr(gpudecode, "gpu_decode_unavailable", lambda device, cfg, load=True: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    paths = [str(save_photo(tmp_path / f"p{i}.jpg", i, size=(640, 480))) for i in range(10)]
+    with bench_script("bench_decode") as bench:
+        rows = bench.gpu_rows(PreprocessConfig(), paths, "cpu")
+    assert [(r["stage"], r["setting"]) for r in rows] == [
+        ("nvJPEG alone", "groups of 32"), ("nvJPEG alone", "groups of 8"), ("nvJPEG alone", "groups of 1"),
+        ("GPU decoder, whole", rows[3]["setting"])]
+    assert all(r["photos"] == 10 and r["photos_per_s"] > 0 for r in rows)
+    # each row: a warm-up on two photos, then all ten in its groups
+    assert calls[:6] == [2, 10, 2, 8, 2, 1]
