@@ -97,17 +97,30 @@ meta = sa.Table(
     sa.Column("value", sa.Text, nullable=False),
 )
 
-# Every vector, a batch at a time, as one row per batch aggregated inside SQLite. The sqlite3 module
-# releases and re-takes the GIL around each row it steps to; in a thread beside a busy one (the CLI
-# builds a flat index while the model loads) each re-take can wait a whole switch interval. Built
-# from 100k x 768 vectors read row by row, a flat index took 0.7 s alone, 2.8 s beside the CLI's
-# model load and 12 s to minutes beside a thread that ran Python code without pause; read this way,
-# 1.6 s beside the model load. The two group_concat see the rows in one pass, so their ids and
-# vectors line up; the CAST gives the concatenated blobs back as bytes.
+# Reads of many rows aggregate them inside SQLite, one result row per statement: ids as the
+# group_concat of their decimal text, vectors as the concatenation of their blobs (the CAST gives them
+# back as bytes; the two group_concat see the rows in one pass, so ids and vectors line up). The
+# sqlite3 module releases and re-takes the GIL around each row it steps to; in a thread beside a busy
+# one (the CLI builds a flat index while the model loads) each re-take can wait a whole switch
+# interval. Built from 100k x 768 vectors read row by row, a flat index took 0.7 s alone, 2.8 s beside
+# the CLI's model load and 12 s to minutes beside a thread that ran Python code without pause; read
+# this way, 1.6 s beside the model load. Listing the ids of 1M vectors took 1.8 s row by row and 27 s
+# to over two minutes beside such a thread; aggregated, 0.24 s and 0.3-0.6 s (docs/format.md).
+# Every vector, a batch at a time:
 _ALL_VECTORS = (
-    "SELECT count(*), max(image_id), group_concat(image_id), CAST(group_concat(vector, '') AS BLOB) "
+    "SELECT count(*), group_concat(image_id), CAST(group_concat(vector, '') AS BLOB) "
     "FROM (SELECT image_id, vector FROM vectors WHERE image_id > ? ORDER BY image_id LIMIT ?)"
 )
+# The vectors of some ids, `IN ({})` an `_IN_CHUNK` of them at a time:
+_SOME_VECTORS = (
+    "SELECT count(*), group_concat(image_id), CAST(group_concat(vector, '') AS BLOB) "
+    "FROM (SELECT image_id, vector FROM vectors WHERE image_id IN ({}) ORDER BY image_id)"
+)
+# Every id in one statement, from the covering index `ix_vectors_generation` (9 MB at 1M vectors; the
+# primary key's order would read every vector page); its range for `changed_since`. One row of about
+# 7 bytes per id: SQLite's string limit (1e9 bytes by default) is reached at some 100M vectors.
+_VECTOR_IDS = "SELECT count(*), group_concat(image_id) FROM vectors"
+_VECTOR_IDS_SINCE = f"{_VECTOR_IDS} WHERE generation > ?"
 _RECORD_FIELDS = (
     "path", "size", "mtime", "content_hash", "width", "height", "format",
     "taken_at", "camera_make", "camera_model", "status",
@@ -484,9 +497,35 @@ def _put_meta(conn: Connection, key: str, value: str) -> None:
     conn.execute(meta.insert().prefix_with("OR REPLACE"), {"key": key, "value": str(value)})
 
 
-def _chunks(seq: Sequence[int], size: int = _IN_CHUNK) -> Iterator[Sequence[int]]:
-    for start in range(0, len(seq), size):
-        yield seq[start : start + size]
+def _chunks(seq: Sequence[int]) -> Iterator[Sequence[int]]:
+    for start in range(0, len(seq), _IN_CHUNK):
+        yield seq[start : start + _IN_CHUNK]
+
+
+def _parse_ids(id_list: str | None, n: int) -> np.ndarray:
+    """The int64 ids of a group_concat of n ids (None when n is 0), in its order."""
+    if not n:
+        return np.empty(0, dtype=np.int64)
+    ids = np.fromstring(id_list, dtype=np.int64, sep=",")  # 6x faster than str.split at 1M ids
+    if len(ids) != n:
+        raise IndexStoreError(f"read {len(ids)} ids where SQLite counted {n}")
+    return ids
+
+
+def _aggregated(conn: Connection, sql: str, params: tuple[object, ...]) -> tuple[np.ndarray, bytes]:
+    """(ids, their vector blobs joined) from one statement that aggregates its rows as
+    `_ALL_VECTORS` does."""
+    n, id_list, joined = conn.exec_driver_sql(sql, params).one()
+    return _parse_ids(id_list, n), joined or b""
+
+
+def _by_id(ids: np.ndarray, vecs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vecs) in ascending id order. SQLite aggregates in its subquery's order, which sorts
+    them; made sure of."""
+    if (ids[1:] < ids[:-1]).any():
+        order = np.argsort(ids)
+        return ids[order], vecs[order]
+    return ids, vecs
 
 
 _RECORD_COLUMNS = ", ".join(f.name for f in fields(ImageRecord))
@@ -812,29 +851,25 @@ class Catalog:
             return
         wanted = np.unique(np.asarray(ids, dtype=np.int64)).tolist()
         for start in range(0, len(wanted), batch):
-            chunk_ids: list[int] = []
-            blobs: list[bytes] = []
             with self._read("reading vectors") as conn:
-                for part in _chunks(wanted[start : start + batch]):
-                    # plain SQL through the driver: every re-ranked search comes here for ~100 ids
-                    sql = f"SELECT image_id, vector FROM vectors WHERE image_id IN ({_placeholders(len(part))}) ORDER BY image_id"
-                    for image_id, blob in conn.exec_driver_sql(sql, tuple(part)):
-                        chunk_ids.append(image_id)
-                        blobs.append(blob)
-            if chunk_ids:
-                yield np.array(chunk_ids, dtype=np.int64), self._decode(b"".join(blobs), len(blobs))
+                # every re-ranked search comes here for ~100 ids, reconciling for up to all of them
+                parts = [
+                    _aggregated(conn, _SOME_VECTORS.format(_placeholders(len(part))), tuple(part))
+                    for part in _chunks(wanted[start : start + batch])
+                ]
+            found = np.concatenate([part_ids for part_ids, _ in parts])
+            if len(found):
+                yield _by_id(found, self._decode(b"".join(joined for _, joined in parts), len(found)))
 
     def _iter_all_vectors(self, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         last = -1
         while True:
             with self._read("reading vectors") as conn:
-                n, last, id_list, joined = conn.exec_driver_sql(_ALL_VECTORS, (last, batch)).one()
-            if not n:
+                ids, joined = _aggregated(conn, _ALL_VECTORS, (last, batch))
+            if not len(ids):
                 return
-            ids, vecs = np.array(id_list.split(","), dtype=np.int64), self._decode(joined, n)
-            if (ids[1:] < ids[:-1]).any():  # SQLite aggregates in the subquery's order; made sure of
-                order = np.argsort(ids)
-                ids, vecs = ids[order], vecs[order]
+            ids, vecs = _by_id(ids, self._decode(joined, len(ids)))
+            last = int(ids[-1])
             yield ids, vecs
 
     def _decode(self, joined: bytes, n: int) -> np.ndarray:
@@ -846,11 +881,10 @@ class Catalog:
     def vector_ids(self, *, changed_since: int | None = None) -> np.ndarray:
         """Sorted int64 ids of every stored vector, or of those written (added or replaced) by
         transactions after generation `changed_since`."""
-        stmt = sa.select(vectors.c.image_id)
-        if changed_since is not None:
-            stmt = stmt.where(vectors.c.generation > changed_since)
+        sql, params = (_VECTOR_IDS, ()) if changed_since is None else (_VECTOR_IDS_SINCE, (changed_since,))
         with self._read("listing vectors") as conn:
-            return np.sort(np.fromiter(conn.execute(stmt).scalars(), dtype=np.int64))
+            n, id_list = conn.exec_driver_sql(sql, params).one()
+        return np.sort(_parse_ids(id_list, n))
 
     # -- checks
 

@@ -313,10 +313,11 @@ def remove(
 @app.command()
 def optimize(
     index: IndexOpt = None,
-    kind: Annotated[str, typer.Option(help="auto (by size), flat (exact), ivfpq (compact, re-ranked) or ivf (approximate).")] = "auto",
+    kind: Annotated[str, typer.Option(help="auto (by size), flat (exact), ivfpq (compact, re-ranked) or ivf "
+                                           "(approximate). Any but auto is kept by later runs until --kind auto.")] = "auto",
     as_json: JsonOpt = False,
 ):
-    """Rebuild the vector index from stored vectors (exact while small, approximate when large)."""
+    """Rebuild the vector index from stored vectors (exact while small, approximate when large, or the kind chosen)."""
     with _errors(), _engine(index) as engine:
         result = engine.optimize(kind)
         if as_json:

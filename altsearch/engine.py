@@ -176,10 +176,11 @@ class Engine:
             return len(ids)
 
     def optimize(self, kind: str = "auto") -> dict:
-        """Rebuild the vector index from stored vectors, choosing exact or approximate search by size."""
+        """Rebuild the vector index from stored vectors: ``kind="auto"`` chooses exact or approximate
+        search by size; ``"flat"``, ``"ivfpq"`` or ``"ivf"`` is kept by later indexing runs and repairs
+        (recorded in the catalogue) until an ``optimize("auto")``."""
         with WriteLock(self.path):
-            index = self.store.rebuild(kind=kind)
-            self.store.save_vectors()
+            index = self.store.optimize(kind)
             return {"kind": index.kind, "vectors": len(index)}
 
     def check(self, *, repair: bool = False) -> list[str]:

@@ -8,6 +8,10 @@ reflects. On open a lagging file is caught up from the catalogue, and a damaged 
 replaced by a flat index built from it (:meth:`VectorIndex.open`), never by running the model again.
 A long-lived reader picks up what another process committed on its next search
 (:meth:`IndexStore.refresh`).
+
+The size picks the kind (flat up to EXACT_MAX vectors, else ivfpq) unless one was chosen with
+:meth:`IndexStore.optimize`: that choice is recorded in the catalogue, and writers, repairs and
+checks keep to it.
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ from . import faults
 from .catalog import Catalog, as_stored
 from .errors import IndexStoreError, ModelMismatchError
 from .home import LOCK_FILE
-from .vectors import APPROXIMATE, KINDS, VectorIndex, kind_for, remove_saved, saved_kind
+from .vectors import APPROXIMATE, KINDS, REBUILD_GROWTH, VectorIndex, kind_for, remove_saved, saved_kind
 
 log = logging.getLogger(__name__)
 
 CATALOG_FILE = "catalog.sqlite"
 VECTORS_FILE = "vectors.faiss"
+KIND_META = "vector_kind"  # meta key: the vector index kind chosen with optimize; "auto" or absent: the size picks
 
 
 @contextmanager
@@ -47,6 +52,13 @@ def _written_before(folder: Path) -> bool:
     """Whether a writer has used this index folder (its lock file or a vector file is there): its
     catalogue was complete then, whereas one killed while it was created has neither beside it."""
     return any((folder / name).exists() for name in (LOCK_FILE, VECTORS_FILE))
+
+
+def _outgrown(index: VectorIndex) -> bool:
+    """Whether an IVF's size has moved REBUILD_GROWTH-fold away from the size it was trained for: the
+    half of `VectorIndex.needs_rebuild` that holds for a kind chosen with optimize, at any size."""
+    n, built = len(index), max(index.built_count, 1)
+    return index.kind in APPROXIMATE and (n > built * REBUILD_GROWTH or n * REBUILD_GROWTH < built)
 
 
 def _remove_stale_temps(folder: Path) -> None:
@@ -239,14 +251,50 @@ class IndexStore:
         self._saved_generation = None
         return index
 
+    @property
+    def chosen_kind(self) -> str | None:
+        """The vector index kind chosen with `optimize` (one of vectors.KINDS), which writers, repairs
+        and checks keep to; None when the size picks it."""
+        value = self.catalog.get_meta(KIND_META)
+        if value in KINDS:
+            return value
+        if value not in (None, "auto"):
+            log.warning("index %s records an unknown vector index kind %r: the size picks it", self.folder, value)
+        return None
+
+    def optimize(self, kind: str = "auto") -> VectorIndex:
+        """Rebuild the vector index as `kind` (auto or one of vectors.KINDS), record the choice in the
+        catalogue and save the index (a writer's call, under the index's write lock). A kind other
+        than auto sticks: later writers and repairs build it again, whatever the size, until an
+        optimize with auto lets the size pick again."""
+        index = self.rebuild(kind)  # refuses a kind it cannot build before anything is recorded
+        if self.catalog.get_meta(KIND_META) != kind:
+            self.commit(lambda tx: tx.set_meta(KIND_META, kind))
+        self.save_vectors()  # after the record: the file states the catalogue's generation
+        return index
+
     def maybe_rebuild(self) -> bool:
-        """Switch between exact and approximate search when the index has grown out of its kind."""
-        if self._vectors is not None and self._vectors.needs_rebuild():
-            log.info("vector index outgrew its kind (%s, %d vectors): rebuilding", self._vectors.kind,
-                     len(self._vectors))
-            self.rebuild()
-            return True
-        return False
+        """Rebuild the vector index if it is not of the kind it should be (at the end of an indexing run).
+
+        Without a chosen kind, when it has grown out of its kind (`VectorIndex.needs_rebuild`: exact
+        and approximate search switch at EXACT_MAX, an IVF is retrained 4-fold away from its
+        training size). With one, when it is of another kind (a missing or damaged file was opened
+        flat), or is an IVF 4-fold away from its training size; if the chosen kind cannot be built
+        at this size (an ivfpq needs 256 vectors), the index is kept as it is.
+        """
+        index, chosen = self._vectors, self.chosen_kind
+        if index is None or not (index.needs_rebuild() if chosen is None else
+                                 index.kind != chosen or _outgrown(index)):
+            return False
+        log.info("rebuilding the %s vector index (%d vectors) as %s", index.kind, len(index), chosen or "auto")
+        try:
+            self.rebuild(chosen or "auto")
+        except IndexStoreError as err:
+            if chosen is None:
+                raise
+            log.warning("%s; keeping the %s vector index", err, index.kind)
+            return False
+        return True
 
     def vector_for_hash(self, content_hash: str | None, exclude: int | None = None) -> np.ndarray | None:
         """The stored vector of an indexed file with this content, if there is one."""
@@ -262,7 +310,9 @@ class IndexStore:
     def check(self) -> list[str]:
         """Problems in the catalogue, and between it and the vector file ([] when clean). Without an
         approximate index's file the index is flat, built from the catalogue when opened: it cannot
-        disagree with it, but beyond EXACT_MAX images the file an approximate index keeps is missing."""
+        disagree with it, but the file is missing where an approximate kind was chosen with optimize,
+        or, with none chosen, beyond EXACT_MAX images. A file of a kind other than the chosen one is
+        a problem too."""
         problems = list(self.catalog.integrity())
         path = self.folder / VECTORS_FILE
         try:
@@ -272,12 +322,17 @@ class IndexStore:
             index = VectorIndex.load(path, device="cpu") if kind in APPROXIMATE else None
         except IndexStoreError as e:
             return problems + [str(e)]
+        chosen = self.chosen_kind
         if index is None:  # none there, or an older altsearch's flat file, which is passed over
-            count = self.catalog.count()
-            if kind_for(count) != "flat":
+            if chosen in APPROXIMATE:
+                problems.append(f"{VECTORS_FILE} is missing: an {chosen} index was chosen with optimize "
+                                "(searched exactly, in memory, until it is built)")
+            elif chosen is None and kind_for(count := self.catalog.count()) != "flat":
                 problems.append(f"{VECTORS_FILE} is missing: {count} images call for an approximate index "
                                 "(searched exactly, in memory, until it is built)")
             return problems
+        if chosen is not None and index.kind != chosen:
+            problems.append(f"{VECTORS_FILE} holds an {index.kind} index, but {chosen} was chosen with optimize")
         header = index.header
         if header.catalog_id != self.catalog.catalog_id:
             return problems + [f"{VECTORS_FILE} belongs to another catalogue"]
@@ -296,9 +351,10 @@ class IndexStore:
         return problems
 
     def repair(self) -> VectorIndex:
-        """Rebuild the vector index from the catalogue's stored vectors and write its file: an
-        approximate index in use keeps its kind; otherwise the size picks it ("auto")."""
+        """Rebuild the vector index from the catalogue's stored vectors and write its file: as the kind
+        chosen with optimize; without one, an approximate index in use keeps its kind, and otherwise
+        the size picks it ("auto")."""
         current = self._vectors.kind if self._vectors is not None else None
-        index = self.rebuild(kind=current if current in APPROXIMATE else "auto")
+        index = self.rebuild(kind=self.chosen_kind or (current if current in APPROXIMATE else "auto"))
         self.save_vectors()
         return index

@@ -629,6 +629,76 @@ def test_vector_ids_changed_since(cat: Catalog) -> None:
     assert cat.vector_ids().tolist() == [a, b, c, d]
 
 
+def plain_vectors(cat: Catalog, where: str = "", params: tuple = ()) -> dict[int, np.ndarray]:
+    """image_id -> vector by plain SQL, one row at a time: the reference for the aggregated reads."""
+    with sqlite3.connect(cat.path) as raw:
+        rows = raw.execute(f"SELECT image_id, vector FROM vectors {where} ORDER BY image_id", params).fetchall()
+    return {i: catalog_module.decode_vectors([blob], DIM)[0] for i, blob in rows}
+
+
+def gappy(cat: Catalog) -> list[int]:
+    """60 images written by several transactions, with ids missing at the start, in the middle and at
+    the end, a vector replaced and ids beyond 2**32; returns the generations after each write."""
+    add(cat, [f"/p/{i:03}.jpg" for i in range(30)])
+    generations = [cat.generation]
+    with cat.transaction() as tx:
+        tx.remove([1, 2, 13, 14, 15, 29, 30])
+    generations.append(cat.generation)
+    with sqlite3.connect(cat.path) as raw:  # ids continue after the largest one ever used
+        raw.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'images'", (2**33,))
+    add(cat, [f"/q/{i:03}.jpg" for i in range(30)], seed=1)
+    generations.append(cat.generation)
+    with cat.transaction() as tx:
+        tx.update(7, {}, unit(1, seed=2)[0])
+        tx.move(8, "/r/8.jpg", 1, 1.0)  # not a new vector
+        tx.remove([2**33 + 30])
+    generations.append(cat.generation)
+    return generations
+
+
+def test_vector_ids_are_those_plain_sql_lists(cat: Catalog) -> None:
+    empty = cat.vector_ids()
+    assert empty.dtype == np.int64 and empty.tolist() == [] and cat.vector_ids(changed_since=0).tolist() == []
+    generations = gappy(cat)
+    every = sorted(plain_vectors(cat))
+    assert every[:2] == [3, 4] and every[-1] == 2**33 + 29 and 13 not in every and len(every) == 52
+    assert cat.vector_ids().dtype == np.int64 and cat.vector_ids().tolist() == every
+    for since in [-1, 0, *generations, generations[-1] + 1]:
+        expected = sorted(plain_vectors(cat, "WHERE generation > ?", (since,)))
+        assert cat.vector_ids(changed_since=since).tolist() == expected, since
+    assert cat.vector_ids(changed_since=generations[-2]).tolist() == [7]  # the boundary: > not >=
+
+
+def test_iter_vectors_of_ids_are_what_plain_sql_reads(cat: Catalog, monkeypatch: pytest.MonkeyPatch) -> None:
+    gappy(cat)
+    reference = plain_vectors(cat)
+    present = sorted(reference)
+    wanted = [999, *present[::-1], present[5], 13, 2**33 + 30, 2**40, 0]  # unsorted, repeated, missing
+    monkeypatch.setattr(catalog_module, "_IN_CHUNK", 4)  # several IN lists per batch
+    for batch in (1, 3, 7, 10_000):
+        parts = list(cat.iter_vectors(batch=batch, ids=wanted))
+        assert all(len(ids) <= batch and ids.dtype == np.int64 and vecs.dtype == np.float32 for ids, vecs in parts)
+        ids = np.concatenate([ids for ids, _ in parts])
+        assert ids.tolist() == present, batch
+        np.testing.assert_array_equal(np.concatenate([v for _, v in parts]), np.stack([reference[i] for i in present]))
+    assert list(cat.iter_vectors(ids=[13, 2**40])) == [] and list(cat.iter_vectors(ids=[])) == []
+    batches = list(cat.iter_vectors(batch=5))  # every vector: keyed on the last id of each batch
+    assert np.concatenate([ids for ids, _ in batches]).tolist() == present
+
+
+@pytest.mark.parametrize("by_id", [False, True], ids=["all", "ids"])
+def test_rows_deleted_while_iterating_are_skipped(cat: Catalog, by_id: bool) -> None:
+    gappy(cat)
+    present = sorted(plain_vectors(cat))
+    reads = cat.iter_vectors(batch=10, ids=present if by_id else None)
+    first, _ = next(reads)
+    gone = [int(first[-1]), present[15], present[-1]]  # one read already, two in later batches
+    with cat.transaction() as tx:
+        tx.remove(gone)
+    rest = np.concatenate([ids for ids, _ in reads]).tolist()
+    assert first.tolist() + rest == [i for i in present if i not in gone[1:]]
+
+
 def test_lock_held_too_long_raises_index_locked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(catalog_module, "BUSY_TIMEOUT_S", 0.2)
     path = tmp_path / "catalog.sqlite"

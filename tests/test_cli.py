@@ -148,6 +148,30 @@ def test_remove_optimize_check(indexed, run):
     assert json.loads(run("check", "--index", index, "--json").stdout)["problems"] == []
 
 
+def test_optimize_kind_flat_beyond_exact_max_sticks(indexed, run, monkeypatch):
+    """`optimize --kind flat` on an index beyond EXACT_MAX (lowered so that 8 photos are beyond it):
+    `check` accepts the exact index, which has no file, the next `index` keeps it, and a failed
+    optimize changes no choice; `--kind auto` lets the size pick again."""
+    from altsearch import vectors
+
+    index, photos = indexed
+    monkeypatch.setattr(vectors, "EXACT_MAX", 4)
+    assert "8 images call for an approximate index" in run("check", "--index", index, code=1).stdout
+    assert json.loads(run("optimize", "--index", index, "--kind", "flat", "--json").stdout) == \
+        {"kind": "flat", "vectors": 8}
+    assert "consistent" in run("check", "--index", index).stdout
+    run("index", photos, "--index", index, "--workers", "0")
+    assert json.loads(run("info", "--index", index, "--json").stdout)["vector_index"] == "flat"
+    assert not [p for p in index.iterdir() if "vectors" in p.name]
+    failed = run("optimize", "--index", index, "--json", code=1)  # auto: an ivfpq, which 8 vectors cannot train
+    assert "needs at least 256 vectors" in failed.stderr
+    assert json.loads(run("check", "--index", index, "--json").stdout) == {"problems": [], "repaired": False}
+    monkeypatch.setattr(vectors, "EXACT_MAX", 100)
+    assert "flat" in run("optimize", "--index", index, "--kind", "auto").stdout
+    monkeypatch.setattr(vectors, "EXACT_MAX", 4)
+    assert "approximate index" in run("check", "--index", index, code=1).stdout
+
+
 def test_model_mismatch_is_one_line_error(indexed, run, tmp_path):
     index, _ = indexed
     other = write_checkpoint(tmp_path / "other", seed=5)

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from altsearch import Engine, load_model
+from altsearch import Engine, faults, load_model
 from altsearch import vectors as vectors_module
 from altsearch.errors import IndexLockedError, IndexStoreError, ModelMismatchError, QueryError
 from altsearch.home import WriteLock
+from altsearch.store import IndexStore
 from tests.checkpoints import write_checkpoint
 from tests.photos import make_folder, photo, save_photo
 
@@ -233,10 +234,9 @@ def test_a_flat_index_has_no_file_and_opens_with_what_was_committed(tmp_path, ph
         assert any(h.path.endswith("late.jpg") for h in e.search("a photo", k=13))
 
 
-def test_vector_file_lagging_behind_is_caught_up(tmp_path, tiny_checkpoint, monkeypatch):
+def test_vector_file_lagging_behind_is_caught_up(tmp_path, tiny_checkpoint):
     """An approximate index's file left one save behind, as a kill before the last save leaves it. The
-    index is an ivf (40 vectors at least) chosen with optimize, and EXACT_MAX is lowered so that
-    indexing keeps it, as it keeps the ivfpq of an index beyond EXACT_MAX."""
+    index is an ivf (40 vectors at least) chosen with optimize, which indexing keeps."""
     photos = tmp_path / "photos"
     make_folder(photos, 48)
     index = tmp_path / "index"
@@ -244,7 +244,6 @@ def test_vector_file_lagging_behind_is_caught_up(tmp_path, tiny_checkpoint, monk
         _index(e, photos)
         assert e.optimize("ivf") == {"kind": "ivf", "vectors": 48}
         saved = {name: (index / name).read_bytes() for name in ("vectors.faiss", "vectors.faiss.json")}
-        monkeypatch.setattr(vectors_module, "EXACT_MAX", 1)
         save_photo(photos / "late.jpg", seed=500)
         _index(e, photos)
         assert e.stats()["vector_index"] == "ivf"
@@ -328,3 +327,133 @@ def test_optimize_refuses_a_kind_it_cannot_build(engine, photos):
     with pytest.raises(IndexStoreError, match="ivfpq index needs at least 256 vectors, got 12"):
         engine.optimize("ivfpq")  # 256 training points for its PQ codes
     assert engine.stats()["vector_index"] == "flat" and len(engine.search("a photo", k=3)) == 3
+
+
+# --- a vector index kind chosen with optimize sticks ---------------------------------------------
+
+
+MISSING_APPROXIMATE = ("vectors.faiss is missing: {} images call for an approximate index (searched exactly, "
+                       "in memory, until it is built)")
+
+
+def _vector_files(index):
+    return sorted(p.name for p in index.iterdir() if "vectors" in p.name)
+
+
+def test_flat_chosen_beyond_exact_max_is_kept(tmp_path, photos, tiny_checkpoint, monkeypatch):
+    """optimize("flat") on an index beyond EXACT_MAX (lowered so that 12 photos are beyond it): writers
+    keep the exact index, which has no file, and check accepts it, in this engine and in another."""
+    index = tmp_path / "index"
+    with Engine.open(index, model=str(tiny_checkpoint), device="cpu") as e:
+        _index(e, photos)
+        monkeypatch.setattr(vectors_module, "EXACT_MAX", 4)
+        assert e.check() == [MISSING_APPROXIMATE.format(12)]  # the size picks ivfpq
+        assert e.optimize("flat") == {"kind": "flat", "vectors": 12}
+        assert e.store.chosen_kind == "flat" and e.store.catalog.get_meta("vector_kind") == "flat"
+        assert e.check() == []
+        save_photo(photos / "late.jpg", seed=500)
+        _index(e, photos)  # a writer: the size would rebuild an ivfpq (which 13 vectors cannot train)
+        assert e.stats()["vector_index"] == "flat"
+    assert _vector_files(index) == []
+    with Engine.open(index, device="cpu") as e:
+        assert e.check() == [] and e.check(repair=True) == []
+        assert e.stats()["vector_index"] == "flat" and e.stats()["vectors"] == 13
+        assert e.similar(photos / "late.jpg", k=1)
+        with pytest.raises(IndexStoreError, match="ivfpq index needs at least 256 vectors"):
+            e.optimize("auto")  # the size's kind cannot be built: nothing is recorded
+        assert e.store.chosen_kind == "flat" and e.check() == []
+        monkeypatch.setattr(vectors_module, "EXACT_MAX", 100)
+        assert e.optimize("auto") == {"kind": "flat", "vectors": 13}
+        assert e.store.chosen_kind is None
+        monkeypatch.setattr(vectors_module, "EXACT_MAX", 4)
+        assert e.check() == [MISSING_APPROXIMATE.format(13)]  # the size picks again
+
+
+def test_an_ivf_chosen_below_exact_max_is_kept_rebuilt_and_repaired(tmp_path, tiny_checkpoint, caplog):
+    """An ivf chosen for 48 images, where the size picks flat: indexing runs keep it, a lost file is
+    reported and rebuilt as an ivf by `check --repair` and by the next indexing run, and one that
+    shrank 4-fold below what an ivf can train on is kept as it is."""
+    photos = tmp_path / "photos"
+    make_folder(photos, 48)  # an ivf needs 40 vectors
+    index = tmp_path / "index"
+    with Engine.open(index, model=str(tiny_checkpoint), device="cpu") as e:
+        _index(e, photos)
+        assert e.optimize("ivf") == {"kind": "ivf", "vectors": 48}
+        save_photo(photos / "late.jpg", seed=500)
+        _index(e, photos)
+        assert e.stats()["vector_index"] == "ivf" and e.check() == []
+    assert _vector_files(index) == ["vectors.faiss", "vectors.faiss.json"]
+    for rebuilt_by in ("repair", "index"):
+        for name in _vector_files(index):
+            (index / name).unlink()
+        with Engine.open(index, device="cpu") as e:
+            assert e.check() == ["vectors.faiss is missing: an ivf index was chosen with optimize (searched "
+                                 "exactly, in memory, until it is built)"]
+            assert e.stats()["vector_index"] == "flat"  # opened from the catalogue meanwhile
+            if rebuilt_by == "repair":
+                e.check(repair=True)
+            else:
+                assert _index(e, photos).unchanged == 49
+            assert e.stats()["vector_index"] == "ivf" and e.check() == []
+        assert _vector_files(index) == ["vectors.faiss", "vectors.faiss.json"]
+    shutil.rmtree(photos / "trips")
+    shutil.rmtree(photos / "home" / "2021")
+    (photos / "late.jpg").unlink()
+    with Engine.open(index, device="cpu") as e:
+        assert _index(e, photos).removed == 37  # 12 left of the 49 the ivf was trained on
+        assert "ivf index needs at least 40 vectors" in caplog.text and "keeping the ivf" in caplog.text
+        assert e.stats()["vector_index"] == "ivf" and e.stats()["vectors"] == 12 and e.check() == []
+        assert e.store.vectors.header.count == 12  # and saved
+
+
+def test_a_kind_chosen_with_optimize_is_retrained_as_itself(tmp_path):
+    """Through IndexStore with stored vectors: an ivfpq chosen below EXACT_MAX stays one where the size
+    would switch it to flat, and is retrained as an ivfpq once it has grown 4-fold."""
+    store = IndexStore(tmp_path / "index", device="cpu")
+    store.bind_model("m", "fp", 16)
+
+    def add(n):
+        start = store.catalog.count()
+        records = [{"path": f"/p/{i}.jpg", "size": 1, "mtime": 1.0, "content_hash": str(i)}
+                   for i in range(start, start + n)]
+        vecs = np.random.default_rng(start).standard_normal((n, 16)).astype(np.float32)
+        added: list[int] = []
+        store.commit(lambda tx: added.extend(tx.add(records, vecs)), added=(added, vecs))
+
+    add(300)
+    assert store.optimize("ivfpq").kind == "ivfpq" and store.check() == []
+    add(10)
+    assert store.vectors.needs_rebuild()  # what the size asks for: flat
+    assert not store.maybe_rebuild() and store.vectors.kind == "ivfpq"
+    add(1000)
+    assert store.maybe_rebuild()
+    assert (store.vectors.kind, store.vectors.built_count) == ("ivfpq", 1310)
+    store.save_vectors()
+    assert store.check() == []
+    store.close()
+
+
+def test_optimize_stopped_after_recording_its_kind(tmp_path, tiny_checkpoint, monkeypatch):
+    """optimize("flat") over an ivf, stopped (by a full disk, here) after it recorded the choice and
+    before it deleted the ivf's file: readers still use the file, check reports its other kind, and a
+    repair builds the chosen one."""
+    photos = tmp_path / "photos"
+    make_folder(photos, 40)
+    index = tmp_path / "index"
+    with Engine.open(index, model=str(tiny_checkpoint), device="cpu") as e:
+        _index(e, photos)
+        e.optimize("ivf")
+        monkeypatch.setenv(faults.ENV, "committed=raise")
+        faults.reset()
+        try:
+            with pytest.raises(IndexStoreError, match="No space left"):
+                e.optimize("flat")
+        finally:
+            monkeypatch.delenv(faults.ENV)
+            faults.reset()
+    with Engine.open(index, device="cpu") as e:
+        assert e.stats()["vector_index"] == "ivf"
+        assert e.check() == ["vectors.faiss holds an ivf index, but flat was chosen with optimize"]
+        e.check(repair=True)
+        assert e.stats()["vector_index"] == "flat" and e.check() == []
+    assert _vector_files(index) == []
