@@ -28,7 +28,7 @@ from . import faults
 from .catalog import Catalog, as_stored
 from .errors import IndexStoreError, ModelMismatchError
 from .home import LOCK_FILE
-from .vectors import APPROXIMATE, KINDS, REBUILD_GROWTH, VectorIndex, kind_for, remove_saved, saved_kind
+from .vectors import APPROXIMATE, KINDS, VectorIndex, kind_for, remove_saved, saved_kind
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,6 @@ def _written_before(folder: Path) -> bool:
     """Whether a writer has used this index folder (its lock file or a vector file is there): its
     catalogue was complete then, whereas one killed while it was created has neither beside it."""
     return any((folder / name).exists() for name in (LOCK_FILE, VECTORS_FILE))
-
-
-def _outgrown(index: VectorIndex) -> bool:
-    """Whether an IVF's size has moved REBUILD_GROWTH-fold away from the size it was trained for: the
-    half of `VectorIndex.needs_rebuild` that holds for a kind chosen with optimize, at any size."""
-    n, built = len(index), max(index.built_count, 1)
-    return index.kind in APPROXIMATE and (n > built * REBUILD_GROWTH or n * REBUILD_GROWTH < built)
 
 
 def _remove_stale_temps(folder: Path) -> None:
@@ -283,8 +276,7 @@ class IndexStore:
         at this size (an ivfpq needs 256 vectors), the index is kept as it is.
         """
         index, chosen = self._vectors, self.chosen_kind
-        if index is None or not (index.needs_rebuild() if chosen is None else
-                                 index.kind != chosen or _outgrown(index)):
+        if index is None or not index.needs_rebuild(chosen):
             return False
         log.info("rebuilding the %s vector index (%d vectors) as %s", index.kind, len(index), chosen or "auto")
         try:

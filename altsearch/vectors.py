@@ -11,7 +11,8 @@ Three kinds:
   are exact inner products. nprobe is tuned at build time for recall@10 after re-ranking. What
   `build(kind="auto")` picks beyond EXACT_MAX.
 - "ivf": approximate, IndexIVFFlat (float32 vectors kept in full, so no re-ranking), with nprobe
-  tuned at build time for recall@10. Chosen only explicitly; saved IVF files keep working.
+  tuned at build time for recall@10. Chosen only explicitly (`optimize`, which IndexStore records so
+  that later rebuilds keep the kind); saved IVF files keep working.
 Unlike HNSW, both IVF kinds support removal, move to the GPU, and build fast.
 
 The CPU index is always the master copy (it is what is saved); with a GPU, searches run on a
@@ -580,12 +581,15 @@ class VectorIndex:
     def device(self) -> str:
         return "cpu" if self._gpu is None else f"cuda:{self._gpu}"
 
-    def needs_rebuild(self) -> bool:
-        """True when `build(kind="auto")` would now switch between exact and approximate search, or
-        an IVF's size has moved REBUILD_GROWTH-fold away from the size it was trained for. An "ivf"
-        index chosen with `optimize` stays one until then; the rebuild picks "auto"'s kind."""
+    def needs_rebuild(self, chosen: str | None = None) -> bool:
+        """Whether the index should be rebuilt, as the kind `chosen` with `optimize` (None: none
+        chosen, the size decides): when it is not of the chosen kind, or, with none chosen, when
+        `build(kind="auto")` would now switch between exact and approximate search; and when an IVF's
+        size has moved REBUILD_GROWTH-fold away from the size it was trained for."""
         n = len(self)
-        if (self.kind == "flat") != (kind_for(n) == "flat"):
+        if chosen is not None and self.kind != chosen:
+            return True
+        if chosen is None and (self.kind == "flat") != (kind_for(n) == "flat"):
             return True
         if self.kind in APPROXIMATE:
             built = max(self.built_count, 1)

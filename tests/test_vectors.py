@@ -286,7 +286,13 @@ def test_auto_picks_flat_then_ivfpq(monkeypatch: pytest.MonkeyPatch) -> None:
         index.add(np.arange(3000, 12001), np.repeat(vecs, 4, axis=0)[:9001])
         assert index.needs_rebuild()  # 4x its training size
     monkeypatch.setattr(vectors_module, "EXACT_MAX", 10**6)
-    assert VectorIndex.build(ids, vecs, kind="ivfpq", device="cpu").needs_rebuild()  # small: exact again
+    small_ivfpq = VectorIndex.build(ids, vecs, kind="ivfpq", device="cpu")
+    assert small_ivfpq.needs_rebuild()  # small: exact again
+    # a kind chosen with optimize: kept at any size while it fits its training size, else rebuilt as chosen
+    assert not small_ivfpq.needs_rebuild("ivfpq") and small_ivfpq.needs_rebuild("flat")
+    monkeypatch.setattr(vectors_module, "EXACT_MAX", 2999)
+    assert not small.needs_rebuild("flat") and small.needs_rebuild("ivfpq")
+    assert large.needs_rebuild("ivfpq") and chosen.needs_rebuild("ivf")  # still 4x their training size
 
 
 # --- ivfpq: compressed candidates, exact re-rank ------------------------------------------
