@@ -819,8 +819,10 @@ class Catalog:
             stmt = stmt.where(_when >= taken_from)
         if taken_to is not None:
             stmt = stmt.where(_when < taken_to)
+        found = stmt.subquery()  # aggregated in SQLite, one row: see _ALL_VECTORS on reading row by row
         with self._read("filtering images") as conn:
-            return np.sort(np.fromiter(conn.execute(stmt).scalars(), dtype=np.int64))
+            n, id_list = conn.execute(sa.select(sa.func.count(), sa.func.group_concat(found.c.id))).one()
+        return np.sort(_parse_ids(id_list, n))
 
     # -- failures
 
