@@ -106,12 +106,17 @@ class Decoded:
         return self.error is None
 
 
+def check_hash_kind(kind: str) -> str:
+    """``kind`` if it is one of :data:`HASH_KINDS`, else ValueError."""
+    if kind not in HASH_KINDS:
+        raise ValueError(f"unknown content hash {kind!r} (known: {', '.join(HASH_KINDS)})")
+    return kind
+
+
 def _digest(kind: str):
-    if kind == "sha256-128":
+    if check_hash_kind(kind) == "sha256-128":
         return hashlib.sha256()
-    if kind == "blake2b-128":
-        return hashlib.blake2b(digest_size=_HASH_BYTES)
-    raise ValueError(f"unknown content hash {kind!r} (known: {', '.join(HASH_KINDS)})")
+    return hashlib.blake2b(digest_size=_HASH_BYTES)
 
 
 def hash_bytes(data: bytes, kind: str = DEFAULT_HASH) -> str:
@@ -318,9 +323,8 @@ class DecodePool:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         hash_kind: str = DEFAULT_HASH,
     ):
-        _digest(hash_kind)  # an unknown kind fails here, not in every worker
         self.cfg = cfg
-        self.hash_kind = hash_kind
+        self.hash_kind = check_hash_kind(hash_kind)  # an unknown kind fails here, not in every worker
         self.workers = default_workers() if workers is None else workers
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")

@@ -43,6 +43,7 @@ from altsearch.decode import (
     Decoded,
     ImageMeta,
     available_cores,
+    check_hash_kind,
     decode_data,
     hash_bytes,
     image_meta,
@@ -207,8 +208,7 @@ class GpuDecoder:
         self.group = group
         self.draft = draft  # for the files decoded on the CPU
         self.max_pixels = max_pixels
-        self.hash_kind = hash_kind
-        hash_bytes(b"", hash_kind)  # an unknown kind fails here, not in every reader
+        self.hash_kind = check_hash_kind(hash_kind)  # an unknown kind fails here, not in every reader
         self._decode_jpeg = decode_jpeg or _nvjpeg()
         if self._decode_jpeg is None:
             raise RuntimeError('GPU decoding needs torchvision (pip install "altsearch[gpu]")')
