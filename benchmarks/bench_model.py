@@ -254,7 +254,7 @@ class Runner:
             towers = ["text"] if self.job["text_only"] else ["text", "vision"]
             self.model = ours.load_model(self.job["ckpt"], device=self.job["device"], dtype=self.job["dtype"],
                                          towers=towers, quantize=self.job.get("quantize"))
-            self.image_fn = lambda x: self.model.module.image_features(x)
+            self.image_fn = self.model.image_features
             self.text_fn = self.model.text_features
         else:
             from transformers import AltCLIPModel

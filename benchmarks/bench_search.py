@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -54,6 +53,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from benchlib import cpu_name  # noqa: E402
 
 SPECTRUM_DECAY = 0.5  # per-dimension std (1 + j) ** -0.5: variance ~ 1 / (1 + j)
 OFFSET = 1.0  # norm of the common mean direction added to the (unit) centres
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     import faiss
 
     threads = faiss.omp_get_max_threads()
-    print(f"# bench_search: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    print(f"# bench_search: {cpu_name()}, {os.cpu_count()} cores, "
           f"faiss {faiss.__version__}, {threads} FAISS threads by default, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     results = {"sizes": [], "store": None}

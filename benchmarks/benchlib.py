@@ -53,14 +53,29 @@ def int_list(minimum: int) -> Callable[[str], list[int]]:
     return parse
 
 
-def cpu_name() -> str:
-    """The processor's model name (from /proc/cpuinfo where there is one)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                        platform.processor() or "unknown")
-    except OSError:
-        return platform.processor() or "unknown"
+# The instruction sets that decide the CPU figures: fp32 matrix products (AVX2/AVX-512), int8 ones
+# (VNNI does in one instruction what takes two without it) and bf16 (AVX512_BF16, AMX).
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """The processor's model name, family and the instruction sets of CPU_FEATURES it has, from
+    /proc/cpuinfo (or the `cpuinfo` text given): two VMs that both call themselves "AMD EPYC" can
+    be a first-generation Zen without VNNI and a Zen 4 with it, and run the model at very
+    different speeds. Where there is no /proc/cpuinfo, what `platform` knows."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return platform.processor() or platform.machine() or "unknown"
+    first = cpuinfo.split("\n\n", 1)[0]  # the first processor's block
+    fields = dict((k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in first.splitlines()))
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
+    flags = set(fields.get("flags", fields.get("Features", "")).split())
+    details = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields else []
+    if flags:
+        details.append(", ".join(f for f in CPU_FEATURES if f in flags) or "no AVX2")
+    return f"{name} ({'; '.join(details)})" if details else name
 
 
 def checkpoint_folder(choice: str, work: Path) -> Path:

@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from . import layers as L
 from . import quantize as Q
 from . import weights as W
 from .config import AltCLIPConfig
+from .heap import reuse_heap
 from .resolve import DEFAULT_MODEL, resolve
 from .runtime import pick_device, pick_dtype, suggest_batch_size, vision_activation_bytes
 from .text import TextTransformer
@@ -194,7 +196,8 @@ class Model:
     def text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Unnormalised features (B, P) of token ids and mask already on the device (what
         :meth:`encode_text` runs after tokenizing). On CUDA, batches of short texts replay a recorded
-        CUDA graph (:mod:`.graphs`); otherwise the tower runs."""
+        CUDA graph (:mod:`.graphs`); otherwise the tower runs (on a CPU keeping its freed blocks for
+        its next layers, :mod:`.heap`)."""
         if self.device.type == "cuda":
             if self._text_graphs is None:
                 from .graphs import TextGraphs
@@ -204,7 +207,19 @@ class Model:
             feats = self._text_graphs(ids, mask)
             if feats is not None:
                 return feats
-        return self.module.text_features(ids, mask)
+        with self._heap():
+            return self.module.text_features(ids, mask)
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Unnormalised features (B, P) of normalised pixels (B, 3, H, W) already on the device in the
+        model's dtype (what :meth:`encode_pixels` runs after normalising); on a CPU keeping the pass's
+        freed blocks for its next layers (:mod:`.heap`)."""
+        self.load(["vision"])
+        with self._heap():
+            return self.module.image_features(pixels)
+
+    def _heap(self) -> AbstractContextManager:
+        return reuse_heap() if self.device.type == "cpu" else nullcontext()
 
     @torch.inference_mode()
     def encode_image(self, images: Sequence, *, batch_size: int = 32, draft: int | None = None) -> np.ndarray:
@@ -233,7 +248,7 @@ class Model:
         """
         self.load(["vision"])
         batch = _to_device(torch.as_tensor(pixels), self.device)
-        feats = self.module.image_features(self.normalizer(batch, dtype=self.dtype))
+        feats = self.image_features(self.normalizer(batch, dtype=self.dtype))
         return _unit(feats).cpu().numpy()  # the one synchronisation per batch
 
     @torch.inference_mode()

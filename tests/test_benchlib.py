@@ -1,0 +1,40 @@
+"""What the benchmark scripts print about the machine their figures come from."""
+
+from __future__ import annotations
+
+from tests.benchscripts import bench_script
+
+ZEN1 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 23
+model\t\t: 1
+model name\t: AMD EPYC
+flags\t\t: fpu sse sse2 avx fma avx2 sha_ni
+
+processor\t: 1
+model name\t: another block, not read
+"""
+ZEN4 = ZEN1.replace("23", "25").replace("model\t\t: 1", "model\t\t: 17").replace(
+    "sha_ni", "avx512f avx512_vnni avx512_bf16 sha_ni")
+SAPPHIRE_RAPIDS = """processor\t: 0
+cpu family\t: 6
+model\t\t: 143
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: avx2 avx512f avx512_vnni avx_vnni avx512_bf16 amx_bf16 amx_int8 amx_tile
+"""
+ARM = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd sha2 asimddp\n"
+
+
+def test_the_machine_line_tells_apart_cpus_that_share_a_model_name():
+    """Both VMs call themselves "AMD EPYC"; the family and the instruction sets the model's speed
+    depends on are what tells a figure's machine apart."""
+    with bench_script("benchlib") as benchlib:
+        assert benchlib.cpu_name(ZEN1) == "AMD EPYC (family 23 model 1; avx2)"
+        assert benchlib.cpu_name(ZEN4) == "AMD EPYC (family 25 model 17; avx2, avx512f, avx512_vnni, avx512_bf16)"
+        assert benchlib.cpu_name(SAPPHIRE_RAPIDS) == (
+            "Intel(R) Xeon(R) Platinum 8480+ (family 6 model 143; "
+            "avx2, avx512f, avx512_vnni, avx_vnni, avx512_bf16, amx_bf16, amx_int8)")
+        arm = benchlib.cpu_name(ARM)  # no model name: platform's; no x86 features
+        assert arm.endswith("(no AVX2)") and "family" not in arm
+        here = benchlib.cpu_name()
+        assert here and "\n" not in here
