@@ -271,6 +271,8 @@ class Engine:
 
     def stats(self) -> dict:
         """Counts and identity of the index (no model is loaded)."""
+        from .ingest import HASH_META
+
         cat = self.store.catalog
         path = self.store.folder
         sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}
@@ -286,6 +288,8 @@ class Engine:
             "model_fingerprint": cat.get_meta("model_fingerprint"),
             "dimension": self.store.dimension,
             "vector_index": vectors.kind if vectors is not None else None,
+            "vector_index_chosen": self.store.chosen_kind or "auto",
+            "content_hash": cat.get_meta(HASH_META),
             "bytes_on_disk": sum(sizes.values()),
             "schema_version": cat.get_meta("schema_version"),
         }

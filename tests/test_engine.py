@@ -357,14 +357,15 @@ def test_flat_chosen_beyond_exact_max_is_kept(tmp_path, photos, tiny_checkpoint,
     assert _vector_files(index) == []
     with Engine.open(index, device="cpu") as e:
         assert e.check() == [] and e.check(repair=True) == []
-        assert e.stats()["vector_index"] == "flat" and e.stats()["vectors"] == 13
+        stats = e.stats()
+        assert (stats["vector_index"], stats["vector_index_chosen"], stats["vectors"]) == ("flat", "flat", 13)
         assert e.similar(photos / "late.jpg", k=1)
         with pytest.raises(IndexStoreError, match="ivfpq index needs at least 256 vectors"):
             e.optimize("auto")  # the size's kind cannot be built: nothing is recorded
         assert e.store.chosen_kind == "flat" and e.check() == []
         monkeypatch.setattr(vectors_module, "EXACT_MAX", 100)
         assert e.optimize("auto") == {"kind": "flat", "vectors": 13}
-        assert e.store.chosen_kind is None
+        assert e.store.chosen_kind is None and e.stats()["vector_index_chosen"] == "auto"
         monkeypatch.setattr(vectors_module, "EXACT_MAX", 4)
         assert e.check() == [MISSING_APPROXIMATE.format(13)]  # the size picks again
 

@@ -139,8 +139,9 @@ def _hashes(engine) -> dict[str, str]:
 
 def test_a_new_catalogue_hashes_files_with_sha256(tmp_path, tiny_checkpoint, photos):
     with Engine.open(tmp_path / "index", model=str(tiny_checkpoint), device="cpu") as engine:
+        assert engine.stats()["content_hash"] is None  # chosen by the first indexing run
         engine.index(photos)
-        assert engine.store.catalog.get_meta(HASH_META) == "sha256-128"
+        assert engine.store.catalog.get_meta(HASH_META) == engine.stats()["content_hash"] == "sha256-128"
         hashes = _hashes(engine)
     assert len(hashes) == 14
     assert all(h == hashlib.sha256(Path(p).read_bytes()).hexdigest()[:32] for p, h in hashes.items())
@@ -160,7 +161,7 @@ def test_a_catalogue_from_before_hash_kinds_keeps_blake2b_and_still_follows_its_
     make_folder(photos / "new", 1, start=50)
     with Engine.open(tmp_path / "index", model=str(tiny_checkpoint), device="cpu") as engine:
         report = engine.index(photos)
-        kind, hashes = engine.store.catalog.get_meta(HASH_META), _hashes(engine)
+        kind, hashes = engine.stats()["content_hash"], _hashes(engine)
         assert engine.check() == []
     assert (report.moved, report.removed, report.embedded, report.duplicates) == (1, 0, 1, 1)
     assert kind == "blake2b-128"
