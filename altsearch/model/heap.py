@@ -4,13 +4,16 @@ A forward pass allocates and frees the same large tensors layer after layer: at 
 vision tower's MLP output alone is 34 MB (8 x 257 tokens x 4096 x 4 bytes). glibc's malloc serves
 blocks above its mmap threshold (32 MB at most) with fresh ``mmap`` calls and gives the top of its
 heap back to the kernel once more than its trim threshold is free there, so each layer faults its
-activations in again, page by page: on the project's 2-core VM about 450,000 page faults per batch
-of 8 images, 10-25 % of the pass (docs/performance.md).
+activations in again, page by page: on the project's 2-core VM 450,000 to 700,000 page faults per
+batch of 8 images; without them the pass ran 9 % (float32) to 13 % (int8) faster there
+(docs/model.md, "CPU memory reuse").
 
 While a pass runs, :func:`reuse_heap` has malloc serve every block from its heap and keep what is
 freed (``M_MMAP_MAX`` 0, ``M_TRIM_THRESHOLD`` at its maximum), so the second layer on reuses the
-first one's pages. When the last pass running ends it restores glibc's defaults and hands the free
-memory back (``malloc_trim``): between calls the process holds no more than before. Elsewhere (macOS,
+first one's pages. When the last pass running ends it puts back glibc's default values and hands
+the free memory back (``malloc_trim``): between calls the process holds no more than before. (Once
+``mallopt`` has been called, glibc no longer raises its thresholds by itself as large blocks are
+freed; its starting values apply.) Elsewhere (macOS,
 musl, Windows), or with ``ALTSEARCH_HEAP_REUSE=0``, it does nothing.
 """
 
