@@ -15,7 +15,7 @@ import numpy as np
 from .errors import AltsearchError, ModelMismatchError, QueryError
 from .home import WriteLock, index_dir
 from .query import Query, Term, combine, parse_query
-from .store import IndexStore
+from .store import HASH_META, IndexStore
 
 if TYPE_CHECKING:  # the ingestion code is imported when indexing starts, not by every search
     from .ingest import IndexReport, Progress
@@ -271,8 +271,6 @@ class Engine:
 
     def stats(self) -> dict:
         """Counts and identity of the index (no model is loaded)."""
-        from .ingest import HASH_META
-
         cat = self.store.catalog
         path = self.store.folder
         sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}

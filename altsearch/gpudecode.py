@@ -72,7 +72,6 @@ _DRAFT_STEPS = (8, 4, 2)  # libjpeg's reduced DCT scales
 _MAX_READERS = 8
 
 
-
 JpegDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
 """Encoded JPEGs (1-D uint8 tensors) -> RGB uint8 (3, H, W) images on the device; raises RuntimeError
 when any of them cannot be decoded."""

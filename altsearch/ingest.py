@@ -43,6 +43,7 @@ from .decode import (
 )
 from .errors import IndexStoreError
 from .scan import FileEntry, ScanProblem, scan
+from .store import HASH_META
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +117,6 @@ CPU_BATCH_SIZE = 16
 """Images per model batch on a CPU: per-batch overhead is small there, and the first chunk commits sooner."""
 CUDA_MAX_BATCH = 256
 """The largest batch chosen on CUDA: beyond it ViT-L/14 runs no faster, and a chunk waits longer."""
-
-
-HASH_META = "content_hash"  # the catalogue meta key naming the content hash (decode.HASH_KINDS)
 
 
 def content_hash_kind(catalog) -> str:

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 CATALOG_FILE = "catalog.sqlite"
 VECTORS_FILE = "vectors.faiss"
 KIND_META = "vector_kind"  # meta key: the vector index kind chosen with optimize; "auto" or absent: the size picks
+HASH_META = "content_hash"  # meta key: the content hash the catalogue's files are hashed with (decode.HASH_KINDS)
 
 
 @contextmanager

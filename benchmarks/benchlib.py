@@ -63,14 +63,15 @@ def cpu_name(cpuinfo: str | None = None) -> str:
     /proc/cpuinfo (or the `cpuinfo` text given): two VMs that both call themselves "AMD EPYC" can
     be a first-generation Zen without VNNI and a Zen 4 with it, and run the model at very
     different speeds. Where there is no /proc/cpuinfo, what `platform` knows."""
+    known = platform.processor() or platform.machine() or "unknown"
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
-            return platform.processor() or platform.machine() or "unknown"
+            return known
     first = cpuinfo.split("\n\n", 1)[0]  # the first processor's block
     fields = dict((k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in first.splitlines()))
-    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
+    name = fields.get("model name") or known
     flags = set(fields.get("flags", fields.get("Features", "")).split())
     details = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields else []
     if flags:

@@ -185,7 +185,6 @@ class Model:
         """L2-normalised text embeddings, float32 (N, D)."""
         if isinstance(texts, str):
             raise TypeError("encode_text takes a list of strings")
-        self.load(["text"])
         out = [np.zeros((0, self.dimension), np.float32)]
         for i in range(0, len(texts), batch_size):
             ids, mask = self.tokenizer.encode(list(texts[i:i + batch_size]))
@@ -197,7 +196,8 @@ class Model:
         """Unnormalised features (B, P) of token ids and mask already on the device (what
         :meth:`encode_text` runs after tokenizing). On CUDA, batches of short texts replay a recorded
         CUDA graph (:mod:`.graphs`); otherwise the tower runs (on a CPU keeping its freed blocks for
-        its next layers, :mod:`.heap`)."""
+        its next layers, :mod:`.heap`). Loads the text tower if it is not yet."""
+        self.load(["text"])
         if self.device.type == "cuda":
             if self._text_graphs is None:
                 from .graphs import TextGraphs
@@ -213,7 +213,7 @@ class Model:
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Unnormalised features (B, P) of normalised pixels (B, 3, H, W) already on the device in the
         model's dtype (what :meth:`encode_pixels` runs after normalising); on a CPU keeping the pass's
-        freed blocks for its next layers (:mod:`.heap`)."""
+        freed blocks for its next layers (:mod:`.heap`). Loads the vision tower if it is not yet."""
         self.load(["vision"])
         with self._heap():
             return self.module.image_features(pixels)
@@ -246,7 +246,6 @@ class Model:
         blocking, normalised on the GPU straight into the model's dtype, and the only wait is for
         the (B, D) result.
         """
-        self.load(["vision"])
         batch = _to_device(torch.as_tensor(pixels), self.device)
         feats = self.image_features(self.normalizer(batch, dtype=self.dtype))
         return _unit(feats).cpu().numpy()  # the one synchronisation per batch

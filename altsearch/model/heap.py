@@ -13,8 +13,8 @@ freed (``M_MMAP_MAX`` 0, ``M_TRIM_THRESHOLD`` at its maximum), so the second lay
 first one's pages. When the last pass running ends it puts back glibc's default values and hands
 the free memory back (``malloc_trim``): between calls the process holds no more than before. (Once
 ``mallopt`` has been called, glibc no longer raises its thresholds by itself as large blocks are
-freed; its starting values apply.) Elsewhere (macOS,
-musl, Windows), or with ``ALTSEARCH_HEAP_REUSE=0``, it does nothing.
+freed; its starting values apply.) Elsewhere (macOS, musl, Windows), or with
+``ALTSEARCH_HEAP_REUSE=0``, it does nothing.
 """
 
 from __future__ import annotations

@@ -121,6 +121,21 @@ def test_text_query_reads_no_vision_weights(tiny_checkpoint):
     assert model.module.visual_projection.weight.is_meta
 
 
+def test_feature_calls_load_their_own_tower_only(tiny_checkpoint):
+    """Model.text_features / image_features are public: called first, each loads its tower, and only it."""
+    texts = load_model(tiny_checkpoint, device="cpu")
+    ids, mask = texts.tokenizer.encode(["a cat"])
+    with torch.inference_mode():
+        assert texts.text_features(ids, mask).shape == (1, texts.dimension)
+    assert texts.loaded_towers == ("text",)
+    images = load_model(tiny_checkpoint, device="cpu")
+    cfg = images.preprocess_config
+    pixels = torch.zeros(2, 3, cfg.crop_height, cfg.crop_width)
+    with torch.inference_mode():
+        assert images.image_features(pixels).shape == (2, images.dimension)
+    assert images.loaded_towers == ("vision",)
+
+
 def test_fp16_load_keeps_one_half_precision_copy(tiny_checkpoint):
     model = load_model(tiny_checkpoint, device="cpu", dtype="fp16", towers=["text"])
     dtypes = {p.dtype for n, p in model.module.named_parameters() if n.startswith("text_")}
