@@ -13,8 +13,13 @@ freed (``M_MMAP_MAX`` 0, ``M_TRIM_THRESHOLD`` at its maximum), so the second lay
 first one's pages. When the last pass running ends it puts back glibc's default values and hands
 the free memory back (``malloc_trim``): between calls the process holds no more than before. (Once
 ``mallopt`` has been called, glibc no longer raises its thresholds by itself as large blocks are
-freed; its starting values apply.) Elsewhere (macOS, musl, Windows), or with
-``ALTSEARCH_HEAP_REUSE=0``, it does nothing.
+freed; its starting values apply.) Elsewhere (macOS, musl, Windows) it does nothing.
+
+It is opt-in (``ALTSEARCH_HEAP_REUSE=1``): where the heap places a pass's tensors then depends on
+what other threads allocate meanwhile, and the matrix kernels round differently at different
+addresses. An indexing run with a decode worker process, whose results arrive in a thread while the
+model runs, gave some vectors that differ from a serial run's in the last bit (about 1e-7); without
+the reuse the two runs agree bit for bit.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-ENV = "ALTSEARCH_HEAP_REUSE"  # "0" turns it off
+ENV = "ALTSEARCH_HEAP_REUSE"  # "1" turns it on
 
 # mallopt parameters and glibc's defaults (malloc/malloc.c)
 M_TRIM_THRESHOLD = -1
@@ -68,7 +73,7 @@ class HeapReuse:
     @contextmanager
     def __call__(self) -> Iterator[None]:
         libc = self.libc
-        if libc is None or os.environ.get(ENV, "1") == "0":
+        if libc is None or os.environ.get(ENV) != "1":
             yield
             return
         with self._lock:

@@ -44,7 +44,7 @@ def _rss() -> int:
 
 @glibc_only
 def test_a_pass_reuses_its_freed_blocks_instead_of_faulting_them_in_again(monkeypatch):
-    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setenv(ENV, "1")
     libc = heap.reuse_heap.libc  # the settings a pass leaves behind (a fresh process's vary with its past)
     libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
     libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
@@ -57,7 +57,7 @@ def test_a_pass_reuses_its_freed_blocks_instead_of_faulting_them_in_again(monkey
 
 @glibc_only
 def test_memory_kept_during_a_pass_goes_back_when_it_ends(monkeypatch):
-    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setenv(ENV, "1")
     start = _rss()
     with heap.reuse_heap():
         _allocate(256)
@@ -85,7 +85,7 @@ RESTORE = [("mallopt", M_MMAP_MAX, DEFAULT_MMAP_MAX), ("mallopt", M_TRIM_THRESHO
 
 
 def test_overlapping_passes_restore_malloc_once_the_last_one_ends(monkeypatch):
-    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setenv(ENV, "1")
     libc = _Recorder()
     reuse = HeapReuse(libc)
     first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
@@ -110,13 +110,18 @@ def test_overlapping_passes_restore_malloc_once_the_last_one_ends(monkeypatch):
     assert libc.calls == (KEEP + RESTORE) * 2
 
 
-def test_without_glibc_or_when_turned_off_it_does_nothing(monkeypatch):
+def test_it_is_opt_in_and_needs_glibc(monkeypatch):
+    monkeypatch.setenv(ENV, "1")
     with HeapReuse(None)():
         pass
     libc = _Recorder()
-    monkeypatch.setenv(ENV, "0")
-    with HeapReuse(libc)():
-        pass
+    for off in (None, "0", "yes"):
+        if off is None:
+            monkeypatch.delenv(ENV)
+        else:
+            monkeypatch.setenv(ENV, off)
+        with HeapReuse(libc)():
+            pass
     assert libc.calls == []
     monkeypatch.setenv(ENV, "1")
     with HeapReuse(libc)():
@@ -125,7 +130,7 @@ def test_without_glibc_or_when_turned_off_it_does_nothing(monkeypatch):
 
 
 def test_a_cpu_model_runs_its_passes_inside_it(tiny_checkpoint, monkeypatch):
-    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setenv(ENV, "1")
     libc = _Recorder()
     reuse = HeapReuse(libc)
     monkeypatch.setattr(altclip, "reuse_heap", reuse)
