@@ -1,8 +1,11 @@
 """Decode image files in worker processes: bytes -> hash, metadata and a 224x224 uint8 crop.
 
 Ingestion hands :class:`DecodePool` an iterable of paths and gets one :class:`Decoded` per path,
-in completion order. Each file is read once; the hash, the EXIF metadata and the pixels all come
-from those bytes. Bad files never raise: they come back with ``error`` set to a one-line reason.
+in the order of the paths, whatever order the workers finish in: batches are then made of the same
+files in every run, and a photo's vector does not depend on timing (on the CPU a row's last bit
+depends on the rows batched with it; with int8, far more than the last bit). Each file is read
+once; the hash, the EXIF metadata and the pixels all come from those bytes. Bad files never raise:
+they come back with ``error`` set to a one-line reason.
 
 Workers are started with the ``spawn`` method and import only numpy + Pillow (via
 :mod:`altsearch.model.preprocess`); the normalisation to model input happens in the parent, on the
@@ -299,6 +302,7 @@ def _decode_in_worker(path: str, cfg: PreprocessConfig, draft: int | None, max_p
 
 @dataclass(frozen=True)
 class _Job:
+    seq: int  # the path's place in the input: outcomes are yielded in this order
     path: str
     generation: int  # which executor ran it
     isolated: bool  # run alone, so a crash can only be its own
@@ -307,10 +311,12 @@ class _Job:
 class DecodePool:
     """Decode files in ``workers`` processes (0: in this process). Use as a context manager.
 
-    :meth:`imap` keeps at most ``max_in_flight`` paths submitted and not yet yielded, consuming
-    its input lazily, so memory stays flat for any number of paths. If a worker dies, the pool is
-    restarted and the paths that were in flight are retried one at a time: the one that kills its
-    worker again comes back with ``error == "decoder crashed"``, the others decode normally.
+    :meth:`imap` yields in input order and keeps at most ``max_in_flight`` paths submitted and not
+    yet yielded, consuming its input lazily, so memory stays flat for any number of paths. A slow
+    file holds back the outcomes after it, while the other workers go on decoding up to that limit.
+    If a worker dies, the pool is restarted and the paths that were in flight are retried one at a
+    time: the one that kills its worker again comes back with ``error == "decoder crashed"``, the
+    others decode normally.
     """
 
     def __init__(
@@ -349,45 +355,53 @@ class DecodePool:
             self._executor = None
 
     def imap(self, paths: Iterable[str | os.PathLike[str]]) -> Iterator[Decoded]:
-        """One :class:`Decoded` per path, in completion order."""
+        """One :class:`Decoded` per path, in the order of ``paths``."""
         if self.workers == 0:
             return (decode_one(p, self.cfg, self.draft, max_pixels=self.max_pixels, hash_kind=self.hash_kind)
                     for p in paths)
-        return self._imap_processes(iter(paths))
+        return self._imap_processes(enumerate(paths))
 
-    def _imap_processes(self, source: Iterator[str | os.PathLike[str]]) -> Iterator[Decoded]:
+    def _imap_processes(self, source: Iterator[tuple[int, str | os.PathLike[str]]]) -> Iterator[Decoded]:
         pending: dict[Future[Decoded], _Job] = {}
-        suspects: deque[str] = deque()  # in flight when a worker died: retried one at a time
+        finished: dict[int, Decoded] = {}  # outcomes held back until those of earlier paths are yielded
+        suspects: deque[tuple[int, str]] = deque()  # in flight when a worker died: retried one at a time
         exhausted = False
+        following = 0  # the place of the next outcome to yield
         try:
             while True:
-                exhausted = self._refill(pending, suspects, source, exhausted)
+                exhausted = self._refill(pending, len(finished), suspects, source, exhausted)
                 if not pending:
                     return
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
-                    outcome = self._outcome(future, pending.pop(future), suspects)
+                    job = pending.pop(future)
+                    outcome = self._outcome(future, job, suspects)
                     if outcome is not None:
-                        yield outcome
+                        finished[job.seq] = outcome
+                while following in finished:
+                    yield finished.pop(following)
+                    following += 1
         finally:
             for future in pending:
                 future.cancel()
 
-    def _refill(self, pending, suspects, source, exhausted: bool) -> bool:
-        """Submit work up to the in-flight limit; returns whether ``source`` is exhausted."""
+    def _refill(self, pending, held: int, suspects, source, exhausted: bool) -> bool:
+        """Submit work while fewer than the in-flight limit are submitted or ``held`` back; returns
+        whether ``source`` is exhausted. A suspect goes alone, once nothing else is in flight: the
+        outcome waited for is then in flight or a suspect, so the loop always has something to wait on."""
         if suspects:
             if not pending:
-                self._submit(pending, suspects.popleft(), isolated=True)
+                self._submit(pending, *suspects.popleft(), isolated=True)
             return exhausted
-        while not exhausted and len(pending) < self.max_in_flight:
+        while not exhausted and len(pending) + held < self.max_in_flight:
             try:
-                path = next(source)
+                seq, path = next(source)
             except StopIteration:
                 return True
-            self._submit(pending, os.fspath(path), isolated=False)
+            self._submit(pending, seq, os.fspath(path), isolated=False)
         return exhausted
 
-    def _submit(self, pending, path: str, *, isolated: bool) -> None:
+    def _submit(self, pending, seq: int, path: str, *, isolated: bool) -> None:
         for _ in range(2):  # a pool found broken on submit is restarted once
             executor = self._running_executor()
             try:
@@ -396,7 +410,7 @@ class DecodePool:
             except BrokenProcessPool:
                 self._restart(self._generation)
                 continue
-            pending[future] = _Job(path, self._generation, isolated)
+            pending[future] = _Job(seq, path, self._generation, isolated)
             return
         raise BrokenProcessPool("decode workers could not be started")
 
@@ -408,7 +422,7 @@ class DecodePool:
         if job.isolated:
             log.warning("decoding %s killed its worker process", job.path)
             return Decoded(job.path, None, None, None, CRASHED)
-        suspects.append(job.path)
+        suspects.append((job.seq, job.path))
         return None
 
     def _running_executor(self) -> ProcessPoolExecutor:

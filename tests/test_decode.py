@@ -174,7 +174,7 @@ def test_pool_sizes_agree_and_cover_every_input(corpus, pools):
     with DecodePool(CFG, workers=0) as in_process:
         for pool in (in_process, pools[1], pools[2]):
             results = list(pool.imap(paths))
-            assert sorted(r.path for r in results) == sorted(paths)
+            assert [r.path for r in results] == paths
             summaries.append(_summary(results))
     assert summaries[0] == summaries[1] == summaries[2]
     for key in ("good", "one_pixel", "chinese_spaces"):
@@ -188,6 +188,24 @@ def test_pool_decodes_with_the_default_draft(tmp_path, pools):
     assert np.array_equal(result.pixels, decode_one(big, CFG, decode.DEFAULT_DRAFT).pixels)
     assert not np.array_equal(result.pixels, decode_one(big, CFG, None).pixels)  # the draft was used
     assert decode.DEFAULT_DRAFT == 2 * CFG.shortest_edge
+
+
+def test_outcomes_come_in_input_order_whatever_order_the_workers_finish_in(tmp_path, pools):
+    """A slow file first: the other worker finishes the small files behind it sooner, yet each outcome
+    comes back in its path's place, so an indexing run makes the same batches, and the same vectors,
+    whatever the timing."""
+    slow = tmp_path / "slow.png"
+    noise = np.random.default_rng(0).integers(0, 256, (1500, 2000, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(slow, compress_level=1)  # noise: about 0.1 s to inflate and resize
+    small = []
+    for i in range(3):
+        small.append(tmp_path / f"small-{i}.jpg")
+        small[-1].write_bytes(jpeg_bytes(64, 48, seed=i))
+    paths = [str(p) for p in (slow, *small, slow, *small)]
+    for workers in (1, 2):
+        results = list(pools[workers].imap(paths))
+        assert [r.path for r in results] == paths
+        assert all(r.error is None for r in results)
 
 
 def test_in_flight_work_is_bounded(tmp_path, pools):
@@ -214,8 +232,10 @@ def test_worker_crash_is_contained_and_the_pool_keeps_working(corpus, pools):
     Path(crasher).write_bytes(jpeg_bytes(64, 48))
     good = [str(corpus["good"]), str(corpus["chinese_spaces"]), str(corpus["one_pixel"])]
     text = str(corpus["text"])
-    results = {r.path: r for r in pools[2].imap([good[0], crasher, *good[1:], text])}
-    assert len(results) == 5
+    order = [good[0], crasher, *good[1:], text]
+    listed = list(pools[2].imap(order))
+    assert [r.path for r in listed] == order  # the retried files keep their places
+    results = {r.path: r for r in listed}
     assert results[crasher].error == CRASHED and results[crasher].pixels is None
     assert all(results[p].error is None for p in good)  # in flight with the crash, retried alone
     assert results[text].error == "not an image (unrecognised format)"

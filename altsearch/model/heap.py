@@ -15,11 +15,9 @@ the free memory back (``malloc_trim``): between calls the process holds no more 
 ``mallopt`` has been called, glibc no longer raises its thresholds by itself as large blocks are
 freed; its starting values apply.) Elsewhere (macOS, musl, Windows) it does nothing.
 
-It is opt-in (``ALTSEARCH_HEAP_REUSE=1``): where the heap places a pass's tensors then depends on
-what other threads allocate meanwhile, and the matrix kernels round differently at different
-addresses. An indexing run with a decode worker process, whose results arrive in a thread while the
-model runs, gave some vectors that differ from a serial run's in the last bit (about 1e-7); without
-the reuse the two runs agree bit for bit.
+``ALTSEARCH_HEAP_REUSE=0`` turns it off. It changes where a pass's tensors land, not what they
+hold: a batch's vectors are the same bits with it and without it, whatever other threads allocate
+meanwhile (tests/model/test_heap.py).
 """
 
 from __future__ import annotations
@@ -30,7 +28,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-ENV = "ALTSEARCH_HEAP_REUSE"  # "1" turns it on
+ENV = "ALTSEARCH_HEAP_REUSE"  # "0" turns it off
 
 # mallopt parameters and glibc's defaults (malloc/malloc.c)
 M_TRIM_THRESHOLD = -1
@@ -73,7 +71,7 @@ class HeapReuse:
     @contextmanager
     def __call__(self) -> Iterator[None]:
         libc = self.libc
-        if libc is None or os.environ.get(ENV) != "1":
+        if libc is None or os.environ.get(ENV) == "0":
             yield
             return
         with self._lock:

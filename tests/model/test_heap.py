@@ -18,16 +18,22 @@ glibc_only = pytest.mark.skipif(heap.reuse_heap.libc is None, reason="the C libr
 MB = 2**20
 
 
-def _layers(n: int) -> int:
-    """Page faults taken by n MLP layers at the vision tower's batch-of-8 shape (2,056 tokens x 4,096
-    hidden: 34 MB, above glibc's largest mmap threshold), narrowed to 256 wide to stay quick."""
+def _mlp_stack(layers: int) -> torch.Tensor:
+    """``layers`` MLP layers at the vision tower's batch-of-8 shape (2,056 tokens x 4,096 hidden: 34 MB,
+    above glibc's largest mmap threshold), narrowed to 256 wide to stay quick."""
     torch.manual_seed(0)
     fc1, fc2 = torch.nn.Linear(256, 4096), torch.nn.Linear(4096, 256)
     x = torch.randn(8 * 257, 256)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     with torch.inference_mode():
-        for _ in range(n):
+        for _ in range(layers):
             x = x + fc2(quick_gelu(fc1(x)))
+    return x
+
+
+def _layers(n: int) -> int:
+    """Page faults taken by :func:`_mlp_stack` of ``n`` layers."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    _mlp_stack(n)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
@@ -110,23 +116,52 @@ def test_overlapping_passes_restore_malloc_once_the_last_one_ends(monkeypatch):
     assert libc.calls == (KEEP + RESTORE) * 2
 
 
-def test_it_is_opt_in_and_needs_glibc(monkeypatch):
-    monkeypatch.setenv(ENV, "1")
+def test_it_is_on_unless_turned_off_and_needs_glibc(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
     with HeapReuse(None)():
         pass
     libc = _Recorder()
-    for off in (None, "0", "yes"):
-        if off is None:
-            monkeypatch.delenv(ENV)
+    for on in (None, "1", "yes"):
+        if on is None:
+            monkeypatch.delenv(ENV, raising=False)
         else:
-            monkeypatch.setenv(ENV, off)
+            monkeypatch.setenv(ENV, on)
         with HeapReuse(libc)():
             pass
-    assert libc.calls == []
-    monkeypatch.setenv(ENV, "1")
+    assert libc.calls == (KEEP + RESTORE) * 3
+    monkeypatch.setenv(ENV, "0")
     with HeapReuse(libc)():
         pass
-    assert libc.calls == KEEP + RESTORE
+    assert libc.calls == (KEEP + RESTORE) * 3
+
+
+@glibc_only
+def test_the_reuse_moves_tensors_but_changes_no_bit_of_the_result(monkeypatch):
+    """With the reuse, where a pass's blocks land depends on what other threads allocate meanwhile;
+    the matrix kernels must give the same bits wherever that is (vectors reproducible run to run)."""
+    monkeypatch.setenv(ENV, "0")
+    with heap.reuse_heap():
+        alone = _mlp_stack(4)
+    monkeypatch.setenv(ENV, "1")
+    stop = threading.Event()
+
+    def churn():  # blocks of many sizes, a few alive at a time
+        rng = np.random.default_rng(2)
+        alive = []
+        while not stop.is_set():
+            alive.append(bytearray(int(rng.integers(1, 48 * MB))))
+            if len(alive) > 3:
+                alive.pop(int(rng.integers(len(alive))))
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        for _ in range(2):
+            with heap.reuse_heap():
+                assert torch.equal(_mlp_stack(4), alone)
+    finally:
+        stop.set()
+        thread.join()
 
 
 def test_a_cpu_model_runs_its_passes_inside_it(tiny_checkpoint, monkeypatch):
