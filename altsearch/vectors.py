@@ -16,7 +16,10 @@ Three kinds:
 Unlike HNSW, both IVF kinds support removal, move to the GPU, and build fast.
 
 The CPU index is always the master copy (it is what is saved); with a GPU, searches run on a
-copy made with `faiss.index_cpu_to_gpu`, remade after the next add or remove.
+copy made with `faiss.index_cpu_to_gpu`, remade after the next add or remove. Where FAISS has no
+GPU (its CPU build, or a GPU build that needs another CUDA than torch's) but torch sees one, an
+exact index searches on a copy of its vectors in torch instead (`TorchExact`): one matrix product
+and a top-k, float32 as in FAISS.
 
 A saved index (ivf or ivfpq) is two files: the FAISS file itself (readable by `faiss.read_index`)
 and a JSON header beside it (`<name>.json`) holding kind, dimension, count, size and SHA-256 of
@@ -33,6 +36,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -85,6 +89,7 @@ _HASH_CHUNK = 1 << 22
 # (freed but fragmented heap; a decoded batch of 16384 x 768 float32 is 50 MB, which glibc maps and
 # unmaps on its own).
 _FLAT_READ_BATCH = 16384
+_TORCH_SCORES_MAX = 1 << 28  # scores computed at once by a torch search (1 GB of float32): queries go in chunks
 _RERANK_ROWS = 64
 
 
@@ -223,8 +228,52 @@ def gpu_for(device: str) -> int | None:
     if wanted < gpus:
         return wanted
     if device != "auto":
-        log.warning("device %r asked for, but FAISS sees %d GPU(s): vector search runs on the CPU", device, gpus)
+        log.warning("device %r asked for, but FAISS sees %d GPU(s): its searches run on the CPU (an exact "
+                    "index searches on torch's GPU where torch sees one)", device, gpus)
     return None
+
+
+def torch_gpu_for(device: str) -> str | None:
+    """The torch GPU ("cuda:N") an exact index may search on for a device string, or None: only
+    where torch is imported already (a process that encodes queries has it, and one that only reads
+    the index does not import it for this) and sees that GPU."""
+    if device in ("cpu", "mps"):
+        return None
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    wanted = int(device[5:]) if device.startswith("cuda:") else 0
+    return f"cuda:{wanted}" if wanted < torch.cuda.device_count() else None
+
+
+class TorchExact:
+    """An exact index's vectors on a torch device: inner-product top-k, as FAISS's flat index gives,
+    from one float32 matrix product per chunk of queries and ``torch.topk``. Read-only: an index
+    remakes it after an add or remove. Several threads may search at once."""
+
+    def __init__(self, ids: np.ndarray, vecs: np.ndarray, device: str) -> None:
+        import torch
+
+        self._torch = torch
+        self.device = torch.device(device)
+        self.ids = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).to(self.device)
+        self.vecs = torch.from_numpy(np.ascontiguousarray(vecs, dtype=np.float32)).to(self.device)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (Q, k), ids (Q, k)), best first; k <= len(self)."""
+        torch = self._torch
+        step = max(1, _TORCH_SCORES_MAX // max(len(self), 1))
+        scores, ids = [], []
+        with torch.inference_mode():
+            for start in range(0, len(queries), step):
+                q = torch.from_numpy(np.ascontiguousarray(queries[start:start + step])).to(self.device)
+                top = torch.topk(q @ self.vecs.T, k, dim=1)
+                scores.append(top.values.cpu().numpy())
+                ids.append(self.ids[top.indices].cpu().numpy())
+        return np.concatenate(scores), np.concatenate(ids)
 
 
 def recall_at_k(exact_ids: np.ndarray, approx_ids: np.ndarray, k: int = 10) -> float:
@@ -460,6 +509,9 @@ class VectorIndex:
         self._gpu = gpu_for(device)
         self._gpu_index: faiss.Index | None = None
         self._gpu_resources: object | None = None
+        self._asked = device
+        self._torch_off = False  # set when a copy in torch failed: this index searches with FAISS
+        self._torch_index: TorchExact | None = None
         self._lock = threading.Lock()
 
     # -- construction
@@ -579,7 +631,16 @@ class VectorIndex:
 
     @property
     def device(self) -> str:
-        return "cpu" if self._gpu is None else f"cuda:{self._gpu}"
+        """Where an unfiltered search runs now: "cpu", or a GPU ("cuda:N") through FAISS or, for an
+        exact index where FAISS has none, through torch."""
+        if self._gpu is not None:
+            return f"cuda:{self._gpu}"
+        return self._torch_device() or "cpu"
+
+    def _torch_device(self) -> str | None:
+        if self.kind != "flat" or self._torch_off:
+            return None
+        return torch_gpu_for(self._asked)
 
     def needs_rebuild(self, chosen: str | None = None) -> bool:
         """Whether the index should be rebuilt, as the kind `chosen` with `optimize` (None: none
@@ -626,7 +687,7 @@ class VectorIndex:
             if len(present):
                 self._remove(present)
             self._cpu.add_with_ids(vecs, ids)
-            self._gpu_index = None
+            self._gpu_index = self._torch_index = None
 
     def remove(self, ids: np.ndarray | list[int]) -> int:
         """Remove these ids (absent ones are ignored); returns how many were removed."""
@@ -635,7 +696,7 @@ class VectorIndex:
             return 0
         with self._lock:
             removed = self._remove(ids)
-            self._gpu_index = None
+            self._gpu_index = self._torch_index = None
         return removed
 
     def _remove(self, ids: np.ndarray) -> int:
@@ -697,14 +758,32 @@ class VectorIndex:
             params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
         return self._cpu.search(queries, k, params=params)
 
-    def _searcher(self, k: int) -> faiss.Index:
+    def _searcher(self, k: int) -> faiss.Index | TorchExact:
         """The GPU copy when there is one and it can answer, else the CPU master."""
-        if self._gpu is None or k > GPU_MAX_K or self.nprobe > GPU_MAX_K:
+        if self._gpu is None:
+            return self._torch_copy() or self._cpu
+        if k > GPU_MAX_K or self.nprobe > GPU_MAX_K:
             return self._cpu
         with self._lock:
             if self._gpu_index is None:
                 self._gpu_index = self._to_gpu()
             return self._gpu_index if self._gpu_index is not None else self._cpu
+
+    def _torch_copy(self) -> TorchExact | None:
+        """The vectors of an exact index on torch's GPU, where FAISS has none and torch has one."""
+        device = self._torch_device()
+        if device is None:
+            return None
+        with self._lock:
+            if self._torch_index is None:
+                try:
+                    n = self._cpu.ntotal
+                    self._torch_index = TorchExact(self._raw_ids(), self._cpu.index.reconstruct_n(0, n), device)
+                except RuntimeError as err:  # out of GPU memory, a broken CUDA: FAISS on the CPU answers
+                    log.warning("could not copy the vectors to %s (%s); searching on the CPU", device, err)
+                    self._torch_off = True
+                    return None
+            return self._torch_index
 
     def _to_gpu(self) -> faiss.Index | None:
         try:

@@ -246,7 +246,8 @@ def measure_warm(folder: Path, model: dict, args: argparse.Namespace) -> dict:
             timed("join", lambda: store.catalog.get([h.id for h in hits]))
             timed("refresh", store.refresh)
         towers = list(encoder.loaded_towers)
-    out = {"first_s": first_s, "towers_loaded": towers}
+        searched_on = vectors.device
+    out = {"first_s": first_s, "towers_loaded": towers, "searched_on": searched_on}
     for name, values in steps.items():
         out[f"{name}_p50_ms"] = _ms(values)
         out[f"{name}_p95_ms"] = _ms(values, 95)
@@ -434,7 +435,7 @@ def render(report: dict) -> str:
              "vector search | join | refresh |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         w = r["warm"]
-        lines.append(f"| {r['n']:,} | {r['kind']} | {w['encoder_p50_ms']:.2f} | {w['search_p50_ms']:.2f} | "
+        lines.append(f"| {r['n']:,} | {r['kind']}, on {w['searched_on']} | {w['encoder_p50_ms']:.2f} | {w['search_p50_ms']:.2f} | "
                      f"{w['search_p95_ms']:.2f} | {w['ratio']:.2f} | {w['cpu_ratio']:.2f} | {w['parse_p50_ms']:.3f} | "
                      f"{w['tokenize_p50_ms']:.3f} | {w['vector_search_p50_ms']:.3f} | {w['join_p50_ms']:.3f} | "
                      f"{w['refresh_p50_ms']:.3f} |")

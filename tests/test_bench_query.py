@@ -71,6 +71,7 @@ def test_tiny_run_prints_warm_and_cold_tables_against_their_baselines(tmp_path):
     assert warm["ratio"] == pytest.approx(warm["search_p50_ms"] / warm["encoder_p50_ms"])
     assert 0 < warm["encoder_p50_ms"] and warm["search_p50_ms"] <= warm["search_p95_ms"]
     assert warm["towers_loaded"] == steps["towers_loaded"] == ["text"]  # a text query never reads the vision tower
+    assert warm["searched_on"] == "cpu" and "| flat, on cpu |" in proc.stdout
     assert cold["ratio"] == pytest.approx(cold["naive_s"] / cold["ours_s"])
     assert cold["overlap"] >= 0.9  # both answer from the same vectors with the same weights
     assert all(cold[f"{name}_s"] > 0 for name in ("torch", "ours", "help", "naive"))

@@ -40,7 +40,7 @@ def test_tiny_run_prints_tables_and_ratios(bench, capsys):
     results = bench.main(["--sizes", "2000", "--dim", "32", "--clusters", "40", "--queries", "30",
                           "--latency-queries", "5", "--store-size", "400"])
     out = capsys.readouterr().out
-    assert "| kind | build s | bytes/vector |" in out and "load average" in out
+    assert "| kind | searched on | build s | bytes/vector |" in out and "load average" in out
     assert "| ivfpq + re-rank |" in out and "re-rank from the catalogue" in out
     rows = {r["kind"]: r for r in results["sizes"][0]["rows"]}
     assert set(rows) == {"flat", "ivf", "ivfpq"}
@@ -49,8 +49,21 @@ def test_tiny_run_prints_tables_and_ratios(bench, capsys):
     assert rows["ivfpq"]["bytes_per_vector"] < rows["flat"]["bytes_per_vector"] / 2
     for row in rows.values():
         assert 0 < row["p50_1"] <= row["p95_1"] and row["x_exact_n"] > 0
+        assert row["searched_on"] == "cpu"
     store = results["store"]
     assert store["n"] == 400 and store["ivfpq_p50"] > 0 and store["catalog_bytes_per_image"] > 32
+
+
+def test_on_a_gpu_each_index_searches_where_altsearch_would_put_it(bench, capsys, monkeypatch):
+    from altsearch import vectors
+
+    monkeypatch.setattr(vectors, "torch_gpu_for", lambda device: "cpu:0")  # stands in for torch's GPU
+    results = bench.main(["--sizes", "2000", "--dim", "32", "--clusters", "40", "--queries", "30",
+                          "--latency-queries", "5", "--store-size", "0", "--kinds", "flat,ivf", "--device", "cuda"])
+    rows = {r["kind"]: r for r in results["sizes"][0]["rows"]}
+    assert rows["flat"]["searched_on"] == "cpu:0"  # torch, FAISS having no GPU here
+    assert rows["ivf"]["searched_on"] == "cpu" and rows["flat"]["recall_at_10"] == 1.0
+    assert "| flat | cpu:0 |" in capsys.readouterr().out
 
 
 def test_a_size_that_does_not_fit_is_skipped(bench, capsys, monkeypatch):

@@ -47,3 +47,25 @@ def test_examples_run(doc, tmp_path):
                                   text=True, timeout=300)
         assert proc.returncode == 0, f"{doc.name}: {code!r} failed:\n{proc.stdout}\n{proc.stderr}"
         assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def _anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a Markdown file's headings (lower case, punctuation dropped, spaces
+    to hyphens, a repeated heading numbered)."""
+    seen: dict[str, int] = {}
+    for heading in re.findall(r"^#{1,6} (.+)$", FENCE.sub("", text), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        seen[slug] = seen.get(slug, -1) + 1
+        if seen[slug]:
+            seen[f"{slug}-{seen[slug]}"] = 0
+    return set(seen)
+
+
+def test_links_to_headings_lead_somewhere():
+    broken = []
+    for doc in [*DOCS, ROOT / "benchmarks" / "README.md"]:
+        for target, anchor in re.findall(r"\]\(([^)\s#]*)#([^)\s]+)\)", doc.read_text(encoding="utf-8")):
+            linked = (doc.parent / target) if target else doc
+            if not linked.is_file() or anchor not in _anchors(linked.read_text(encoding="utf-8")):
+                broken.append(f"{doc.relative_to(ROOT)}: {target}#{anchor}")
+    assert broken == []

@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 from pathlib import Path
 
 import faiss
@@ -14,6 +15,7 @@ from altsearch.catalog import Catalog
 from altsearch.errors import IndexStoreError
 from altsearch.store import IndexStore
 from altsearch.vectors import (
+    TorchExact,
     VectorIndex,
     exact_search,
     gpu_for,
@@ -24,6 +26,7 @@ from altsearch.vectors import (
     refine_from,
     rerank,
     saved_kind,
+    torch_gpu_for,
 )
 from tests.oldformats import write_old_flat_file
 
@@ -610,6 +613,77 @@ def test_large_k_searches_on_the_cpu_copy(flat, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(vectors_module, "GPU_MAX_K", 100)
     flat.search(unit(1), 101)
     flat.search(unit(1), 5, allowed=np.array([3, 10]))
+
+
+# --- exact search in torch, where FAISS has no GPU ------------------------------------------
+
+
+def test_torch_gpu_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert torch_gpu_for("auto") == torch_gpu_for("cuda") == torch_gpu_for("gpu") == "cuda:0"
+    assert torch_gpu_for("cuda:1") == "cuda:1"
+    assert torch_gpu_for("cuda:2") is None
+    assert torch_gpu_for("cpu") is None and torch_gpu_for("mps") is None
+    monkeypatch.delitem(sys.modules, "torch")  # a process that only reads the index: torch not imported for it
+    assert torch_gpu_for("auto") is None
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert torch_gpu_for("auto") is None
+
+
+@pytest.fixture
+def torch_gpu(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """torch's CPU stands in for a GPU that torch sees and FAISS does not; counts TorchExact searches."""
+    monkeypatch.setattr(vectors_module, "torch_gpu_for", lambda device: None if device == "cpu" else "cpu:0")
+    searched: list[int] = []
+    real = TorchExact.search
+
+    def search(self, queries, k):  # noqa: ANN001, ANN202
+        searched.append(len(queries))
+        return real(self, queries, k)
+
+    monkeypatch.setattr(TorchExact, "search", search)
+    return searched
+
+
+def test_an_exact_index_searches_in_torch_where_faiss_has_no_gpu(data, torch_gpu, monkeypatch) -> None:  # noqa: ANN001
+    ids, vecs = data
+    index = VectorIndex.build(ids, vecs, kind="flat", device="auto")
+    queries = unit(70, seed=5)
+    monkeypatch.setattr(vectors_module, "_TORCH_SCORES_MAX", 16 * len(ids))  # 16 queries at a time
+    assert_same_results(index.search(queries, 10), brute_force(queries, ids, vecs, 10))
+    assert torch_gpu == [70] and index.device == "cpu:0"  # the stand-in
+    assert_same_results(index.search(queries[:3], 1000), brute_force(queries[:3], ids, vecs, 1000))
+
+    index.add(np.array([5]), queries[:1])  # the copy is remade after an add...
+    scores, found = index.search(queries[:1], 2)
+    assert found[0, 0] == 5 and scores[0, 0] == pytest.approx(1.0, abs=1e-6)
+    index.remove(ids[:500])  # ...and after a remove
+    kept_ids, kept_vecs = np.r_[ids[500:], 5], np.r_[vecs[500:], queries[:1]]
+    assert_same_results(index.search(queries, 10), brute_force(queries, kept_ids, kept_vecs, 10))
+    assert len(torch_gpu) == 4
+
+    index.search(queries, 10, allowed=ids[600:700])  # an id filter: FAISS answers
+    VectorIndex.build(ids, vecs, kind="flat", device="cpu").search(queries, 10)  # device="cpu": FAISS
+    VectorIndex.build(ids, vecs, kind="ivf", device="auto").search(queries, 10)  # approximate: FAISS
+    assert len(torch_gpu) == 4
+
+
+def test_a_failed_copy_to_torch_leaves_the_search_to_faiss(data, torch_gpu, monkeypatch, caplog) -> None:  # noqa: ANN001
+    def out_of_memory(*args):  # noqa: ANN002, ANN202
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(vectors_module, "TorchExact", out_of_memory)
+    index = VectorIndex.build(*data, kind="flat", device="auto")
+    queries = unit(4, seed=6)
+    with caplog.at_level(logging.WARNING, logger="altsearch.vectors"):
+        assert_same_results(index.search(queries, 10), brute_force(queries, *data, 10))
+        index.search(queries, 10)
+    assert caplog.text.count("could not copy the vectors") == 1  # tried once, not at every search
+    assert index.device == "cpu" and torch_gpu == []
 
 
 # --- with the catalogue ------------------------------------------------------------------
