@@ -193,6 +193,30 @@ def test_data_version_moves_with_every_commit_from_anywhere(cat: Catalog) -> Non
         cat.data_version()
 
 
+def test_query_reads_see_every_commit_and_leave_no_snapshot_open(cat: Catalog) -> None:
+    """get and iter_vectors(ids=) go through a private sqlite3 connection: each read sees what any
+    connection committed before it, and none keeps a read transaction open (a WAL checkpoint
+    completes right after)."""
+    (a,) = add(cat, ["/p/a.jpg"])
+    assert [r.path for r in cat.get([a])] == ["/p/a.jpg"] and len(list(cat.iter_vectors(ids=[a]))) == 1
+    with Catalog(cat.path) as other:  # another writer (as another process would be)
+        (b,) = add(other, ["/p/b.jpg"])
+        assert [r.path for r in cat.get([a, b])] == ["/p/a.jpg", "/p/b.jpg"]
+        assert next(cat.iter_vectors(ids=[a, b]))[0].tolist() == [a, b]
+        with other.transaction() as tx:
+            tx.remove([a])
+        assert [r.id for r in cat.get([a, b])] == [b]
+    writer = sqlite3.connect(cat.path)
+    try:
+        busy, _, _ = writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        writer.close()
+    assert busy == 0
+    cat.close()
+    with pytest.raises(IndexStoreError, match="closed"):
+        cat.get([b])
+
+
 def test_get_returns_every_field(cat: Catalog) -> None:
     fields = {"width": 4000, "height": 3000, "format": "JPEG", "taken_at": 12.5, "camera_make": "Canon",
               "camera_model": "EOS R5"}
@@ -675,7 +699,8 @@ def test_iter_vectors_of_ids_are_what_plain_sql_reads(cat: Catalog, monkeypatch:
     present = sorted(reference)
     wanted = [999, *present[::-1], present[5], 13, 2**33 + 30, 2**40, 0]  # unsorted, repeated, missing
     monkeypatch.setattr(catalog_module, "_IN_CHUNK", 4)  # several IN lists per batch
-    for batch in (1, 3, 7, 10_000):
+    for batch, quick_rows in ((1, 4096), (3, 4096), (7, 4), (10_000, 4096), (10_000, 4)):
+        monkeypatch.setattr(catalog_module, "_QUICK_ROWS", quick_rows)  # 4: the larger batches use SQLAlchemy
         parts = list(cat.iter_vectors(batch=batch, ids=wanted))
         assert all(len(ids) <= batch and ids.dtype == np.int64 and vecs.dtype == np.float32 for ids, vecs in parts)
         ids = np.concatenate([ids for ids, _ in parts])
