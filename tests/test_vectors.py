@@ -4,6 +4,7 @@ import hashlib
 import json
 import logging
 import sys
+import threading
 from pathlib import Path
 
 import faiss
@@ -613,6 +614,35 @@ def test_large_k_searches_on_the_cpu_copy(flat, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(vectors_module, "GPU_MAX_K", 100)
     flat.search(unit(1), 101)
     flat.search(unit(1), 5, allowed=np.array([3, 10]))
+
+
+def test_one_query_searches_with_one_faiss_thread_in_its_own_thread_only(flat) -> None:  # noqa: ANN001
+    before = faiss.omp_get_max_threads()
+    if before < 2:
+        pytest.skip("FAISS runs one thread here anyway")
+    seen: list[tuple[int, int]] = []
+
+    class Spy:  # the CPU index, noting the thread counts while it searches
+        def __init__(self, inner) -> None:  # noqa: ANN001
+            self.inner = inner
+
+        def __getattr__(self, name: str):  # noqa: ANN204
+            return getattr(self.inner, name)
+
+        def search(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            elsewhere = []
+            other = threading.Thread(target=lambda: elsewhere.append(faiss.omp_get_max_threads()))
+            other.start()
+            other.join()
+            seen.append((faiss.omp_get_max_threads(), elsewhere[0]))
+            return self.inner.search(*args, **kwargs)
+
+    flat._cpu = Spy(flat._cpu)
+    flat.search(unit(1), 5)
+    flat.search(unit(3), 5)
+    flat.search(unit(1), 5, allowed=np.array([3, 10]))
+    assert seen == [(1, before), (before, before), (1, before)]
+    assert faiss.omp_get_max_threads() == before  # given back
 
 
 # --- exact search in torch, where FAISS has no GPU ------------------------------------------
