@@ -21,7 +21,9 @@ For each of ``--sizes`` n, in one process:
    nprobe as altsearch does): build seconds; bytes per vector of the FAISS file (the serialised
    index over n); recall@10 over the queries; single-query latency p50/p95 over
    ``--latency-queries`` queries, one query per call, with 1 FAISS thread and with the default
-   thread count (printed). The flat rows go through ``VectorIndex.search`` too. With ``--device
+   thread count (printed). The flat rows go through ``VectorIndex.search`` too. Since
+   ``VectorIndex.search`` runs a single query with one FAISS thread whatever the count set, the
+   two columns now measure the same thing; figures from before that differ. With ``--device
    cuda`` each index searches where altsearch would put it (column "searched on"): on FAISS's GPU
    build when there is one; else the flat index on torch's GPU and the IVF kinds on the CPU.
    "ivfpq" searches re-rank their candidates against the int8 vectors held in a numpy array in

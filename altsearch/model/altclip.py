@@ -195,8 +195,9 @@ class Model:
     def text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Unnormalised features (B, P) of token ids and mask already on the device (what
         :meth:`encode_text` runs after tokenizing). On CUDA, batches of short texts replay a recorded
-        CUDA graph (:mod:`.graphs`); otherwise the tower runs (on a CPU, opt-in, keeping its freed
-        blocks for its next layers, :mod:`.heap`). Loads the text tower if it is not yet."""
+        CUDA graph (:mod:`.graphs`); otherwise the tower runs (on a CPU keeping its freed blocks for
+        its next layers unless ``ALTSEARCH_HEAP_REUSE=0``, :mod:`.heap`). Loads the text tower if it
+        is not yet."""
         self.load(["text"])
         if self.device.type == "cuda":
             if self._text_graphs is None:
@@ -212,8 +213,9 @@ class Model:
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Unnormalised features (B, P) of normalised pixels (B, 3, H, W) already on the device in the
-        model's dtype (what :meth:`encode_pixels` runs after normalising); on a CPU, opt-in, keeping
-        the pass's freed blocks for its next layers (:mod:`.heap`). Loads the vision tower if it is not yet."""
+        model's dtype (what :meth:`encode_pixels` runs after normalising); on a CPU keeping the pass's
+        freed blocks for its next layers unless ``ALTSEARCH_HEAP_REUSE=0`` (:mod:`.heap`). Loads the
+        vision tower if it is not yet."""
         self.load(["vision"])
         with self._heap():
             return self.module.image_features(pixels)
