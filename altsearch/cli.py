@@ -134,8 +134,8 @@ def index(
     full_decode: Annotated[bool, typer.Option(
         "--full-decode", help="Decode JPEGs at full size (slower; no reduced-size decoding).")] = False,
     decode: Annotated[DecodeChoice, typer.Option(
-        help="Where JPEGs are decoded: auto = on the GPU (nvJPEG) when the model runs on CUDA and "
-             "torchvision is installed.")] = DecodeChoice.auto,
+        help="Where JPEGs are decoded: auto = on the GPU (nvImageCodec or torchvision) when the model "
+             "runs on CUDA, either is installed and 2,000 files or more need embedding.")] = DecodeChoice.auto,
     hidden: Annotated[bool, typer.Option("--hidden", help="Also index hidden files and folders.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     as_json: JsonOpt = False,

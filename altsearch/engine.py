@@ -148,8 +148,8 @@ class Engine:
         """Bring ``folder`` into the index: new files embedded, changed ones re-embedded, moved ones
         followed, deleted ones dropped. Safe to interrupt; the next run resumes.
 
-        ``decode``: where JPEGs are decoded, "auto" (on the GPU with nvJPEG when the model runs on CUDA
-        and torchvision is installed), "cpu" or "gpu"."""
+        ``decode``: where JPEGs are decoded, "auto" (on the GPU when the model runs on CUDA, nvImageCodec
+        or torchvision is installed and enough files need embedding), "cpu" or "gpu"."""
         from .ingest import Ingestor
 
         folder = Path(folder).expanduser()

@@ -1,4 +1,4 @@
-"""JPEG decoding on the GPU (nvJPEG, through torchvision) for ingestion beside a model on CUDA.
+"""JPEG decoding on the GPU (nvImageCodec, or torchvision's nvJPEG) for ingestion beside a model on CUDA.
 
 On a GPU the model embeds ViT-L/14 crops faster than a whole server's CPU cores can decode
 camera JPEGs (an H100 in bf16: ~2,300 images/s; a 16-core host with reduced-size decoding: ~140
@@ -7,25 +7,31 @@ camera JPEGs (an H100 in bf16: ~2,300 images/s; a 16-core host with reduced-size
 - reader threads read each file once, hash it (:func:`altsearch.decode.hash_bytes`) and parse its
   header and EXIF with Pillow (no pixels): the same metadata and the same size limit as on the CPU;
 - baseline and progressive JPEGs in RGB or greyscale, ending with their end-of-image marker, are
-  decoded in groups by ``torchvision.io.decode_jpeg(..., device="cuda")``, turned as their EXIF
-  orientation says, reduced by whole-pixel averaging to the scale a CPU draft decode would use, then
-  resized (bicubic, antialiased) and centre-cropped on the GPU (:func:`resize_crop_tensor`);
-- everything else (PNG, HEIC, CMYK JPEGs, JPEGs with data after their end marker, and any JPEG that
-  nvJPEG refuses) is decoded on the CPU by the same code as :mod:`altsearch.decode`, in the reader
-  thread, so a corrupt file gets the same one-line reason either way.
+  decoded in groups by a JPEG library (:func:`jpeg_library`: nvImageCodec, which uses the GPU's
+  hardware JPEG decoders, when it is installed, else torchvision's ``decode_jpeg``), turned as their
+  EXIF orientation says, reduced by whole-pixel averaging to the scale a CPU draft decode would use,
+  then resized (bicubic, antialiased) and centre-cropped on the GPU (:func:`resize_crop_tensor`),
+  in a thread of their own while the caller takes earlier results;
+- everything else (PNG, HEIC, CMYK JPEGs, JPEGs with data after their end marker, and any JPEG the
+  library refuses) is decoded on the CPU by the same code as :mod:`altsearch.decode`, so a corrupt
+  file gets the same one-line reason either way.
 
 The crops come back as uint8 CUDA tensors ``(H, W, 3)`` in :class:`~altsearch.decode.Decoded`, ready
-for :meth:`altsearch.Model.encode_pixels`. torchvision is optional (``pip install
-"altsearch[gpu]"``): without it, or without CUDA, ingestion decodes on the CPU as before.
+for :meth:`altsearch.Model.encode_pixels`. The libraries are optional (``pip install
+"altsearch[gpu]"`` for torchvision, ``"altsearch[nvimgcodec-cu13]"`` or ``-cu12`` for nvImageCodec):
+without either, or without CUDA, ingestion decodes on the CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import io
 import logging
 import os
+import sys
+import tempfile
 import threading
 import warnings
 from collections import deque
@@ -65,40 +71,179 @@ log = logging.getLogger(__name__)
 
 DECODE_CHOICES = ("auto", "cpu", "gpu")
 GROUP = 32
-"""JPEGs per nvJPEG call: an H100 decoded 12 Mpx JPEGs at 530/s in groups of 8, 750/s in groups of 32 or 64."""
+"""JPEGs per decoding call. On an H100 the whole GPU decoder (readers, decoding, resizing) went through
+950 12 Mpx JPEGs/s in groups of 32 with nvImageCodec, and 790/s in groups of 64, where the hardware
+decoder took fewer of them; with torchvision about 700/s either way."""
 _GPU_MODES = frozenset({"RGB", "L"})  # what nvJPEG decodes to RGB; CMYK and YCCK JPEGs go to the CPU
 _EOI = b"\xff\xd9"  # JPEG end-of-image marker
 _DRAFT_STEPS = (8, 4, 2)  # libjpeg's reduced DCT scales
 _MAX_READERS = 8
+_RESIZE_CHUNK = 16  # images resized at once: 16 12-Mpx images as float32 take 2.3 GB of device memory
+
+LIBRARY_ENV = "ALTSEARCH_GPU_JPEG"
+"""Environment variable naming the library that decodes JPEGs on the GPU: "nvimgcodec" or "torchvision".
+Unset: nvImageCodec when it is installed, else torchvision."""
+LIBRARIES = ("nvimgcodec", "torchvision")
+_MODULES = {"nvimgcodec": "nvidia.nvimgcodec", "torchvision": "torchvision"}
+INSTALL_HINT = 'pip install "altsearch[gpu]" (torchvision), or nvidia-nvimgcodec-cu13 for CUDA 13 (-cu12: CUDA 12)'
 
 
-JpegDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
-"""Encoded JPEGs (1-D uint8 tensors) -> RGB uint8 (3, H, W) images on the device; raises RuntimeError
-when any of them cannot be decoded."""
+JpegDecoder = Callable[[list[bytes], torch.device], list["torch.Tensor | None"]]
+"""Encoded JPEGs -> RGB uint8 (3, H, W) images (or greyscale (1, H, W)) on the device, None for each
+file that could not be decoded."""
+
+
+@dataclass(frozen=True)
+class JpegLibrary:
+    """A library that decodes JPEGs on the GPU: its name and its :data:`JpegDecoder`."""
+
+    name: str
+    decode: JpegDecoder
+
+
+def _libraries() -> tuple[str, ...]:
+    """The libraries to try, in order: the one :data:`LIBRARY_ENV` names, or all of them."""
+    chosen = os.environ.get(LIBRARY_ENV, "").strip().lower()
+    if not chosen:
+        return LIBRARIES
+    if chosen not in LIBRARIES:
+        raise ValueError(f"{LIBRARY_ENV} must be one of {', '.join(LIBRARIES)}, got {chosen!r}")
+    return (chosen,)
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(_MODULES[name]) is not None
+    except (ImportError, ValueError):  # the parent package of a dotted name is absent
+        return False
 
 
 @functools.cache
-def _nvjpeg() -> JpegDecoder | None:
-    """torchvision's nvJPEG decoding when torchvision is installed, else None."""
+def jpeg_library(name: str) -> JpegLibrary | None:
+    """The library ``name`` (one of :data:`LIBRARIES`), imported once per process; None when it does not
+    load."""
+    decode = _load_nvimgcodec() if name == "nvimgcodec" else _load_torchvision()
+    return None if decode is None else JpegLibrary(name, decode)
+
+
+def _gpu_jpeg() -> JpegLibrary | None:
+    """The first library of :func:`_libraries` that loads, else None."""
+    return next((lib for name in _libraries() if (lib := jpeg_library(name)) is not None), None)
+
+
+def one_by_one_on_failure(decode_group: Callable[[list[bytes], torch.device], list[torch.Tensor]]) -> JpegDecoder:
+    """A :data:`JpegDecoder` from a call that decodes a whole group or raises RuntimeError when any file
+    in it fails (torchvision's): after a failure, each file of the group is tried alone."""
+
+    def decode(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+        try:
+            return list(decode_group(datas, device))
+        except RuntimeError as exc:
+            log.debug("a group of %d JPEGs was refused (%s); decoding them one by one", len(datas), exc)
+        out: list[torch.Tensor | None] = []
+        for data in datas:
+            try:
+                out.append(decode_group([data], device)[0])
+            except RuntimeError:
+                out.append(None)
+        return out
+
+    return decode
+
+
+def as_tensors(datas: list[bytes]) -> list[torch.Tensor]:
+    """1-D uint8 tensors over the files' bytes, without a copy: a copy of each 2.4 MB photo cost 1.4 ms
+    in the thread that feeds the GPU (45 ms per group of 32 on a 2-core machine, mostly page faults).
+    Nothing writes to these bytes, so torch's warning that it cannot protect them is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+        return [torch.frombuffer(d, dtype=torch.uint8) for d in datas]
+
+
+def _load_torchvision() -> JpegDecoder | None:
+    """torchvision's nvJPEG decoding, or None when torchvision does not import."""
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
     except (ImportError, RuntimeError, OSError) as exc:  # absent, or built for another torch
         log.debug("torchvision unavailable: %s", exc)
         return None
 
-    def decode(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-        return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
+    def decode_group(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
+        return decode_jpeg(as_tensors(datas), mode=ImageReadMode.RGB, device=device)
+
+    return one_by_one_on_failure(decode_group)
+
+
+@contextlib.contextmanager
+def _stderr_to_log(what: str) -> Iterator[list[str]]:
+    """Send what native code writes to file descriptor 2 meanwhile to the debug log; the lines come
+    back in the yielded list. nvImageCodec prints a paragraph for every optional codec library it does
+    not find (JPEG 2000, TIFF), which says nothing about JPEGs."""
+    lines: list[str] = []
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable fd 2 (an embedded interpreter): leave it be
+        yield lines
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines.extend(sink.read().decode(errors="replace").splitlines())
+            for line in lines:
+                log.debug("%s: %s", what, line)
+
+
+def _load_nvimgcodec() -> JpegDecoder | None:
+    """nvImageCodec's decoding, or None when it does not import or finds no nvJPEG. It spreads a group
+    over the GPU's hardware JPEG decoders and its CUDA cores; one decoder per device."""
+    os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "0")  # errors go to the log below, not the terminal
+    try:
+        with _stderr_to_log("nvImageCodec") as said:
+            from nvidia import nvimgcodec
+    except (ImportError, OSError, RuntimeError) as exc:
+        log.debug("nvImageCodec unavailable: %s", exc)
+        return None
+    if any("Failed to load nvjpeg library" in line for line in said):
+        log.warning("nvImageCodec is installed but finds no nvJPEG: install nvidia-nvjpeg (CUDA 13) or "
+                    "nvidia-nvjpeg-cu12 (CUDA 12), or the CUDA toolkit")
+        return None
+    params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
+                                     sample_format=nvimgcodec.SampleFormat.P_RGB)
+    # The hardware JPEG decoders first (A100, H100 and others have them), then nvJPEG's CUDA decoding
+    # with Huffman decoding on the CPU for what they cannot take (progressive JPEGs; GPUs without them).
+    backends = [nvimgcodec.Backend(nvimgcodec.HW_GPU_ONLY), nvimgcodec.Backend(nvimgcodec.HYBRID_CPU_GPU)]
+    decoders: dict[int, object] = {}
+    lock = threading.Lock()
+
+    def decode(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+        on_cuda = device.type == "cuda"
+        index = device.index if device.index is not None else torch.cuda.current_device() if on_cuda else 0
+        with lock:
+            decoder = decoders.get(index)
+            if decoder is None:
+                with _stderr_to_log("nvImageCodec"):
+                    decoder = decoders[index] = nvimgcodec.Decoder(device_id=index, backends=backends)
+        streams = [nvimgcodec.CodeStream(d) for d in datas]  # no copy: the streams read the bytes
+        stream = torch.cuda.current_stream(device).cuda_stream if on_cuda else 0  # the results are ready on it
+        images = decoder.decode(streams, params=params, cuda_stream=stream)
+        return [None if im is None else torch.from_dlpack(im) for im in images]
 
     return decode
 
 
 def gpu_decode_unavailable(device: torch.device, cfg: PreprocessConfig, *, load: bool = True) -> str | None:
     """Why JPEGs cannot be decoded on ``device`` for ``cfg`` (None: they can). With ``load=False``
-    torchvision is only looked for, not imported (importing it takes seconds)."""
+    the libraries are only looked for, not imported (importing one takes seconds)."""
     if device.type != "cuda":
         return f"the model runs on {device.type}, not CUDA"
-    if importlib.util.find_spec("torchvision") is None or (load and _nvjpeg() is None):
-        return 'torchvision is not installed (pip install "altsearch[gpu]")'
+    if not any(_installed(name) for name in _libraries()) or (load and _gpu_jpeg() is None):
+        return f"no library for it is installed ({INSTALL_HINT})"
     if cfg.resample != Image.Resampling.BICUBIC or not (cfg.do_resize and cfg.do_center_crop):
         return "the preprocessing is not a bicubic resize and centre crop"
     return None
@@ -194,26 +339,36 @@ def _default_readers() -> int:
 
 
 class GpuDecoder:
-    """Decode files for ingestion with nvJPEG on ``device`` (see the module docstring). Use as a context
+    """Decode files for ingestion on the GPU ``device`` (see the module docstring). Use as a context
     manager; :meth:`imap` has :class:`altsearch.decode.DecodePool`'s contract: one
-    :class:`~altsearch.decode.Decoded` per path, bad files with ``error`` set, never raising for one."""
+    :class:`~altsearch.decode.Decoded` per path, bad files with ``error`` set, never raising for one.
+
+    ``decode_jpeg`` replaces the JPEG library (:func:`_gpu_jpeg`'s choice); ``groups_ahead``: groups
+    decoded, or decoding, while the caller still works on earlier ones."""
 
     def __init__(self, cfg: PreprocessConfig, device: torch.device | str, *, readers: int | None = None,
                  group: int = GROUP, draft: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 hash_kind: str = DEFAULT_HASH, decode_jpeg: JpegDecoder | None = None):
+                 hash_kind: str = DEFAULT_HASH, decode_jpeg: JpegDecoder | None = None, groups_ahead: int = 2):
         self.cfg = cfg
         self.device = torch.device(device)
         self.readers = readers or _default_readers()
         self.group = group
+        self.groups_ahead = groups_ahead
         self.draft = draft  # for the files decoded on the CPU
         self.max_pixels = max_pixels
         self.hash_kind = check_hash_kind(hash_kind)  # an unknown kind fails here, not in every reader
-        self._decode_jpeg = decode_jpeg or _nvjpeg()
-        if self._decode_jpeg is None:
-            raise RuntimeError('GPU decoding needs torchvision (pip install "altsearch[gpu]")')
+        if decode_jpeg is not None:
+            self.library, self._decode_jpeg = "custom", decode_jpeg
+        else:
+            library = _gpu_jpeg()
+            if library is None:
+                raise RuntimeError(f"decoding JPEGs on the GPU needs nvImageCodec or torchvision: {INSTALL_HINT}")
+            self.library, self._decode_jpeg = library.name, library.decode
+        log.debug("decoding JPEGs on %s with %s", self.device, self.library)
         self.stats = {"gpu": 0, "cpu": 0}  # files decoded each way (for tests and diagnostics)
         self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: ThreadPoolExecutor | None = None  # reader threads
+        self._gpu: ThreadPoolExecutor | None = None  # the thread that decodes groups and resizes them
 
     def __enter__(self) -> GpuDecoder:
         return self
@@ -222,16 +377,24 @@ class GpuDecoder:
         self.close()
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        for pool in (self._pool, self._gpu):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = self._gpu = None
 
     def imap(self, paths: Iterable[str | os.PathLike[str]]) -> Iterator[Decoded]:
+        """Decoded files in a fixed order (for the same paths and files, always the same): a file the
+        CPU decodes as soon as it is read, a JPEG with the rest of its group. Reader threads read,
+        hash and probe ahead; one more thread decodes and resizes groups while the caller takes the
+        results of earlier ones."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.readers, thread_name_prefix="altsearch-read")
+        if self._gpu is None:
+            self._gpu = ThreadPoolExecutor(1, thread_name_prefix="altsearch-gpu-decode")
         source = iter(paths)
         ahead = 2 * self.group + self.readers  # read and waiting: two groups, and one per reader
-        pending: deque[Future] = deque()
+        pending: deque[Future] = deque()  # reads, in input order
+        out: deque[Decoded | Future] = deque()  # what to yield next, in order: a file, or a group's future
         group: list[_Jpeg] = []
         try:
             while True:
@@ -241,16 +404,20 @@ class GpuDecoder:
                     break
                 item = pending.popleft().result()
                 if isinstance(item, Decoded):
-                    yield item
-                    continue
-                group.append(item)
-                if len(group) >= self.group:
-                    yield from self._decode_group(group)
-                    group = []
-            yield from self._decode_group(group)
+                    out.append(item)
+                else:
+                    group.append(item)
+                    if len(group) >= self.group:
+                        out.append(self._gpu.submit(self._decode_group, group))
+                        group = []
+                yield from _take_ready(out, self.groups_ahead)
+            if group:
+                out.append(self._gpu.submit(self._decode_group, group))
+            yield from _take_ready(out, 0)
         finally:
-            for future in pending:
-                future.cancel()
+            for future in [*pending, *out]:
+                if isinstance(future, Future):
+                    future.cancel()
 
     # -- in reader threads ---------------------------------------------------------------------
 
@@ -266,7 +433,7 @@ class GpuDecoder:
         return jpeg if jpeg is not None else self._on_cpu(path, content_hash, data)
 
     def _probe(self, path: str, content_hash: str, data: bytes) -> _Jpeg | None:
-        """The file as a JPEG for nvJPEG, from its header alone; None when the CPU should decode it."""
+        """The file as a JPEG for the GPU, from its header alone; None when the CPU should decode it."""
         if not data.startswith(b"\xff\xd8") or not data.endswith(_EOI):
             return None
         try:
@@ -288,45 +455,47 @@ class GpuDecoder:
             self.stats["cpu"] += 1
         return decode_data(path, content_hash, data, self.cfg, self.draft, max_pixels=self.max_pixels)
 
-    # -- in the caller's thread ------------------------------------------------------------------
+    # -- in the GPU thread ---------------------------------------------------------------------
 
-    def _decode_group(self, group: list[_Jpeg]) -> Iterator[Decoded]:
-        if not group:
-            return
-        with warnings.catch_warnings():
-            # The tensors share the files' bytes objects, which nothing writes to; torch warns that it
-            # cannot protect them. Copying each file into a bytearray instead cost 1.4 ms per 2.4 MB
-            # photo in the thread that feeds the GPU (45 ms per group of 32 here, mostly page faults).
-            warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
-            encoded = [torch.frombuffer(j.data, dtype=torch.uint8) for j in group]
-        images = self._decode_many(encoded)
+    def _decode_group(self, group: list[_Jpeg]) -> list[Decoded]:
+        """The group's files decoded: on the GPU, and on the CPU those the library refused or whose shape
+        the CPU path windows."""
+        images = [x.expand(3, -1, -1) if x is not None and x.shape[0] == 1 else x
+                  for x in self._decode_jpeg([j.data for j in group], self.device)]
         crops: list[torch.Tensor | None] = [None] * len(group)
-        alike: dict[tuple, list[int]] = {}  # the same size and orientation: resized as one batch
+        alike: dict[tuple, list[int]] = {}  # the same size and orientation: resized together
         for n, (jpeg, image) in enumerate(zip(group, images)):
             if image is not None:
                 alike.setdefault((tuple(image.shape), jpeg.orientation), []).append(n)
         for (_, orientation), members in alike.items():
-            batch = orient(torch.stack([images[n] for n in members]), orientation)
-            out = resize_crop_tensor(batch, self.cfg, reduce=self.draft is not None)
-            for k, n in enumerate(members):
-                crops[n] = out[k] if out is not None else None
+            for start in range(0, len(members), _RESIZE_CHUNK):
+                part = members[start:start + _RESIZE_CHUNK]
+                batch = orient(torch.stack([images[n] for n in part]), orientation)
+                out = resize_crop_tensor(batch, self.cfg, reduce=self.draft is not None)
+                for k, n in enumerate(part):
+                    crops[n] = out[k] if out is not None else None
+        del images
+        decoded = []
         for jpeg, crop in zip(group, crops):
-            if crop is None:  # nvJPEG refused it, or a shape the CPU path windows
-                yield self._on_cpu(jpeg.path, jpeg.content_hash, jpeg.data)
+            if crop is None:  # the library refused it, or a shape the CPU path windows
+                decoded.append(self._on_cpu(jpeg.path, jpeg.content_hash, jpeg.data))
             else:
-                self.stats["gpu"] += 1
-                yield Decoded(jpeg.path, jpeg.content_hash, crop, jpeg.meta, None)
+                with self._lock:
+                    self.stats["gpu"] += 1
+                decoded.append(Decoded(jpeg.path, jpeg.content_hash, crop, jpeg.meta, None))
+        return decoded
 
-    def _decode_many(self, tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """RGB (3, H, W) uint8 images on the device; where one file breaks the group, each is tried alone."""
-        try:
-            images: list[torch.Tensor | None] = list(self._decode_jpeg(tensors, self.device))
-        except RuntimeError as exc:
-            log.debug("nvJPEG refused a group of %d (%s); decoding them one by one", len(tensors), exc)
-            images = []
-            for t in tensors:
-                try:
-                    images.append(self._decode_jpeg([t], self.device)[0])
-                except RuntimeError:
-                    images.append(None)
-        return [x.expand(3, -1, -1) if x is not None and x.shape[0] == 1 else x for x in images]
+
+def _take_ready(out: deque, keep: int) -> Iterator[Decoded]:
+    """Yield from the head of ``out`` what is ready: files, and groups whose decoding is done; wait for
+    the head group while more than ``keep`` groups are in ``out``."""
+    while out:
+        head = out[0]
+        if isinstance(head, Future):
+            if not head.done() and sum(isinstance(e, Future) for e in out) <= keep:
+                return
+            out.popleft()
+            yield from head.result()
+        else:
+            out.popleft()
+            yield head

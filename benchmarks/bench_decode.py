@@ -11,8 +11,9 @@ cached in ``--workdir``) are read once beforehand, so every stage reads them fro
   for older ones);
 - ``cpu decode``: :class:`altsearch.decode.DecodePool` reads, hashes and decodes each photo at reduced
   size and crops it, in ``--workers`` processes (default: one per core but one);
-- on CUDA with torchvision installed: torchvision's nvJPEG on the photos' bytes in groups of 32, 8
-  and 1, and the whole :class:`altsearch.gpudecode.GpuDecoder` (readers, nvJPEG, resize and crop).
+- on CUDA, for each JPEG library installed (nvImageCodec, torchvision's nvJPEG): the library alone
+  on the photos' bytes in groups of 64, 32 and 1, and the whole
+  :class:`altsearch.gpudecode.GpuDecoder` with it (readers, decoding, resize and crop).
 
 Each row: photos/s over all the photos after a warm-up on two, "x naive" against the baseline of the
 same run, and the CPU time of this process and its workers per photo.
@@ -40,7 +41,7 @@ sys.path.insert(1, str(ROOT / "benchmarks"))
 from bench_index import PhotoSpec, _loadavg, _size, make_photos, machine, render_machine  # noqa: E402
 from benchlib import run_in_workdir  # noqa: E402
 
-NVJPEG_GROUPS = (32, 8, 1)
+LIBRARY_GROUPS = (64, 32, 1)
 
 
 def _cpu_seconds(pids: Callable[[], list[int]]) -> float:
@@ -114,31 +115,32 @@ def cpu_decode(cfg, workers: int) -> Callable[[list[str]], int]:
 
 
 def gpu_rows(cfg, paths: list[str], device: str) -> list[dict]:
-    """nvJPEG alone in groups, then the whole GPU decoder; [] where there is no CUDA or torchvision."""
+    """For each JPEG library that loads (nvImageCodec, torchvision): the library alone in groups, then
+    the whole GPU decoder with it; [] where there is no CUDA or no library."""
     import torch
 
-    from altsearch.gpudecode import GpuDecoder, gpu_decode_unavailable
+    from altsearch.gpudecode import LIBRARIES, GpuDecoder, gpu_decode_unavailable, jpeg_library
 
     why = gpu_decode_unavailable(torch.device(device), cfg)
     if why:
         print(f"  (no GPU decoding rows: {why})", flush=True)
         return []
-    from altsearch.gpudecode import _nvjpeg
-
-    decode_jpeg, target = _nvjpeg(), torch.device(device)  # the call the GPU decoder makes
-    encoded = {p: torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in paths}
+    target = torch.device(device)
+    datas = {p: Path(p).read_bytes() for p in paths}
     sync = torch.cuda.synchronize
     rows = []
-    for group in NVJPEG_GROUPS:
-        def nvjpeg(part: list[str], group=group) -> int:
-            for i in range(0, len(part), group):
-                decode_jpeg([encoded[p] for p in part[i:i + group]], target)
-            return len(part)
+    for library in filter(None, map(jpeg_library, LIBRARIES)):
+        for group in LIBRARY_GROUPS:
+            def alone(part: list[str], group=group, decode=library.decode) -> int:
+                for i in range(0, len(part), group):
+                    decode([datas[p] for p in part[i:i + group]], target)  # the call the GPU decoder makes
+                return len(part)
 
-        rows.append(timed("nvJPEG alone", f"groups of {group}", paths, nvjpeg, sync))
-    with GpuDecoder(cfg, device) as decoder:
-        rows.append(timed("GPU decoder, whole", f"{_plural(decoder.readers, 'reader thread')}, groups of {decoder.group}",
-                          paths, lambda part: sum(1 for d in decoder.imap(part) if d.ok), sync))
+            rows.append(timed(f"{library.name} alone", f"groups of {group}", paths, alone, sync))
+        with GpuDecoder(cfg, device, decode_jpeg=library.decode) as decoder:
+            rows.append(timed(f"GPU decoder, whole, {library.name}",
+                              f"{_plural(decoder.readers, 'reader thread')}, groups of {decoder.group}",
+                              paths, lambda part: sum(1 for d in decoder.imap(part) if d.ok), sync))
     return rows
 
 

@@ -1,7 +1,7 @@
 """Ingestion end to end: altsearch's pipeline vs a naive loop, on the same checkpoint, device, dtype, threads.
 
 A folder of ``--images`` camera-sized JPEGs (default 4000x3000, quality 90, made by
-benchmarks/bench_index.py's generator and cached in ``--workdir``) is embedded three ways, each in a
+benchmarks/bench_index.py's generator and cached in ``--workdir``) is embedded several ways, each in a
 fresh subprocess:
 
 - **naive loop**: for each file, ``PIL.Image.open(p).convert("RGB")`` (full-size decode),
@@ -10,13 +10,16 @@ fresh subprocess:
 - **altsearch**: ``Engine.open(fresh_folder, model=...)`` then ``.index(folder)``: scan, hash, reduced-size
   decode in the default number of decode workers, batched embedding, commits to the catalogue,
   the vector file saved, and the engine closed;
+- on CUDA, **altsearch with torchvision**: the same with JPEGs decoded by torchvision's nvJPEG instead
+  of nvImageCodec (``ALTSEARCH_GPU_JPEG=torchvision``), when both are installed; and **altsearch,
+  decode="cpu"**: the same with the JPEGs decoded on the CPU;
 - **altsearch int8**: the same with ``load_model(..., quantize="int8")``, when ``load_model`` takes
   that argument ("n/a" otherwise).
 
 images/s counts from the first file to the last vector (model loading excluded: it is printed
 separately, with one warm-up call: one blank image for the naive loop, a batch of the size indexing
-uses for altsearch, and on a GPU one photo through nvJPEG, whose library starts on first use); "x naive" divides by the naive loop of the same
-run. The cosine column compares each file's altsearch vector (as the catalogue stores it, float16)
+uses for altsearch, and on a GPU one photo through the GPU JPEG decoder, whose library starts on
+first use); "x naive" divides by the naive loop of the same run. The cosine column compares each file's altsearch vector (as the catalogue stores it, float16)
 with the naive loop's: reduced-size decoding and float16 storage make them differ slightly.
 
 Models: ``--model tiny`` (the tests' tiny random checkpoint: the model costs next to nothing, so the
@@ -59,10 +62,11 @@ from benchlib import checkpoint_folder, run_in_workdir  # noqa: E402
 
 DEFAULT_IMAGES = {"tiny": 32, "full": 8}
 DTYPES = ("fp32", "fp16", "bf16")
-PIPELINES = ("naive", "altsearch", "altsearch-cpu-decode", "altsearch-int8")
+PIPELINES = ("naive", "altsearch", "altsearch-torchvision", "altsearch-cpu-decode", "altsearch-int8")
 LABELS = {
     "naive": "naive loop: Pillow full decode, transformers processor + AltCLIPModel, 1 image at a time",
     "altsearch": "altsearch Engine.index",
+    "altsearch-torchvision": "altsearch Engine.index, JPEGs through torchvision's nvJPEG",
     "altsearch-cpu-decode": "altsearch Engine.index, decode=\"cpu\"",
     "altsearch-int8": "altsearch Engine.index, int8 quantised model",
 }
@@ -132,8 +136,14 @@ def run_altsearch(job: dict) -> dict:
     from altsearch import Engine, load_model
 
     options = {}
-    if job["pipeline"] == "altsearch-cpu-decode" and not job["device"].startswith("cuda"):
+    if job["pipeline"] in ("altsearch-cpu-decode", "altsearch-torchvision") and not job["device"].startswith("cuda"):
         return {"skipped": "the same as the altsearch row without a GPU"}
+    if job["pipeline"] == "altsearch-torchvision":
+        from altsearch import gpudecode
+
+        if gpudecode.jpeg_library("nvimgcodec") is None or gpudecode.jpeg_library("torchvision") is None:
+            return {"skipped": "needs both nvImageCodec and torchvision (the altsearch row uses the one there is)"}
+        os.environ[gpudecode.LIBRARY_ENV] = "torchvision"
     if job["quantize"] and (job["device"] != "cpu" or job["dtype"] != "fp32"):
         return {"skipped": "int8 is for fp32 on a CPU"}
     if job["quantize"]:
@@ -167,9 +177,14 @@ def run_altsearch(job: dict) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
     if report.failed or report.embedded != len(paths):
         raise SystemExit(f"indexing failed: {report.failures[:3]}")
+    decoder = report.decoder
+    if decoder == "gpu":
+        from altsearch.gpudecode import _gpu_jpeg
+
+        decoder = f"gpu ({_gpu_jpeg().name})"
     return {"load_s": load_s, "seconds": seconds, "images": len(paths), "paths": paths, "vectors": vecs,
             "cpu_s": cpu_s, "threads": torch.get_num_threads(), "batch_size": job["batch_size"],
-            "workers": job["workers"], "decoder": report.decoder}
+            "workers": job["workers"], "decoder": decoder}
 
 
 def _warm_gpu_decoder(model, photos: str) -> None:
@@ -260,7 +275,7 @@ def render(rows: list[dict], info: dict) -> str:
             lines.append(f"| {label} | | | | | | | | skipped: {r['skipped']} |")
             continue
         cos = "1 (reference)" if r["pipeline"] == "naive" else f"{r['cosine_min']:.5f} / {r['cosine_mean']:.5f}"
-        lines.append(f"| {label} | {r['decoder'].upper()} | {r['images']} | {r['load_s']:.1f} | {r['seconds']:.2f} | "
+        lines.append(f"| {label} | {r['decoder'].replace('gpu', 'GPU').replace('cpu', 'CPU')} | {r['images']} | {r['load_s']:.1f} | {r['seconds']:.2f} | "
                      f"{r['images_per_s']:.2f} | {r['vs_naive']:.2f} | {r['cpu_ms_per_image']:.0f} | {cos} |")
     return "\n".join(lines)
 

@@ -34,8 +34,8 @@ def test_tiny_run_prints_every_cpu_stage_against_the_naive_decode(tmp_path):
     assert rows["cpu decode"]["cpu_ms_per_photo"] > 5 * rows["readers, sha256-128"]["cpu_ms_per_photo"]
 
 
-def test_the_gpu_rows_time_nvjpeg_in_groups_and_the_whole_decoder(tmp_path, monkeypatch):
-    """What --device cuda adds, run here with the tests' Pillow stand-in for nvJPEG on the CPU."""
+def test_the_gpu_rows_time_each_library_in_groups_and_the_whole_decoder(tmp_path, monkeypatch):
+    """What --device cuda adds, run here with the tests' Pillow stand-in for the libraries on the CPU."""
     import torch
 
     from altsearch import gpudecode
@@ -44,21 +44,33 @@ def test_the_gpu_rows_time_nvjpeg_in_groups_and_the_whole_decoder(tmp_path, monk
     from tests.photos import save_photo
     from tests.test_gpudecode import pillow_as_nvjpeg
 
-    calls = []
+    calls = {"nvimgcodec": [], "torchvision": []}
 
-    def nvjpeg(tensors, device):
-        calls.append(len(tensors))
-        return pillow_as_nvjpeg(tensors, device)
+    def library(name):
+        def decode(datas, device):
+            calls[name].append(len(datas))
+            return pillow_as_nvjpeg(datas, device)
 
-    monkeypatch.setattr(gpudecode, "_nvjpeg", lambda: nvjpeg)
+        return gpudecode.JpegLibrary(name, decode)
+
+    libraries = {name: library(name) for name in calls}
+    monkeypatch.setattr(gpudecode, "jpeg_library", libraries.get)
     monkeypatch.setattr(gpudecode, "gpu_decode_unavailable", lambda device, cfg, load=True: None)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     paths = [str(save_photo(tmp_path / f"p{i}.jpg", i, size=(640, 480))) for i in range(10)]
     with bench_script("bench_decode") as bench:
         rows = bench.gpu_rows(PreprocessConfig(), paths, "cpu")
+    expected = []
+    for name in ("nvimgcodec", "torchvision"):
+        expected += [(f"{name} alone", f"groups of {g}") for g in (64, 32, 1)]
+        expected.append((f"GPU decoder, whole, {name}", "1 reader thread, groups of 64"))
     assert [(r["stage"], r["setting"]) for r in rows] == [
-        ("nvJPEG alone", "groups of 32"), ("nvJPEG alone", "groups of 8"), ("nvJPEG alone", "groups of 1"),
-        ("GPU decoder, whole", rows[3]["setting"])]
+        (s, rows[i]["setting"] if "whole" in s else t) for i, (s, t) in enumerate(expected)]
     assert all(r["photos"] == 10 and r["photos_per_s"] > 0 for r in rows)
-    # each row: a warm-up on two photos, then all ten in its groups
-    assert calls[:6] == [2, 10, 2, 8, 2, 1]
+    # each row: a warm-up on two photos, then all ten in its groups (64, 32, 1); then the whole decoder
+    for name in calls:
+        assert calls[name] == [2, 10, 2, 10] + [1] * 12 + [2, 10]
+    monkeypatch.setattr(gpudecode, "jpeg_library", {"torchvision": libraries["torchvision"]}.get)
+    with bench_script("bench_decode") as bench:
+        assert [r["stage"] for r in bench.gpu_rows(PreprocessConfig(), paths, "cpu")][-1] == \
+            "GPU decoder, whole, torchvision"  # only the libraries that load

@@ -69,3 +69,15 @@ def test_links_to_headings_lead_somewhere():
             if not linked.is_file() or anchor not in _anchors(linked.read_text(encoding="utf-8")):
                 broken.append(f"{doc.relative_to(ROOT)}: {target}#{anchor}")
     assert broken == []
+
+
+def test_every_extra_the_docs_name_exists():
+    """`pip install "altsearch[gpu]"`, `.[nvimgcodec-cu13]`, ...: a misspelt extra installs nothing, silently."""
+    tomllib = pytest.importorskip("tomllib")
+    defined = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    named = set()
+    for doc in DOCS:
+        for group in re.findall(r"(?:altsearch|`\.|\"\.)\[([\w,-]+)\]", doc.read_text(encoding="utf-8")):
+            named.update(group.split(","))
+    assert {"gpu", "nvimgcodec-cu13", "dev"} <= named
+    assert named <= defined, named - defined

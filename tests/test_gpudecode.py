@@ -1,10 +1,11 @@
 """GPU JPEG decoding (altsearch.gpudecode) without a GPU.
 
-nvJPEG itself needs CUDA and torchvision; these tests stand in for it with a Pillow decode to
-tensors on the CPU that, like nvJPEG, ignores EXIF orientation and refuses a group that holds a bad
-file. Everything around it is the real code: reading and hashing, the header probe that routes files
-to the GPU or the CPU, EXIF orientation, the reduction, resize and crop on tensors, the per-file
-fallback, and ingestion with tensor crops.
+The JPEG libraries (nvImageCodec, torchvision's nvJPEG) need CUDA; these tests stand in for them with
+a Pillow decode to tensors on the CPU that, like them, ignores EXIF orientation and gives None for a
+file it cannot decode (torchvision's whole-group refusal is tested on its adapter). Everything around
+it is the real code: reading and hashing, the header probe that routes files to the GPU or the CPU,
+the decoding thread and the order of the results, EXIF orientation, the reduction, resize and crop on
+tensors, the per-file fallback, the choice of library, and ingestion with tensor crops.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -22,25 +25,38 @@ from PIL import ExifTags, Image, ImageOps
 from altsearch import Engine, gpudecode
 from altsearch.decode import HASH_KINDS, DecodePool, decode_one, hash_file
 from altsearch.errors import AltsearchError
-from altsearch.gpudecode import GpuDecoder, choose_decoder, draft_step, orient, resize_crop_tensor
+from altsearch.gpudecode import (
+    GpuDecoder,
+    JpegLibrary,
+    as_tensors,
+    choose_decoder,
+    draft_step,
+    one_by_one_on_failure,
+    orient,
+    resize_crop_tensor,
+)
 from altsearch.model.preprocess import PreprocessConfig, resize_crop
 from tests.photos import photo
 
 CFG = PreprocessConfig()
 
 
-def pillow_as_nvjpeg(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """What nvJPEG returns, made with Pillow: RGB (3, H, W) uint8, EXIF orientation not applied, and a
-    RuntimeError for the whole group when one file does not decode."""
-    out = []
-    for t in tensors:
+def pillow_as_nvjpeg(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+    """What a GPU JPEG library returns, made with Pillow: RGB (3, H, W) uint8, EXIF orientation not
+    applied, None for a file that does not decode."""
+    out: list[torch.Tensor | None] = []
+    for data in datas:
         try:
-            with Image.open(io.BytesIO(t.numpy().tobytes())) as im:
+            with Image.open(io.BytesIO(data)) as im:
                 rgb = np.asarray(im.convert("RGB"))
-        except OSError as exc:
-            raise RuntimeError(f"nvjpeg: {exc}") from exc
+        except OSError:
+            out.append(None)
+            continue
         out.append(torch.from_numpy(rgb.copy()).permute(2, 0, 1).to(device))
     return out
+
+
+STAND_IN = JpegLibrary("stand-in", pillow_as_nvjpeg)
 
 
 def jpeg(path: Path, size=(640, 480), seed: int = 0, **save) -> Path:
@@ -155,7 +171,7 @@ def test_every_file_gets_the_cpu_path_s_verdict_hash_and_metadata(folder, hash_k
     assert stats == {"gpu": 3, "cpu": 5}  # png, cmyk, truncated, trailer, garbage (its header fails the probe)
 
 
-def test_nvjpeg_is_handed_the_bytes_read_without_a_copy(folder, monkeypatch):
+def test_the_library_is_handed_the_bytes_read_without_a_copy(folder, monkeypatch):
     """A copy of each 2.4 MB photo cost 1.4 ms in the thread that feeds the GPU."""
     read, handed = [], []
     real_read = gpudecode.read_file
@@ -165,50 +181,230 @@ def test_nvjpeg_is_handed_the_bytes_read_without_a_copy(folder, monkeypatch):
         read.append(data)
         return data
 
-    def decode(tensors, device):
-        handed.extend(t.data_ptr() for t in tensors)
-        return pillow_as_nvjpeg(tensors, device)
+    def decode(datas, device):
+        handed.extend(datas)
+        return pillow_as_nvjpeg(datas, device)
 
     monkeypatch.setattr(gpudecode, "read_file", read_file)
     with GpuDecoder(CFG, "cpu", decode_jpeg=decode, group=4, draft=448) as dec:
         assert all(d.ok for d in dec.imap([str(folder["plain"]), str(folder["rotated"])]))
-    assert handed and set(handed) <= {np.frombuffer(b, np.uint8).ctypes.data for b in read}
+    assert len(handed) == 2 and all(any(h is r for r in read) for h in handed)
 
 
-def test_handing_nvjpeg_read_only_bytes_shows_no_warning(folder):
+def test_torchvision_gets_tensors_over_the_bytes_without_a_copy_or_a_warning(folder):
     """torch warns about a tensor over read-only memory; the decoder knows nothing writes to it."""
-    code = ("import sys, warnings; warnings.simplefilter('error'); "
-            "from tests.test_gpudecode import CFG, GpuDecoder, pillow_as_nvjpeg; "
-            "dec = GpuDecoder(CFG, 'cpu', decode_jpeg=pillow_as_nvjpeg, group=2, draft=448); "
-            "assert all(d.ok for d in dec.imap(sys.argv[1:])), 'not decoded'")
+    code = ("import sys, warnings; warnings.simplefilter('error'); import numpy as np; "
+            "from altsearch.gpudecode import as_tensors; "
+            "datas = [open(p, 'rb').read() for p in sys.argv[1:]]; tensors = as_tensors(datas); "
+            "assert [t.data_ptr() for t in tensors] == [np.frombuffer(d, np.uint8).ctypes.data for d in datas]; "
+            "assert [t.numpy().tobytes() for t in tensors] == datas")
     done = subprocess.run([sys.executable, "-c", code, str(folder["plain"]), str(folder["rotated"])],
                           capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_a_file_nvjpeg_refuses_is_decoded_alone_on_the_cpu(folder, monkeypatch):
-    """A JPEG whose header reads well but whose data nvJPEG rejects breaks its group: the others are
-    decoded one by one on the GPU, and that one gets the CPU's verdict."""
+def test_a_group_refused_whole_is_retried_file_by_file():
+    """torchvision refuses a whole group for one bad file: the others are decoded one by one."""
+    calls = []
+
+    def whole_group(datas, device):
+        calls.append(len(datas))
+        if b"bad" in datas:
+            raise RuntimeError("nvjpeg: bad data")
+        return [torch.full((3, 2, 2), len(d), dtype=torch.uint8) for d in datas]
+
+    out = one_by_one_on_failure(whole_group)([b"a", b"bad", b"ccc", b"dddd"], torch.device("cpu"))
+    assert calls == [4, 1, 1, 1, 1]
+    assert [None if t is None else int(t[0, 0, 0]) for t in out] == [1, None, 3, 4]
+    assert one_by_one_on_failure(whole_group)([b"a", b"bb"], torch.device("cpu"))[1][0, 0, 0] == 2
+    assert calls[-1] == 2  # a good group is one call
+
+
+def test_a_file_the_library_refuses_is_decoded_on_the_cpu(folder):
+    """A JPEG whose header reads well but whose data the library rejects gets the CPU's verdict; the
+    rest of its group stays on the GPU."""
     bad = folder["plain"].with_name("bad-data.jpg")
     data = bytearray(folder["plain"].read_bytes())
     data[len(data) // 2:len(data) // 2 + 64] = b"\x00" * 64
     bad.write_bytes(bytes(data))
-    calls = []
 
-    def refuse_bad(tensors, device):
-        calls.append(len(tensors))
-        if any(t.numpy().tobytes() == bytes(data) for t in tensors):
-            raise RuntimeError("nvjpeg: bad data")
-        return pillow_as_nvjpeg(tensors, device)
+    def refuse_bad(datas, device):
+        out = pillow_as_nvjpeg(datas, device)
+        return [None if d == bytes(data) else t for d, t in zip(datas, out)]
 
     paths = [folder["plain"], bad, folder["grey"], folder["rotated"]]
     with GpuDecoder(CFG, "cpu", decode_jpeg=refuse_bad, group=4, draft=448) as dec:
         got = {Path(d.path).name: d for d in dec.imap(map(str, paths))}
-    assert calls == [4, 1, 1, 1, 1]
-    assert isinstance(got["plain.jpg"].pixels, torch.Tensor) and isinstance(got["rotated.jpg"].pixels, torch.Tensor)
+        stats = dict(dec.stats)
+    assert all(isinstance(got[n].pixels, torch.Tensor) for n in ("plain.jpg", "grey.jpg", "rotated.jpg"))
     expected = decode_one(bad, CFG)
     assert (got["bad-data.jpg"].error, got["bad-data.jpg"].content_hash) == (expected.error, expected.content_hash)
     assert not isinstance(got["bad-data.jpg"].pixels, torch.Tensor)
+    assert stats == {"gpu": 3, "cpu": 1}
+
+
+def _expected_order(names: list[str], group: int, on_gpu) -> list[str]:
+    """The order imap promises: a file for the CPU where it is read, a group where its last file is."""
+    order, pending = [], []
+    for name in names:
+        if on_gpu(name):
+            pending.append(name)
+            if len(pending) == group:
+                order += pending
+                pending = []
+        else:
+            order.append(name)
+    return order + pending
+
+
+def test_results_come_in_a_fixed_order_however_long_groups_take(folder, tmp_path):
+    """Groups decode in a thread of their own, ahead of the caller; the order of the results depends on
+    the paths alone, never on timing (a model batch is made of them, and its vectors depend on it)."""
+    d = tmp_path / "mixed"
+    d.mkdir()
+    names = []
+    for i in range(11):
+        if i % 4 == 3:
+            photo(i, (96, 64)).save(d / f"{i:02}.png", "PNG")
+            names.append(f"{i:02}.png")
+        else:
+            jpeg(d / f"{i:02}.jpg", (96, 64), seed=i)
+            names.append(f"{i:02}.jpg")
+    rng = np.random.default_rng(0)
+
+    def slow(datas, device):
+        time.sleep(float(rng.uniform(0, 0.05)))
+        return pillow_as_nvjpeg(datas, device)
+
+    runs = []
+    for readers in (1, 3, 3):
+        with GpuDecoder(CFG, "cpu", decode_jpeg=slow, group=3, readers=readers, draft=448) as dec:
+            runs.append([Path(x.path).name for x in dec.imap(str(d / n) for n in names)])
+    assert runs[0] == runs[1] == runs[2] == _expected_order(names, 3, lambda n: n.endswith(".jpg"))
+
+
+def test_groups_are_decoded_while_the_caller_works_on_earlier_ones(tmp_path):
+    d = tmp_path / "jpegs"
+    d.mkdir()
+    paths = [str(jpeg(d / f"{i}.jpg", (96, 64), seed=i)) for i in range(8)]
+    calls = []
+
+    def counting(datas, device):
+        calls.append(len(datas))
+        if len(calls) == 1:
+            time.sleep(0.3)  # meanwhile the reads come in, and the next groups are handed over
+        return pillow_as_nvjpeg(datas, device)
+
+    with GpuDecoder(CFG, "cpu", decode_jpeg=counting, group=2, readers=2, draft=448, groups_ahead=2) as dec:
+        results = dec.imap(paths)
+        first = next(results)  # the caller holds the first group's results ...
+        deadline = time.monotonic() + 10
+        while len(calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(calls) == 3  # ... while the next groups decode, no more than groups_ahead beyond it
+        time.sleep(0.1)
+        assert len(calls) == 3
+        rest = list(results)
+    assert [Path(p).name for p in [first.path] + [r.path for r in rest]] == [Path(p).name for p in paths]
+    assert calls == [2, 2, 2, 2]
+
+
+def test_the_library_is_chosen_by_the_environment_variable(monkeypatch):
+    loaded = {"nvimgcodec": None, "torchvision": JpegLibrary("torchvision", pillow_as_nvjpeg)}
+    monkeypatch.setattr(gpudecode, "jpeg_library", lambda name: loaded[name])
+    monkeypatch.delenv(gpudecode.LIBRARY_ENV, raising=False)
+    assert gpudecode._libraries() == ("nvimgcodec", "torchvision")
+    assert gpudecode._gpu_jpeg().name == "torchvision"  # nvImageCodec first, when it loads
+    loaded["nvimgcodec"] = JpegLibrary("nvimgcodec", pillow_as_nvjpeg)
+    assert gpudecode._gpu_jpeg().name == "nvimgcodec"
+    monkeypatch.setenv(gpudecode.LIBRARY_ENV, "TorchVision")
+    assert gpudecode._gpu_jpeg().name == "torchvision"
+    monkeypatch.setenv(gpudecode.LIBRARY_ENV, "nvimgcodec")
+    loaded["nvimgcodec"] = None
+    assert gpudecode._gpu_jpeg() is None  # the one named, or none
+    with pytest.raises(RuntimeError, match="needs nvImageCodec or torchvision"):
+        GpuDecoder(CFG, "cpu")
+    monkeypatch.setenv(gpudecode.LIBRARY_ENV, "pillow")
+    with pytest.raises(ValueError, match="ALTSEARCH_GPU_JPEG must be one of nvimgcodec, torchvision"):
+        gpudecode._gpu_jpeg()
+
+
+FAKE_NVIMGCODEC = """
+import os, torch
+
+os.write(2, {said!r})
+
+
+class DecodeParams:
+    def __init__(self, **kw):
+        self.kw = kw
+
+
+class ColorSpec:
+    SRGB = "srgb"
+
+
+class SampleFormat:
+    P_RGB = "planar rgb"
+
+
+HW_GPU_ONLY, HYBRID_CPU_GPU = "hardware", "hybrid"
+
+
+class Backend:
+    def __init__(self, kind):
+        self.kind = kind
+
+
+class CodeStream:
+    def __init__(self, data):
+        self.data = data
+
+
+class Decoder:
+    made = []
+
+    def __init__(self, device_id, backends):
+        Decoder.made.append((device_id, [b.kind for b in backends]))
+        self.device_id = device_id
+
+    def decode(self, streams, params, cuda_stream):
+        assert params.kw == dict(apply_exif_orientation=False, color_spec="srgb", sample_format="planar rgb")
+        return [None if s.data == b"bad" else torch.full((3, 2, 2), len(s.data), dtype=torch.uint8)
+                for s in streams]
+"""
+
+
+def _fake_nvimgcodec(tmp_path, monkeypatch, said: bytes) -> None:
+    package = tmp_path / "fake" / "nvidia" / "nvimgcodec"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(FAKE_NVIMGCODEC.format(said=said))
+    nvidia = types.ModuleType("nvidia")  # another package may already own the name nvidia
+    nvidia.__path__ = [str(package.parent)]
+    monkeypatch.setitem(sys.modules, "nvidia", nvidia)
+    monkeypatch.delitem(sys.modules, "nvidia.nvimgcodec", raising=False)
+
+
+def test_nvimgcodec_adapter_decodes_a_group_and_keeps_its_chatter_off_the_terminal(tmp_path, monkeypatch,
+                                                                                  capfd, caplog):
+    """nvImageCodec prints a paragraph per optional codec library it lacks; that goes to the debug log."""
+    caplog.set_level("DEBUG", logger="altsearch.gpudecode")
+    _fake_nvimgcodec(tmp_path, monkeypatch, b"Failed to load nvjpeg2k library! Please install nvJPEG2000\n")
+    decode = gpudecode._load_nvimgcodec()
+    assert decode is not None
+    out = decode([b"a", b"bad", b"ccc"], torch.device("cpu"))
+    assert [None if t is None else int(t[0, 0, 0]) for t in out] == [1, None, 3]
+    decode([b"dd"], torch.device("cpu"))
+    # one decoder per device, kept; the hardware decoders first, then CUDA with the CPU's Huffman decoding
+    assert sys.modules["nvidia.nvimgcodec"].Decoder.made == [(0, ["hardware", "hybrid"])]
+    assert "nvjpeg2k" not in capfd.readouterr().err
+    assert "nvImageCodec: Failed to load nvjpeg2k library" in caplog.text
+
+
+def test_nvimgcodec_without_nvjpeg_is_passed_over_with_a_warning(tmp_path, monkeypatch, caplog):
+    _fake_nvimgcodec(tmp_path, monkeypatch, b"Failed to load nvjpeg library! Please install CUDA toolkit\n")
+    assert gpudecode._load_nvimgcodec() is None
+    assert "finds no nvJPEG" in caplog.text
 
 
 def test_decode_choice():
@@ -229,7 +425,7 @@ def test_engine_refuses_gpu_decoding_on_a_cpu_model(tiny_checkpoint, tmp_path, f
 
 def test_ingestion_with_gpu_decoding_indexes_what_cpu_decoding_does(tiny_checkpoint, tmp_path, folder, monkeypatch):
     """The whole run with the stand-in: the same files indexed and failed, vectors within decoding noise."""
-    monkeypatch.setattr(gpudecode, "_nvjpeg", lambda: pillow_as_nvjpeg)
+    monkeypatch.setattr(gpudecode, "_gpu_jpeg", lambda: STAND_IN)
     monkeypatch.setattr(gpudecode, "gpu_decode_unavailable", lambda device, cfg, load=True: None)
     reports, vectors = {}, {}
     for way in ("cpu", "gpu"):
@@ -251,7 +447,7 @@ def test_auto_decodes_on_the_gpu_only_for_enough_files(tiny_checkpoint, tmp_path
     """Starting nvJPEG takes seconds: "auto" keeps a small run on the CPU."""
     from altsearch import ingest
 
-    monkeypatch.setattr(gpudecode, "_nvjpeg", lambda: pillow_as_nvjpeg)
+    monkeypatch.setattr(gpudecode, "_gpu_jpeg", lambda: STAND_IN)
     monkeypatch.setattr(gpudecode, "gpu_decode_unavailable", lambda device, cfg, load=True: None)
     used = []
     for minimum in (len(folder) + 1, len(folder) - 1):
@@ -265,7 +461,7 @@ def test_auto_looks_for_torchvision_without_importing_it(monkeypatch):
     """Importing torchvision takes seconds: "auto" only looks for it; "gpu" imports it at once."""
     imported = []
     monkeypatch.setattr(gpudecode.importlib.util, "find_spec", lambda name: object())
-    monkeypatch.setattr(gpudecode, "_nvjpeg", lambda: imported.append(1) or pillow_as_nvjpeg)
+    monkeypatch.setattr(gpudecode, "_gpu_jpeg", lambda: imported.append(1) or STAND_IN)
     cuda = torch.device("cuda")
     assert choose_decoder("auto", cuda, CFG) == "gpu" and imported == []
     assert choose_decoder("gpu", cuda, CFG) == "gpu" and imported == [1]
@@ -278,7 +474,7 @@ def test_auto_falls_back_to_the_cpu_when_torchvision_does_not_load(tiny_checkpoi
     from altsearch import ingest
 
     monkeypatch.setattr(gpudecode, "gpu_decode_unavailable", lambda device, cfg, load=True: None)
-    monkeypatch.setattr(gpudecode, "_nvjpeg", lambda: None)  # found, but its import fails
+    monkeypatch.setattr(gpudecode, "_gpu_jpeg", lambda: None)  # found, but its import fails
     monkeypatch.setattr(ingest, "GPU_DECODE_MIN", 1)
     with Engine.open(tmp_path / "idx", model=str(tiny_checkpoint), device="cpu") as engine:
         report = engine.index(folder["plain"].parent)
@@ -292,7 +488,7 @@ def test_a_run_stopped_mid_way_resumes_without_duplicates(tiny_checkpoint, tmp_p
     """The GPU decoder's reader threads and groups in flight change nothing of what a stopped run keeps."""
     from tests.photos import make_folder
 
-    monkeypatch.setattr(gpudecode, "_nvjpeg", lambda: pillow_as_nvjpeg)
+    monkeypatch.setattr(gpudecode, "_gpu_jpeg", lambda: STAND_IN)
     monkeypatch.setattr(gpudecode, "gpu_decode_unavailable", lambda device, cfg, load=True: None)
     photos = tmp_path / "photos"
     make_folder(photos, 12)
