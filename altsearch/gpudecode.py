@@ -460,8 +460,10 @@ class GpuDecoder:
     def _decode_group(self, group: list[_Jpeg]) -> list[Decoded]:
         """The group's files decoded: on the GPU, and on the CPU those the library refused or whose shape
         the CPU path windows."""
-        images = [x.expand(3, -1, -1) if x is not None and x.shape[0] == 1 else x
-                  for x in self._decode_jpeg([j.data for j in group], self.device)]
+        images = list(self._decode_jpeg([j.data for j in group], self.device))
+        if len(images) != len(group):  # a file left out would be lost without a trace
+            raise RuntimeError(f"the {self.library} JPEG decoder gave {len(images)} images for {len(group)} files")
+        images = [x.expand(3, -1, -1) if x is not None and x.shape[0] == 1 else x for x in images]
         crops: list[torch.Tensor | None] = [None] * len(group)
         alike: dict[tuple, list[int]] = {}  # the same size and orientation: resized together
         for n, (jpeg, image) in enumerate(zip(group, images)):

@@ -292,7 +292,7 @@ def test_groups_are_decoded_while_the_caller_works_on_earlier_ones(tmp_path):
     def counting(datas, device):
         calls.append(len(datas))
         if len(calls) == 1:
-            time.sleep(0.3)  # meanwhile the reads come in, and the next groups are handed over
+            time.sleep(1.0)  # meanwhile the reads come in, and the next groups are handed over
         return pillow_as_nvjpeg(datas, device)
 
     with GpuDecoder(CFG, "cpu", decode_jpeg=counting, group=2, readers=2, draft=448, groups_ahead=2) as dec:
@@ -307,6 +307,13 @@ def test_groups_are_decoded_while_the_caller_works_on_earlier_ones(tmp_path):
         rest = list(results)
     assert [Path(p).name for p in [first.path] + [r.path for r in rest]] == [Path(p).name for p in paths]
     assert calls == [2, 2, 2, 2]
+
+
+def test_a_library_that_loses_files_is_an_error_not_a_silent_loss(folder):
+    with GpuDecoder(CFG, "cpu", decode_jpeg=lambda datas, device: pillow_as_nvjpeg(datas, device)[1:],
+                    group=2, draft=448) as dec:
+        with pytest.raises(RuntimeError, match="gave 1 images for 2 files"):
+            list(dec.imap([str(folder["plain"]), str(folder["rotated"])]))
 
 
 def test_the_library_is_chosen_by_the_environment_variable(monkeypatch):
