@@ -33,6 +33,7 @@ import os
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -366,6 +367,7 @@ class GpuDecoder:
             self.library, self._decode_jpeg = library.name, library.decode
         log.debug("decoding JPEGs on %s with %s", self.device, self.library)
         self.stats = {"gpu": 0, "cpu": 0}  # files decoded each way (for tests and diagnostics)
+        self.waited = {"read": 0.0, "gpu": 0.0}  # seconds imap's caller waited for the readers, for groups
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None  # reader threads
         self._gpu: ThreadPoolExecutor | None = None  # the thread that decodes groups and resizes them
@@ -402,7 +404,9 @@ class GpuDecoder:
                     pending.append(self._pool.submit(self._read, os.fspath(path)))
                 if not pending:
                     break
+                t0 = time.perf_counter()
                 item = pending.popleft().result()
+                self.waited["read"] += time.perf_counter() - t0
                 if isinstance(item, Decoded):
                     out.append(item)
                 else:
@@ -410,10 +414,10 @@ class GpuDecoder:
                     if len(group) >= self.group:
                         out.append(self._gpu.submit(self._decode_group, group))
                         group = []
-                yield from _take_ready(out, self.groups_ahead)
+                yield from _take_ready(out, self.groups_ahead, self.waited)
             if group:
                 out.append(self._gpu.submit(self._decode_group, group))
-            yield from _take_ready(out, 0)
+            yield from _take_ready(out, 0, self.waited)
         finally:
             for future in [*pending, *out]:
                 if isinstance(future, Future):
@@ -488,16 +492,19 @@ class GpuDecoder:
         return decoded
 
 
-def _take_ready(out: deque, keep: int) -> Iterator[Decoded]:
+def _take_ready(out: deque, keep: int, waited: dict[str, float]) -> Iterator[Decoded]:
     """Yield from the head of ``out`` what is ready: files, and groups whose decoding is done; wait for
-    the head group while more than ``keep`` groups are in ``out``."""
+    the head group while more than ``keep`` groups are in ``out`` (counted in ``waited["gpu"]``)."""
     while out:
         head = out[0]
         if isinstance(head, Future):
             if not head.done() and sum(isinstance(e, Future) for e in out) <= keep:
                 return
             out.popleft()
-            yield from head.result()
+            t0 = time.perf_counter()
+            decoded = head.result()
+            waited["gpu"] += time.perf_counter() - t0
+            yield from decoded
         else:
             out.popleft()
             yield head

@@ -24,7 +24,8 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -48,6 +49,9 @@ from .store import HASH_META
 log = logging.getLogger(__name__)
 
 
+STAGES = ("decode", "model", "commit")
+
+
 @dataclass
 class IndexReport:
     """What one ``index`` run did. ``added + updated + moved + unchanged`` are images now indexed."""
@@ -65,6 +69,10 @@ class IndexReport:
     seconds: float = 0.0
     interrupted: bool = False
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run
+    waited: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    """Seconds the run's own thread spent on each stage of embedding, waiting for it or (where it runs in
+    that thread) doing it: "decode" (the next decoded file), "model" (a batch's vectors), "commit" (a
+    chunk written). Where one stage dwarfs the others, it bounds the run."""
 
     @property
     def images_per_second(self) -> float:
@@ -73,6 +81,7 @@ class IndexReport:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["failures"] = [{"path": p, "reason": r} for p, r in self.failures]
+        d["waited"] = {k: round(v, 3) for k, v in self.waited.items()}
         d["images_per_second"] = round(self.images_per_second, 2)
         d["seconds"] = round(self.seconds, 3)
         return d
@@ -324,7 +333,8 @@ class Ingestor:
         def collect() -> None:
             """Take the batch in the model: its vectors, and those of its files' twins."""
             done, future = in_model[0]
-            vecs = future.result()
+            with _waiting(report, "model"):
+                vecs = future.result()
             in_model.clear()
             report.embedded += len(done)
             for (w, d), v in zip(done, vecs):
@@ -338,7 +348,9 @@ class Ingestor:
             """Hand ``batch`` to the model; then take the previous batch, which ran while this one filled."""
             if not batch:
                 return
-            future = model.submit(self.model.encode_pixels, _stack([d.pixels for _, d in batch]))
+            pixels = _stack([d.pixels for _, d in batch])
+            with _waiting(report, "model"):  # in this thread when the model does not run in its own
+                future = model.submit(self.model.encode_pixels, pixels)
             if in_model:
                 collect()
             in_model.append((batch.copy(), future))
@@ -348,7 +360,7 @@ class Ingestor:
 
         with _Stage("altsearch-model", self.overlap) as model, decoder as pool:
             try:
-                for n, d in enumerate(pool.imap(list(by_path)), 1):
+                for n, d in enumerate(_timed(pool.imap(list(by_path)), report, "decode"), 1):
                     faults.point("decoded")
                     w = by_path[d.path]
                     if d.error is not None:
@@ -374,8 +386,11 @@ class Ingestor:
                         self.progress(Progress("embed", n, total, report))
                 flush()
             finally:
-                if in_model and in_model[0][1].exception() is None:  # waits for the model
-                    collect()
+                if in_model:
+                    with _waiting(report, "model"):
+                        failed = in_model[0][1].exception() is not None  # waits for the model
+                    if not failed:
+                        collect()
 
     def _decoder(self, files: int) -> tuple[str, object]:
         """Where this run decodes JPEGs ("cpu" or "gpu") and its decoder, for ``files`` to embed. "auto"
@@ -407,7 +422,8 @@ class Ingestor:
     def _commit_soon(self, report: IndexReport, save: bool) -> None:
         """Settle the writer's last chunk (written while this one filled), then hand it the finished rows."""
         self._settle_writing(report)
-        self._writing = self._writer.submit(self._write, *self._take(), save)
+        with _waiting(report, "commit"):  # in this thread when the writer does not run in its own
+            self._writing = self._writer.submit(self._write, *self._take(), save)
         if self._writing.done():
             self._settle_writing(report)
         self._last_commit = time.monotonic()
@@ -418,7 +434,9 @@ class Ingestor:
         """Wait for the writer's chunk and count it in the report (its error raises here)."""
         future, self._writing = self._writing, None
         if future is not None:
-            _count(report, future.result())
+            with _waiting(report, "commit"):
+                written = future.result()
+            _count(report, written)
 
     def _commit(self, report: IndexReport) -> None:
         """Commit the finished rows in this thread."""
@@ -468,6 +486,35 @@ def _stack(pixels: list) -> np.ndarray:
 
     device = next(p.device for p in pixels if isinstance(p, torch.Tensor))
     return torch.stack([p if isinstance(p, torch.Tensor) else torch.from_numpy(p).to(device) for p in pixels])
+
+
+@contextmanager
+def _waiting(report: IndexReport, stage: str) -> Iterator[None]:
+    """Add the time inside the block to ``report.waited[stage]``."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        report.waited[stage] += time.perf_counter() - t0
+
+
+def _timed(items: Iterable, report: IndexReport, stage: str) -> Iterator:
+    """``items`` one by one, the time spent getting each added to ``report.waited[stage]``."""
+    it = iter(items)
+    try:
+        while True:
+            with _waiting(report, stage):
+                item = next(it, _END)
+            if item is _END:
+                return
+            yield item
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
+_END = object()
 
 
 def _count(report: IndexReport, written: _Written) -> None:

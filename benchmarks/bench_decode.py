@@ -138,9 +138,13 @@ def gpu_rows(cfg, paths: list[str], device: str) -> list[dict]:
 
             rows.append(timed(f"{library.name} alone", f"groups of {group}", paths, alone, sync))
         with GpuDecoder(cfg, device, decode_jpeg=library.decode) as decoder:
-            rows.append(timed(f"GPU decoder, whole, {library.name}",
-                              f"{_plural(decoder.readers, 'reader thread')}, groups of {decoder.group}",
-                              paths, lambda part: sum(1 for d in decoder.imap(part) if d.ok), sync))
+            row = timed(f"GPU decoder, whole, {library.name}",
+                        f"{_plural(decoder.readers, 'reader thread')}, groups of {decoder.group}",
+                        paths, lambda part: sum(1 for d in decoder.imap(part) if d.ok), sync)
+        row["waited"] = dict(decoder.waited)  # warm-up included: which side the caller waited on
+        print(f"    its caller waited {decoder.waited['read']:.2f} s for the readers, "
+              f"{decoder.waited['gpu']:.2f} s for decoded groups", flush=True)
+        rows.append(row)
     return rows
 
 

@@ -19,8 +19,10 @@ fresh subprocess:
 images/s counts from the first file to the last vector (model loading excluded: it is printed
 separately, with one warm-up call: one blank image for the naive loop, a batch of the size indexing
 uses for altsearch, and on a GPU one photo through the GPU JPEG decoder, whose library starts on
-first use); "x naive" divides by the naive loop of the same run. The cosine column compares each file's altsearch vector (as the catalogue stores it, float16)
-with the naive loop's: reduced-size decoding and float16 storage make them differ slightly.
+first use); "x naive" divides by the naive loop of the same run. The cosine column compares each
+file's altsearch vector (as the catalogue stores it, float16) with the naive loop's: reduced-size
+decoding and float16 storage make them differ slightly. "waited" is ``IndexReport.waited``: the
+seconds the run's own thread spent on decoding, the model and the commits; the largest bounds it.
 
 Models: ``--model tiny`` (the tests' tiny random checkpoint: the model costs next to nothing, so the
 figures are the pipeline's ceiling; seconds), ``--model full`` (a random checkpoint of the full
@@ -184,11 +186,11 @@ def run_altsearch(job: dict) -> dict:
         decoder = f"gpu ({_gpu_jpeg().name})"
     return {"load_s": load_s, "seconds": seconds, "images": len(paths), "paths": paths, "vectors": vecs,
             "cpu_s": cpu_s, "threads": torch.get_num_threads(), "batch_size": job["batch_size"],
-            "workers": job["workers"], "decoder": decoder}
+            "workers": job["workers"], "decoder": decoder, "waited": report.waited}
 
 
 def _warm_gpu_decoder(model, photos: str) -> None:
-    """Start nvJPEG on one photo: importing torchvision and starting nvJPEG took ~6 s on the H100 host."""
+    """Start the GPU JPEG library on one photo: importing torchvision and starting nvJPEG took ~6 s on the H100 host."""
     from altsearch.decode import DEFAULT_DRAFT
     from altsearch.gpudecode import GpuDecoder, gpu_decode_unavailable
 
@@ -253,7 +255,7 @@ def summarise(results: dict[str, dict]) -> list[dict]:
                      "images_per_s": rate, "vs_naive": rate / base_rate,
                      "cpu_ms_per_image": 1e3 * r["cpu_s"] / r["images"],
                      "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
-                     "threads": r["threads"], "decoder": r.get("decoder", "cpu")})
+                     "threads": r["threads"], "decoder": r.get("decoder", "cpu"), "waited": r.get("waited")})
     return rows
 
 
@@ -266,17 +268,18 @@ def render(rows: list[dict], info: dict) -> str:
         f"photos: {info['images']} x {info['size']} JPEG q{info['quality']} ({info['mb_each']:.2f} MB each)",
         "",
         "| pipeline | JPEGs decoded on | images | load s | seconds | images/s | x naive | CPU ms/image "
-        "| cosine to naive min / mean |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| cosine to naive min / mean | waited s: decode / model / commit |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         label = LABELS[r["pipeline"]]
         if "skipped" in r:
-            lines.append(f"| {label} | | | | | | | | skipped: {r['skipped']} |")
+            lines.append(f"| {label} | | | | | | | | skipped: {r['skipped']} | |")
             continue
         cos = "1 (reference)" if r["pipeline"] == "naive" else f"{r['cosine_min']:.5f} / {r['cosine_mean']:.5f}"
+        waited = " / ".join(f"{r['waited'][k]:.2f}" for k in ("decode", "model", "commit")) if r["waited"] else ""
         lines.append(f"| {label} | {r['decoder'].replace('gpu', 'GPU').replace('cpu', 'CPU')} | {r['images']} | {r['load_s']:.1f} | {r['seconds']:.2f} | "
-                     f"{r['images_per_s']:.2f} | {r['vs_naive']:.2f} | {r['cpu_ms_per_image']:.0f} | {cos} |")
+                     f"{r['images_per_s']:.2f} | {r['vs_naive']:.2f} | {r['cpu_ms_per_image']:.0f} | {cos} | {waited} |")
     return "\n".join(lines)
 
 

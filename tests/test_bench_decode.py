@@ -67,6 +67,7 @@ def test_the_gpu_rows_time_each_library_in_groups_and_the_whole_decoder(tmp_path
     assert [(r["stage"], r["setting"]) for r in rows] == [
         (s, rows[i]["setting"] if "whole" in s else t) for i, (s, t) in enumerate(expected)]
     assert all(r["photos"] == 10 and r["photos_per_s"] > 0 for r in rows)
+    assert all(set(r["waited"]) == {"read", "gpu"} for r in rows if "whole" in r["stage"])
     # each row: a warm-up on two photos, then all ten in its groups (64, 32, 1); then the whole decoder
     for name in calls:
         assert calls[name] == [2, 10, 2, 10] + [1] * 12 + [2, 10]

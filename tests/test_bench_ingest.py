@@ -48,6 +48,7 @@ def test_tiny_run_prints_the_table_and_ratios(tmp_path):
     ours = rows["altsearch"]
     assert (ours["images"], rows["naive"]["images"]) == (3, 2) and ours["images_per_s"] > 0
     assert ours["decoder"] == "cpu"
+    assert set(ours["waited"]) == {"decode", "model", "commit"} and "waited s: decode / model / commit" in proc.stdout
     # the same weights, the same pictures: reduced-size decoding and float16 storage change little
     assert ours["cosine_min"] > 0.99
     int8 = rows["altsearch-int8"]

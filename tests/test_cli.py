@@ -42,6 +42,7 @@ def indexed(tmp_path, tiny_checkpoint, run):
     report = json.loads(run("index", photos, "--index", index, "--model", tiny_checkpoint, "--workers", "0",
                             "--json").stdout)
     assert report["added"] == 8 and report["failed"] == 0
+    assert set(report["waited"]) == {"decode", "model", "commit"} and report["waited"]["model"] > 0
     return index, photos
 
 

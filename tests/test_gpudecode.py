@@ -521,3 +521,27 @@ def test_a_run_stopped_mid_way_resumes_without_duplicates(tiny_checkpoint, tmp_p
         assert (second.added, second.unchanged, second.decoder) == (8, 4, "gpu")
         assert engine.stats()["images"] == engine.stats()["vectors"] == 12
         assert engine.check() == []
+
+
+def test_the_decoder_says_whether_its_caller_waited_for_readers_or_groups(tmp_path, monkeypatch):
+    d = tmp_path / "jpegs"
+    d.mkdir()
+    paths = [str(jpeg(d / f"{i}.jpg", (96, 64), seed=i)) for i in range(6)]
+
+    def slow_groups(datas, device):
+        time.sleep(0.2)
+        return pillow_as_nvjpeg(datas, device)
+
+    with GpuDecoder(CFG, "cpu", decode_jpeg=slow_groups, group=2, readers=2, draft=448) as dec:
+        assert len(list(dec.imap(paths))) == 6
+    assert dec.waited["gpu"] >= 0.45 > dec.waited["read"]
+    real_read = gpudecode.read_file
+
+    def slow_read(path):
+        time.sleep(0.1)
+        return real_read(path)
+
+    monkeypatch.setattr(gpudecode, "read_file", slow_read)
+    with GpuDecoder(CFG, "cpu", decode_jpeg=pillow_as_nvjpeg, group=2, readers=1, draft=448) as dec:
+        assert len(list(dec.imap(paths))) == 6
+    assert dec.waited["read"] >= 0.45 > dec.waited["gpu"]

@@ -180,3 +180,46 @@ def test_a_catalogue_hashed_with_an_unknown_kind_is_refused_before_anything_chan
         with pytest.raises(IndexStoreError, match="'xxh3-128', which this version of altsearch does not know"):
             engine.index(photos)
         assert _hashes(engine) == before
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])
+@pytest.mark.parametrize("slow", ["decode", "model", "commit"])
+def test_the_report_says_which_stage_the_run_waited_on(tmp_path, tiny_checkpoint, photos, monkeypatch, overlap, slow):
+    """IndexReport.waited: the stage made slow is the one the run's own thread spent its time on."""
+    from altsearch import ingest
+
+    delay = 0.05
+    if slow == "decode":
+        real = DecodePool.imap
+
+        def imap(self, paths):
+            for d in real(self, paths):
+                threading.Event().wait(delay)
+                yield d
+
+        monkeypatch.setattr(DecodePool, "imap", imap)
+    elif slow == "commit":
+        real_write = Ingestor._write
+
+        def write(self, *args):
+            threading.Event().wait(delay * 5)
+            return real_write(self, *args)
+
+        monkeypatch.setattr(Ingestor, "_write", write)
+    with Engine.open(tmp_path / "idx", model=str(tiny_checkpoint), device="cpu") as engine:
+        if slow == "model":
+            real_encode = engine.model.encode_pixels
+
+            def encode(pixels):
+                threading.Event().wait(delay * 5)
+                return real_encode(pixels)
+
+            monkeypatch.setattr(engine.model, "encode_pixels", encode)
+        report = Ingestor(engine.store, engine.model, workers=0, batch_size=2, chunk_size=3, overlap=overlap,
+                          commit_seconds=0).run(str(photos))
+    assert report.embedded == 12 and set(report.waited) == set(ingest.STAGES)
+    expected = {"decode": 15 * delay, "model": 6 * 5 * delay, "commit": 3 * 5 * delay}[slow]  # 15 files, 6 batches
+    assert report.waited[slow] >= 0.9 * expected
+    assert report.waited[slow] == max(report.waited.values())
+    assert sum(report.waited.values()) <= report.seconds
+    assert report.to_dict()["waited"] == {k: round(v, 3) for k, v in report.waited.items()}
