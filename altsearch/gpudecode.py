@@ -86,7 +86,7 @@ LIBRARY_ENV = "ALTSEARCH_GPU_JPEG"
 Unset: nvImageCodec when it is installed, else torchvision."""
 LIBRARIES = ("nvimgcodec", "torchvision")
 _MODULES = {"nvimgcodec": "nvidia.nvimgcodec", "torchvision": "torchvision"}
-INSTALL_HINT = 'pip install "altsearch[gpu]" (torchvision), or nvidia-nvimgcodec-cu13 for CUDA 13 (-cu12: CUDA 12)'
+INSTALL_HINT = 'pip install "altsearch[gpu]" (torchvision) or "altsearch[nvimgcodec-cu13]" (nvImageCodec; -cu12 for CUDA 12)'
 
 
 JpegDecoder = Callable[[list[bytes], torch.device], list["torch.Tensor | None"]]
