@@ -215,8 +215,8 @@ def test_the_report_says_which_stage_the_run_waited_on(tmp_path, tiny_checkpoint
                 return real_encode(pixels)
 
             monkeypatch.setattr(engine.model, "encode_pixels", encode)
-        report = Ingestor(engine.store, engine.model, workers=0, batch_size=2, chunk_size=3, overlap=overlap,
-                          commit_seconds=0).run(str(photos))
+        report = Ingestor(engine.store, engine.model, workers=0, batch_size=2, chunk_size=3,
+                          overlap=overlap).run(str(photos))
     assert report.embedded == 12 and set(report.waited) == set(ingest.STAGES)
     expected = {"decode": 15 * delay, "model": 6 * 5 * delay, "commit": 3 * 5 * delay}[slow]  # 15 files, 6 batches
     assert report.waited[slow] >= 0.9 * expected
