@@ -72,9 +72,14 @@ log = logging.getLogger(__name__)
 
 DECODE_CHOICES = ("auto", "cpu", "gpu")
 GROUP = 32
-"""JPEGs per decoding call. On an H100 the whole GPU decoder (readers, decoding, resizing) went through
-950 12 Mpx JPEGs/s in groups of 32 with nvImageCodec, and 790/s in groups of 64, where the hardware
-decoder took fewer of them; with torchvision about 700/s either way."""
+"""JPEGs per decoding call with one decoding thread. On an H100 the whole GPU decoder (readers, decoding,
+resizing) went through 950 12 Mpx JPEGs/s in groups of 32 with nvImageCodec's hardware decoding, and
+790/s in groups of 64, where the hardware decoder took fewer of them; with torchvision about 700/s
+either way."""
+GROUP_SHARED = 16
+"""JPEGs per decoding call with several decoding threads: smaller groups share the photos out more evenly
+between the hardware decoders' thread and the slower CUDA-and-CPU one, each taking the next group
+when it is free."""
 _GPU_MODES = frozenset({"RGB", "L"})  # what nvJPEG decodes to RGB; CMYK and YCCK JPEGs go to the CPU
 _EOI = b"\xff\xd9"  # JPEG end-of-image marker
 _DRAFT_STEPS = (8, 4, 2)  # libjpeg's reduced DCT scales
@@ -84,6 +89,9 @@ _RESIZE_CHUNK = 16  # images resized at once: 16 12-Mpx images as float32 take 2
 LIBRARY_ENV = "ALTSEARCH_GPU_JPEG"
 """Environment variable naming the library that decodes JPEGs on the GPU: "nvimgcodec" or "torchvision".
 Unset: nvImageCodec when it is installed, else torchvision."""
+THREADS_ENV = "ALTSEARCH_GPU_DECODING_THREADS"
+"""Environment variable giving the GPU decoder's decoding threads (1 to 8; unset: 1). With nvImageCodec a
+second thread decodes on CUDA and CPU threads beside the hardware decoders' (:class:`GpuDecoder`)."""
 LIBRARIES = ("nvimgcodec", "torchvision")
 _MODULES = {"nvimgcodec": "nvidia.nvimgcodec", "torchvision": "torchvision"}
 INSTALL_HINT = 'pip install "altsearch[gpu]" (torchvision) or "altsearch[nvimgcodec-cu13]" (nvImageCodec; -cu12 for CUDA 12)'
@@ -96,10 +104,19 @@ file that could not be decoded."""
 
 @dataclass(frozen=True)
 class JpegLibrary:
-    """A library that decodes JPEGs on the GPU: its name and its :data:`JpegDecoder`."""
+    """A library that decodes JPEGs on the GPU: its name, its :data:`JpegDecoder`, and decoders for more
+    decoding threads, which work beside the first on other parts of the machine."""
 
     name: str
     decode: JpegDecoder
+    beside: tuple[JpegDecoder, ...] = ()
+    """nvImageCodec: nvJPEG's CUDA decoding with Huffman decoding on CPU threads, beside the hardware
+    JPEG decoders (which bound an H100 host at ~950 12 Mpx photos/s); asked for with :data:`THREADS_ENV`."""
+
+    @property
+    def lanes(self) -> tuple[JpegDecoder, ...]:
+        """One decoder per decoding thread, the first thread's first."""
+        return (self.decode, *self.beside)
 
 
 def _libraries() -> tuple[str, ...]:
@@ -110,6 +127,16 @@ def _libraries() -> tuple[str, ...]:
     if chosen not in LIBRARIES:
         raise ValueError(f"{LIBRARY_ENV} must be one of {', '.join(LIBRARIES)}, got {chosen!r}")
     return (chosen,)
+
+
+def _decoding_threads() -> int:
+    """The decoding threads :data:`THREADS_ENV` asks for (1 when it is unset)."""
+    text = os.environ.get(THREADS_ENV, "").strip()
+    if not text:
+        return 1
+    if not text.isdigit() or not 1 <= int(text) <= 8:
+        raise ValueError(f"{THREADS_ENV} must be a whole number from 1 to 8, got {text!r}")
+    return int(text)
 
 
 def _installed(name: str) -> bool:
@@ -123,8 +150,8 @@ def _installed(name: str) -> bool:
 def jpeg_library(name: str) -> JpegLibrary | None:
     """The library ``name`` (one of :data:`LIBRARIES`), imported once per process; None when it does not
     load."""
-    decode = _load_nvimgcodec() if name == "nvimgcodec" else _load_torchvision()
-    return None if decode is None else JpegLibrary(name, decode)
+    lanes = _load_nvimgcodec() if name == "nvimgcodec" else _load_torchvision()
+    return None if not lanes else JpegLibrary(name, lanes[0], tuple(lanes[1:]))
 
 
 def _gpu_jpeg() -> JpegLibrary | None:
@@ -161,18 +188,18 @@ def as_tensors(datas: list[bytes]) -> list[torch.Tensor]:
         return [torch.frombuffer(d, dtype=torch.uint8) for d in datas]
 
 
-def _load_torchvision() -> JpegDecoder | None:
-    """torchvision's nvJPEG decoding, or None when torchvision does not import."""
+def _load_torchvision() -> list[JpegDecoder]:
+    """torchvision's nvJPEG decoding (one decoder), or none when torchvision does not import."""
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
     except (ImportError, RuntimeError, OSError) as exc:  # absent, or built for another torch
         log.debug("torchvision unavailable: %s", exc)
-        return None
+        return []
 
     def decode_group(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
         return decode_jpeg(as_tensors(datas), mode=ImageReadMode.RGB, device=device)
 
-    return one_by_one_on_failure(decode_group)
+    return [one_by_one_on_failure(decode_group)]
 
 
 @contextlib.contextmanager
@@ -200,42 +227,52 @@ def _stderr_to_log(what: str) -> Iterator[list[str]]:
                 log.debug("%s: %s", what, line)
 
 
-def _load_nvimgcodec() -> JpegDecoder | None:
-    """nvImageCodec's decoding, or None when it does not import or finds no nvJPEG. It spreads a group
-    over the GPU's hardware JPEG decoders and its CUDA cores; one decoder per device."""
+def _load_nvimgcodec() -> list[JpegDecoder]:
+    """nvImageCodec's decoders, or none when it does not import or finds no nvJPEG: the first sends
+    a group to the GPU's hardware JPEG decoders (A100, H100 and others have them), then what they cannot
+    take (progressive JPEGs; everything on GPUs without them) to nvJPEG's CUDA decoding with Huffman
+    decoding on the CPU; the second decodes on CUDA and CPU threads alone, for a thread beside the first."""
     os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "0")  # errors go to the log below, not the terminal
     try:
         with _stderr_to_log("nvImageCodec") as said:
             from nvidia import nvimgcodec
     except (ImportError, OSError, RuntimeError) as exc:
         log.debug("nvImageCodec unavailable: %s", exc)
-        return None
+        return []
     if any("Failed to load nvjpeg library" in line for line in said):
         log.warning("nvImageCodec is installed but finds no nvJPEG: install nvidia-nvjpeg (CUDA 13) or "
                     "nvidia-nvjpeg-cu12 (CUDA 12), or the CUDA toolkit")
-        return None
+        return []
     params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
                                      sample_format=nvimgcodec.SampleFormat.P_RGB)
-    # The hardware JPEG decoders first (A100, H100 and others have them), then nvJPEG's CUDA decoding
-    # with Huffman decoding on the CPU for what they cannot take (progressive JPEGs; GPUs without them).
-    backends = [nvimgcodec.Backend(nvimgcodec.HW_GPU_ONLY), nvimgcodec.Backend(nvimgcodec.HYBRID_CPU_GPU)]
-    decoders: dict[int, object] = {}
-    lock = threading.Lock()
+    hardware, hybrid = nvimgcodec.Backend(nvimgcodec.HW_GPU_ONLY), nvimgcodec.Backend(nvimgcodec.HYBRID_CPU_GPU)
+    lock = threading.Lock()  # also keeps two threads from swapping file descriptor 2 at once
 
-    def decode(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
-        on_cuda = device.type == "cuda"
-        index = device.index if device.index is not None else torch.cuda.current_device() if on_cuda else 0
-        with lock:
-            decoder = decoders.get(index)
-            if decoder is None:
-                with _stderr_to_log("nvImageCodec"):
-                    decoder = decoders[index] = nvimgcodec.Decoder(device_id=index, backends=backends)
-        streams = [nvimgcodec.CodeStream(d) for d in datas]  # no copy: the streams read the bytes
-        stream = torch.cuda.current_stream(device).cuda_stream if on_cuda else 0  # the results are ready on it
-        images = decoder.decode(streams, params=params, cuda_stream=stream)
-        return [None if im is None else torch.from_dlpack(im) for im in images]
+    def decoder_of(backends: list) -> JpegDecoder:
+        idle: dict[int, list] = {}  # device index -> decoders no thread is using (kept for the next run)
 
-    return decode
+        def decode(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+            on_cuda = device.type == "cuda"
+            index = device.index if device.index is not None else torch.cuda.current_device() if on_cuda else 0
+            with lock:  # a decoder serves one thread at a time
+                free = idle.setdefault(index, [])
+                if free:
+                    decoder = free.pop()
+                else:
+                    with _stderr_to_log("nvImageCodec"):
+                        decoder = nvimgcodec.Decoder(device_id=index, backends=backends)
+            try:
+                streams = [nvimgcodec.CodeStream(d) for d in datas]  # no copy: the streams read the bytes
+                stream = torch.cuda.current_stream(device).cuda_stream if on_cuda else 0  # results ready on it
+                images = decoder.decode(streams, params=params, cuda_stream=stream)
+                return [None if im is None else torch.from_dlpack(im) for im in images]
+            finally:
+                with lock:
+                    idle[index].append(decoder)
+
+        return decode
+
+    return [decoder_of([hardware, hybrid]), decoder_of([hybrid])]
 
 
 def gpu_decode_unavailable(device: torch.device, cfg: PreprocessConfig, *, load: bool = True) -> str | None:
@@ -243,6 +280,7 @@ def gpu_decode_unavailable(device: torch.device, cfg: PreprocessConfig, *, load:
     the libraries are only looked for, not imported (importing one takes seconds)."""
     if device.type != "cuda":
         return f"the model runs on {device.type}, not CUDA"
+    _decoding_threads()  # a bad setting fails before the scan, not when the decoder starts
     if not any(_installed(name) for name in _libraries()) or (load and _gpu_jpeg() is None):
         return f"no library for it is installed ({INSTALL_HINT})"
     if cfg.resample != Image.Resampling.BICUBIC or not (cfg.do_resize and cfg.do_center_crop):
@@ -344,33 +382,50 @@ class GpuDecoder:
     manager; :meth:`imap` has :class:`altsearch.decode.DecodePool`'s contract: one
     :class:`~altsearch.decode.Decoded` per path, bad files with ``error`` set, never raising for one.
 
-    ``decode_jpeg`` replaces the JPEG library (:func:`_gpu_jpeg`'s choice); ``groups_ahead``: groups
-    decoded, or decoding, while the caller still works on earlier ones."""
+    ``library`` replaces :func:`_gpu_jpeg`'s choice, and ``decode_jpeg`` the whole library with one
+    decoder; ``decoding_threads``: threads that decode groups at once, each on a CUDA stream of its own
+    and with a decoder of the library's :attr:`JpegLibrary.lanes` (the last one for threads beyond
+    them; default: :data:`THREADS_ENV`, else 1); ``group``: JPEGs per decoding call (default :data:`GROUP` with one decoding thread, else
+    :data:`GROUP_SHARED`); ``groups_ahead``: groups decoded, or decoding, per decoding thread while the
+    caller still works on earlier ones.
+
+    Which thread decodes a group depends on timing, and the hardware decoders and nvJPEG's CUDA decoding
+    round some pixels differently, so the vectors of two runs can differ in their last digits;
+    ``decoding_threads=1`` makes every run decode alike."""
 
     def __init__(self, cfg: PreprocessConfig, device: torch.device | str, *, readers: int | None = None,
-                 group: int = GROUP, draft: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 hash_kind: str = DEFAULT_HASH, decode_jpeg: JpegDecoder | None = None, groups_ahead: int = 2):
+                 group: int | None = None, draft: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 hash_kind: str = DEFAULT_HASH, library: JpegLibrary | None = None,
+                 decode_jpeg: JpegDecoder | None = None, decoding_threads: int | None = None, groups_ahead: int = 2):
         self.cfg = cfg
         self.device = torch.device(device)
         self.readers = readers or _default_readers()
-        self.group = group
-        self.groups_ahead = groups_ahead
         self.draft = draft  # for the files decoded on the CPU
         self.max_pixels = max_pixels
         self.hash_kind = check_hash_kind(hash_kind)  # an unknown kind fails here, not in every reader
         if decode_jpeg is not None:
-            self.library, self._decode_jpeg = "custom", decode_jpeg
-        else:
+            library = JpegLibrary("custom", decode_jpeg)
+        elif library is None:
             library = _gpu_jpeg()
             if library is None:
                 raise RuntimeError(f"decoding JPEGs on the GPU needs nvImageCodec or torchvision: {INSTALL_HINT}")
-            self.library, self._decode_jpeg = library.name, library.decode
-        log.debug("decoding JPEGs on %s with %s", self.device, self.library)
+        self.library, self._lanes = library.name, library.lanes
+        if decoding_threads is None:
+            decoding_threads = _decoding_threads()
+        if decoding_threads < 1:
+            raise ValueError(f"decoding_threads must be at least 1, got {decoding_threads}")
+        self.decoding_threads = decoding_threads
+        self.group = group or (GROUP if decoding_threads == 1 else GROUP_SHARED)
+        self.groups_ahead = groups_ahead * self.decoding_threads
+        log.debug("decoding JPEGs on %s with %s, %d decoding threads", self.device, self.library,
+                  self.decoding_threads)
         self.stats = {"gpu": 0, "cpu": 0}  # files decoded each way (for tests and diagnostics)
         self.waited = {"read": 0.0, "gpu": 0.0}  # seconds imap's caller waited for the readers, for groups
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None  # reader threads
-        self._gpu: ThreadPoolExecutor | None = None  # the thread that decodes groups and resizes them
+        self._gpu: ThreadPoolExecutor | None = None  # the threads that decode groups and resize them
+        self._local = threading.local()  # each decoding thread's decoder and CUDA stream
+        self._lanes_taken = 0
 
     def __enter__(self) -> GpuDecoder:
         return self
@@ -392,9 +447,10 @@ class GpuDecoder:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.readers, thread_name_prefix="altsearch-read")
         if self._gpu is None:
-            self._gpu = ThreadPoolExecutor(1, thread_name_prefix="altsearch-gpu-decode")
+            self._gpu = ThreadPoolExecutor(self.decoding_threads, thread_name_prefix="altsearch-gpu-decode")
         source = iter(paths)
-        ahead = 2 * self.group + self.readers  # read and waiting: two groups, and one per reader
+        ahead = (1 + self.decoding_threads) * self.group + self.readers  # read and waiting: a group per
+        # decoding thread and one more, and a file per reader
         pending: deque[Future] = deque()  # reads, in input order
         out: deque[Decoded | Future] = deque()  # what to yield next, in order: a file, or a group's future
         group: list[_Jpeg] = []
@@ -414,10 +470,10 @@ class GpuDecoder:
                     if len(group) >= self.group:
                         out.append(self._gpu.submit(self._decode_group, group))
                         group = []
-                yield from _take_ready(out, self.groups_ahead, self.waited)
+                yield from self._take_ready(out, self.groups_ahead)
             if group:
                 out.append(self._gpu.submit(self._decode_group, group))
-            yield from _take_ready(out, 0, self.waited)
+            yield from self._take_ready(out, 0)
         finally:
             for future in [*pending, *out]:
                 if isinstance(future, Future):
@@ -459,12 +515,64 @@ class GpuDecoder:
             self.stats["cpu"] += 1
         return decode_data(path, content_hash, data, self.cfg, self.draft, max_pixels=self.max_pixels)
 
-    # -- in the GPU thread ---------------------------------------------------------------------
+    def _take_ready(self, out: deque, keep: int) -> Iterator[Decoded]:
+        """Yield from the head of ``out`` what is ready: files, and groups whose decoding is done; wait for
+        the head group while more than ``keep`` groups are in ``out`` (counted in ``waited["gpu"]``).
 
-    def _decode_group(self, group: list[_Jpeg]) -> list[Decoded]:
+        A group's crops were made on its decoding thread's stream: the caller's stream waits for them
+        there (an event, no stall of this thread), and they are recorded as used on it, so that their
+        memory is not handed to the next group before the caller's work on them has run."""
+        while out:
+            head = out[0]
+            if isinstance(head, Future):
+                if not head.done() and sum(isinstance(e, Future) for e in out) <= keep:
+                    return
+                out.popleft()
+                t0 = time.perf_counter()
+                decoded, ready = head.result()
+                self.waited["gpu"] += time.perf_counter() - t0
+                if ready is not None:
+                    stream = torch.cuda.current_stream(self.device)
+                    stream.wait_event(ready)
+                    for d in decoded:
+                        if isinstance(d.pixels, torch.Tensor) and d.pixels.is_cuda:
+                            d.pixels.record_stream(stream)
+                yield from decoded
+            else:
+                out.popleft()
+                yield head
+
+    # -- in decoding threads -------------------------------------------------------------------
+
+    def _thread_setup(self) -> tuple[JpegDecoder, torch.cuda.Stream | None]:
+        """This decoding thread's decoder (the next lane of the library) and CUDA stream (None off CUDA):
+        its decoding and resizing do not queue behind the model's work on the default stream, nor the
+        model's behind them."""
+        setup = getattr(self._local, "setup", None)
+        if setup is None:
+            with self._lock:
+                lane = self._lanes[min(self._lanes_taken, len(self._lanes) - 1)]
+                self._lanes_taken += 1
+            stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+            setup = self._local.setup = (lane, stream)
+        return setup
+
+    def _decode_group(self, group: list[_Jpeg]) -> tuple[list[Decoded], torch.cuda.Event | None]:
+        """The group decoded by this thread's decoder on its stream, and an event recorded there once
+        its crops are made (None off CUDA)."""
+        decode_jpeg, stream = self._thread_setup()
+        with torch.cuda.stream(stream):  # a no-op for None
+            decoded = self._decode_on_stream(group, decode_jpeg)
+            if stream is None:
+                return decoded, None
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return decoded, ready
+
+    def _decode_on_stream(self, group: list[_Jpeg], decode_jpeg: JpegDecoder) -> list[Decoded]:
         """The group's files decoded: on the GPU, and on the CPU those the library refused or whose shape
         the CPU path windows."""
-        images = list(self._decode_jpeg([j.data for j in group], self.device))
+        images = list(decode_jpeg([j.data for j in group], self.device))
         if len(images) != len(group):  # a file left out would be lost without a trace
             raise RuntimeError(f"the {self.library} JPEG decoder gave {len(images)} images for {len(group)} files")
         images = [x.expand(3, -1, -1) if x is not None and x.shape[0] == 1 else x for x in images]
@@ -491,20 +599,3 @@ class GpuDecoder:
                 decoded.append(Decoded(jpeg.path, jpeg.content_hash, crop, jpeg.meta, None))
         return decoded
 
-
-def _take_ready(out: deque, keep: int, waited: dict[str, float]) -> Iterator[Decoded]:
-    """Yield from the head of ``out`` what is ready: files, and groups whose decoding is done; wait for
-    the head group while more than ``keep`` groups are in ``out`` (counted in ``waited["gpu"]``)."""
-    while out:
-        head = out[0]
-        if isinstance(head, Future):
-            if not head.done() and sum(isinstance(e, Future) for e in out) <= keep:
-                return
-            out.popleft()
-            t0 = time.perf_counter()
-            decoded = head.result()
-            waited["gpu"] += time.perf_counter() - t0
-            yield from decoded
-        else:
-            out.popleft()
-            yield head

@@ -121,8 +121,8 @@ def _inside_any(path: str, folders: set[str]) -> bool:
 GPU_DECODE_MIN = 2000
 """With ``decode="auto"``, JPEGs are decoded on the GPU only when at least this many files need embedding:
 starting GPU decoding (importing the library, starting nvJPEG) took ~6 s on an H100 host, where ingestion
-then ran at 417 photos/s against 169/s decoding on the CPU (now 523 against 181), so it pays from about
-1,700 photos on."""
+then ran at 417 photos/s against 169/s decoding on the CPU (now 692 against 193), so it pays from about
+1,700 photos on (now about 1,600)."""
 CPU_BATCH_SIZE = 16
 """Images per model batch on a CPU: per-batch overhead is small there, and the first chunk commits sooner."""
 CUDA_MAX_BATCH = 256

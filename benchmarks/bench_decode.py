@@ -137,9 +137,10 @@ def gpu_rows(cfg, paths: list[str], device: str) -> list[dict]:
                 return len(part)
 
             rows.append(timed(f"{library.name} alone", f"groups of {group}", paths, alone, sync))
-        with GpuDecoder(cfg, device, decode_jpeg=library.decode) as decoder:
+        with GpuDecoder(cfg, device, library=library) as decoder:
             row = timed(f"GPU decoder, whole, {library.name}",
-                        f"{_plural(decoder.readers, 'reader thread')}, groups of {decoder.group}",
+                        f"{_plural(decoder.readers, 'reader thread')}, "
+                        f"{_plural(decoder.decoding_threads, 'decoding thread')}, groups of {decoder.group}",
                         paths, lambda part: sum(1 for d in decoder.imap(part) if d.ok), sync)
         row["waited"] = dict(decoder.waited)  # warm-up included: which side the caller waited on
         print(f"    its caller waited {decoder.waited['read']:.2f} s for the readers, "

@@ -61,7 +61,7 @@ def test_the_gpu_rows_time_each_library_in_groups_and_the_whole_decoder(tmp_path
     with bench_script("bench_decode") as bench:
         rows = bench.gpu_rows(PreprocessConfig(), paths, "cpu")
     readers = gpudecode._default_readers()
-    whole = f"{readers} reader thread{'s' if readers > 1 else ''}, groups of {gpudecode.GROUP}"
+    whole = f"{readers} reader thread{'s' if readers > 1 else ''}, 1 decoding thread, groups of {gpudecode.GROUP}"
     expected = []
     for name in ("nvimgcodec", "torchvision"):
         expected += [(f"{name} alone", f"groups of {g}") for g in (64, 32, 1)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -309,6 +310,53 @@ def test_groups_are_decoded_while_the_caller_works_on_earlier_ones(tmp_path):
     assert calls == [2, 2, 2, 2]
 
 
+def test_two_lanes_share_the_groups_each_thread_with_its_own_decoder(tmp_path):
+    """A library's second lane decodes beside the first: each decoding thread keeps one lane's decoder,
+    a slow lane takes fewer groups than a fast one, and the results keep the order of the paths."""
+    d = tmp_path / "jpegs"
+    d.mkdir()
+    paths = [str(jpeg(d / f"{i:02}.jpg", (96, 64), seed=i)) for i in range(24)]
+    seen = {"slow": [], "fast": []}
+
+    def lane(name, pause):
+        def decode(datas, device):
+            seen[name].append((threading.get_ident(), len(datas)))
+            time.sleep(pause)
+            return pillow_as_nvjpeg(datas, device)
+        return decode
+
+    library = JpegLibrary("two lanes", lane("slow", 0.3), (lane("fast", 0.02),))
+    with GpuDecoder(CFG, "cpu", library=library, group=2, readers=2, draft=448, decoding_threads=2) as dec:
+        out = list(dec.imap(paths))
+    assert [x.path for x in out] == paths and all(x.ok for x in out)
+    assert sum(n for _, n in seen["slow"] + seen["fast"]) == 24
+    assert 1 <= len(seen["slow"]) < len(seen["fast"])
+    threads = {name: {t for t, _ in calls} for name, calls in seen.items()}
+    assert len(threads["slow"]) == len(threads["fast"]) == 1 and threads["slow"] != threads["fast"]
+
+
+def test_one_decoding_thread_unless_more_are_asked_for(monkeypatch):
+    monkeypatch.delenv(gpudecode.THREADS_ENV, raising=False)
+    library = JpegLibrary("two lanes", pillow_as_nvjpeg, (pillow_as_nvjpeg,))
+    with GpuDecoder(CFG, "cpu", library=library) as dec:
+        assert (dec.decoding_threads, dec.group, dec.groups_ahead) == (1, gpudecode.GROUP, 2)
+    with GpuDecoder(CFG, "cpu", library=library, decoding_threads=2) as dec:
+        assert (dec.decoding_threads, dec.group, dec.groups_ahead) == (2, gpudecode.GROUP_SHARED, 4)
+    with pytest.raises(ValueError, match="at least 1"):
+        GpuDecoder(CFG, "cpu", library=library, decoding_threads=0)
+    monkeypatch.setenv(gpudecode.THREADS_ENV, " 2 ")  # the setting a user can reach from the CLI
+    with GpuDecoder(CFG, "cpu", library=library) as dec:
+        assert (dec.decoding_threads, dec.group) == (2, gpudecode.GROUP_SHARED)
+    for bad in ("0", "two", "9", "-1"):
+        monkeypatch.setenv(gpudecode.THREADS_ENV, bad)
+        with pytest.raises(ValueError, match="ALTSEARCH_GPU_DECODING_THREADS must be a whole number from 1 to 8"):
+            GpuDecoder(CFG, "cpu", library=library)
+        # an index run refuses it before its scan, where the model is on CUDA
+        with pytest.raises(ValueError, match="from 1 to 8"):
+            gpudecode.gpu_decode_unavailable(torch.device("cuda"), CFG, load=False)
+    assert gpudecode.gpu_decode_unavailable(torch.device("cpu"), CFG) == "the model runs on cpu, not CUDA"
+
+
 def test_a_library_that_loses_files_is_an_error_not_a_silent_loss(folder):
     with GpuDecoder(CFG, "cpu", decode_jpeg=lambda datas, device: pillow_as_nvjpeg(datas, device)[1:],
                     group=2, draft=448) as dec:
@@ -397,20 +445,25 @@ def test_nvimgcodec_adapter_decodes_a_group_and_keeps_its_chatter_off_the_termin
     """nvImageCodec prints a paragraph per optional codec library it lacks; that goes to the debug log."""
     caplog.set_level("DEBUG", logger="altsearch.gpudecode")
     _fake_nvimgcodec(tmp_path, monkeypatch, b"Failed to load nvjpeg2k library! Please install nvJPEG2000\n")
-    decode = gpudecode._load_nvimgcodec()
-    assert decode is not None
+    lanes = gpudecode._load_nvimgcodec()
+    assert len(lanes) == 2
+    decode, beside = lanes
     out = decode([b"a", b"bad", b"ccc"], torch.device("cpu"))
     assert [None if t is None else int(t[0, 0, 0]) for t in out] == [1, None, 3]
     decode([b"dd"], torch.device("cpu"))
     # one decoder per device, kept; the hardware decoders first, then CUDA with the CPU's Huffman decoding
-    assert sys.modules["nvidia.nvimgcodec"].Decoder.made == [(0, ["hardware", "hybrid"])]
+    made = sys.modules["nvidia.nvimgcodec"].Decoder.made
+    assert made == [(0, ["hardware", "hybrid"])]
+    # the second lane decodes on CUDA and the CPU alone, with a decoder of its own
+    assert [None if t is None else int(t[0, 0, 0]) for t in beside([b"ee", b"bad"], torch.device("cpu"))] == [2, None]
+    assert made == [(0, ["hardware", "hybrid"]), (0, ["hybrid"])]
     assert "nvjpeg2k" not in capfd.readouterr().err
     assert "nvImageCodec: Failed to load nvjpeg2k library" in caplog.text
 
 
 def test_nvimgcodec_without_nvjpeg_is_passed_over_with_a_warning(tmp_path, monkeypatch, caplog):
     _fake_nvimgcodec(tmp_path, monkeypatch, b"Failed to load nvjpeg library! Please install CUDA toolkit\n")
-    assert gpudecode._load_nvimgcodec() is None
+    assert gpudecode._load_nvimgcodec() == []
     assert "finds no nvJPEG" in caplog.text
 
 
