@@ -11,7 +11,7 @@ camera JPEGs (an H100 in bf16: ~2,300 images/s; a 16-core host with reduced-size
   hardware JPEG decoders, when it is installed, else torchvision's ``decode_jpeg``), turned as their
   EXIF orientation says, reduced by whole-pixel averaging to the scale a CPU draft decode would use,
   then resized (bicubic, antialiased) and centre-cropped on the GPU (:func:`resize_crop_tensor`),
-  in a thread of their own while the caller takes earlier results;
+  in a decoding thread with a CUDA stream of its own while the caller takes earlier results;
 - everything else (PNG, HEIC, CMYK JPEGs, JPEGs with data after their end marker, and any JPEG the
   library refuses) is decoded on the CPU by the same code as :mod:`altsearch.decode`, so a corrupt
   file gets the same one-line reason either way.
@@ -442,8 +442,8 @@ class GpuDecoder:
     def imap(self, paths: Iterable[str | os.PathLike[str]]) -> Iterator[Decoded]:
         """Decoded files in a fixed order (for the same paths and files, always the same): a file the
         CPU decodes as soon as it is read, a JPEG with the rest of its group. Reader threads read,
-        hash and probe ahead; one more thread decodes and resizes groups while the caller takes the
-        results of earlier ones."""
+        hash and probe ahead; the decoding threads (one by default) decode and resize groups while
+        the caller takes the results of earlier ones."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.readers, thread_name_prefix="altsearch-read")
         if self._gpu is None:
