@@ -84,12 +84,13 @@ GPU_MAX_K = 2048  # FAISS GPU k-selection limit (also bounds nprobe)
 REBUILD_GROWTH = 4.0  # rebuild an IVF whose size moved this factor away from its build size
 HEADER_FORMAT = 1
 _HASH_CHUNK = 1 << 22
-# Vectors read from the catalogue per step while a flat index is built (0.7 s for 100k x 768, as
-# with any batch from 2k to 128k). Measured at 100k x 768, the process kept the least memory
-# resident after the build with this one: 310 MB, against 375 MB with 8192 and 400 MB with 65536
-# (freed but fragmented heap; a decoded batch of 16384 x 768 float32 is 50 MB, which glibc maps and
-# unmaps on its own).
-_FLAT_READ_BATCH = 16384
+# Vectors read from the catalogue per step while an index is built: a flat index adds them, an IVF
+# adds them and scores its probe queries against them. A flat build of 100k x 768 took 0.7 s with
+# any batch from 2k to 128k, and kept the least memory resident after it with this one: 310 MB,
+# against 375 MB with 8192 and 400 MB with 65536 (freed but fragmented heap; a decoded batch of
+# 16384 x 768 float32 is 50 MB, which glibc maps and unmaps on its own). An ivfpq build of 300k x 768
+# peaked at 525 MB resident with it, 727 MB with 65536 (22.6 s against 23.8 s).
+_READ_BATCH = 16384
 _TORCH_SCORES_MAX = 1 << 28  # scores computed at once by a torch search (1 GB of float32): queries go in chunks
 _RERANK_ROWS = 64
 
@@ -374,18 +375,6 @@ def rerank(
     return out_scores, out_ids
 
 
-def _read_all(catalog: VectorSource, expected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The (id, vector) pairs of these ids, filled into one preallocated float32 array."""
-    ids = np.empty(len(expected), dtype=np.int64)
-    vecs = np.empty((len(expected), catalog.dimension), dtype=np.float32)  # type: ignore[arg-type]
-    filled = 0
-    for batch_ids, batch_vecs in catalog.iter_vectors(ids=expected):  # rows deleted meanwhile are skipped
-        ids[filled : filled + len(batch_ids)] = batch_ids
-        vecs[filled : filled + len(batch_ids)] = batch_vecs
-        filled += len(batch_ids)
-    return ids[:filled], vecs[:filled]
-
-
 def _belongs_to(index: VectorIndex, catalog: VectorSource) -> bool:
     header = index.header
     return (
@@ -445,30 +434,104 @@ def _as_ids(ids: np.ndarray | list[int]) -> np.ndarray:
 # --- IVF building ------------------------------------------------------------------------
 
 
-def _train_ivf(vecs: np.ndarray, rng: np.random.Generator, kind: str) -> faiss.IndexIVF:
-    n, dim = vecs.shape
-    nlist = nlist_for(n)
-    wanted = nlist * TRAIN_PER_LIST
+class _Rows:
+    """The vectors an IVF is built from, read in parts, so that a build never needs them all in
+    memory at once: `ids` lists them (unique int64, in a fixed order), `read` gives the vectors at
+    some positions of that list, `batches` every vector once, in batches. This one holds arrays."""
+
+    def __init__(self, ids: np.ndarray, vecs: np.ndarray) -> None:
+        self.ids, self._vecs = ids, vecs
+        self.dim = vecs.shape[1]
+
+    def read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, float32 vectors) at these ascending positions of `ids`; ids gone since are left out."""
+        return self.ids[positions], self._vecs[positions]
+
+    def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for start in range(0, len(self.ids), _READ_BATCH):
+            yield self.ids[start : start + _READ_BATCH], self._vecs[start : start + _READ_BATCH]
+
+    def refine(self) -> Refine:
+        return refine_from(self.ids, self._vecs)
+
+
+class _CatalogRows(_Rows):
+    """The vectors of a catalogue (its int8 codes, decoded batch by batch as they are read)."""
+
+    def __init__(self, catalog: VectorSource, ids: np.ndarray) -> None:
+        self.ids, self._catalog = ids, catalog
+        self.dim = int(catalog.dimension)  # type: ignore[arg-type]
+
+    def read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._read_ids(self.ids[positions])
+
+    def _read_ids(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.empty(len(wanted), dtype=np.int64)
+        vecs = np.empty((len(wanted), self.dim), dtype=np.float32)
+        filled = 0
+        # in batches, so that what reading and decoding a batch allocates stays small beside `vecs`;
+        # rows deleted since `ids` was listed are skipped
+        for batch_ids, batch_vecs in self._catalog.iter_vectors(batch=_READ_BATCH, ids=wanted):
+            ids[filled : filled + len(batch_ids)] = batch_ids
+            vecs[filled : filled + len(batch_ids)] = batch_vecs
+            filled += len(batch_ids)
+        return ids[:filled], vecs[:filled]
+
+    def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        # every stored vector, by id: rows written after `ids` was listed are read too, and rows
+        # deleted meanwhile may be; reconciling from the generation read first mends both
+        return self._catalog.iter_vectors(batch=_READ_BATCH)
+
+    def refine(self) -> Refine:
+        return self._read_ids
+
+
+def _new_ivf(dim: int, nlist: int, kind: str) -> faiss.IndexIVF:
     if kind == "ivf":
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    else:  # residuals to the list centroid, PQ-coded in pq_m_for(dim) bytes
-        index = faiss.IndexIVFPQ(
-            faiss.IndexFlatIP(dim), dim, nlist, pq_m_for(dim), PQ_NBITS, faiss.METRIC_INNER_PRODUCT
-        )
-        index.pq.cp.max_points_per_centroid = PQ_TRAIN_PER_CODE  # FAISS subsamples the rest
-        index.pq.cp.niter = PQ_TRAIN_ITER
-        index.pq.cp.min_points_per_centroid = 1  # no warning on stderr below 39 points per code: the
-        # nprobe tuning measures what the codes are worth after re-ranking
-        wanted = max(wanted, PQ_TRAIN)
-    sample = vecs[np.sort(rng.choice(n, size=min(n, wanted), replace=False))]
-    index.train(sample)  # spherical k-means: IVF with inner product normalises its centroids
-    index.set_direct_map_type(faiss.DirectMap.Hashtable)  # any ids, removable, readable back
+        return faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    # residuals to the list centroid, PQ-coded in pq_m_for(dim) bytes
+    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, pq_m_for(dim), PQ_NBITS, faiss.METRIC_INNER_PRODUCT)
+    index.pq.cp.max_points_per_centroid = PQ_TRAIN_PER_CODE  # FAISS subsamples the rest
+    index.pq.cp.niter = PQ_TRAIN_ITER
+    index.pq.cp.min_points_per_centroid = 1  # no warning on stderr below 39 points per code: the
+    # nprobe tuning measures what the codes are worth after re-ranking
     return index
 
 
-def _probe_queries(vecs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _build_ivf(rows: _Rows, kind: str, seed: int) -> faiss.IndexIVF:
+    """An IVF of `kind` over `rows`, trained on a sample of them, filled batch by batch, with the
+    nprobe that reaches TUNE_TARGET recall@10 on probe queries (for ivfpq after re-ranking, as its
+    searches do). Memory: the training sample (TRAIN_PER_LIST vectors per list, at least PQ_TRAIN;
+    ~780 MB at 10M x 768), one batch and the index itself, never every vector at once."""
+    n = len(rows.ids)
+    least = TRAIN_PER_LIST if kind == "ivf" else 2**PQ_NBITS  # one training point per PQ code
+    if n < least:
+        raise ValueError(f"an {kind} index needs at least {least} vectors, got {n}")
+    rng = np.random.default_rng(seed)
+    nlist = nlist_for(n)
+    index = _new_ivf(rows.dim, nlist, kind)
+    wanted = nlist * TRAIN_PER_LIST if kind == "ivf" else max(nlist * TRAIN_PER_LIST, PQ_TRAIN)
+    _, sample = rows.read(np.sort(rng.choice(n, size=min(n, wanted), replace=False)))
+    # spherical k-means: IVF with inner product normalises its centroids
+    index.train(_as_vectors(sample, rows.dim, "vectors"))
+    del sample
+    index.set_direct_map_type(faiss.DirectMap.Hashtable)  # any ids, removable, readable back
+    _, picks = rows.read(np.sort(rng.choice(n, size=min(TUNE_QUERIES, n), replace=False)))
+    queries = _probe_queries(picks, rng)
+    k = min(10, n)
+    truth = faiss.ResultHeap(len(queries), k, keep_max=True)  # the exact top k, gathered batch by batch
+    for ids, vecs in rows.batches():
+        ids, vecs = _as_ids(ids), _as_vectors(vecs, rows.dim, "vectors")
+        index.add_with_ids(vecs, ids)
+        scores, positions = faiss.knn(queries, vecs, min(k, len(ids)), metric=faiss.METRIC_INNER_PRODUCT)
+        truth.add_result(scores, ids[positions])
+    truth.finalize()
+    index.nprobe = _tune_nprobe(index, truth.I, queries, rows.refine() if kind == "ivfpq" else None)
+    return index
+
+
+def _probe_queries(picks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Stand-ins for real queries: stored vectors blurred by isotropic noise of equal norm."""
-    picks = vecs[rng.choice(len(vecs), size=min(TUNE_QUERIES, len(vecs)), replace=False)]
     noise = rng.standard_normal(picks.shape).astype(np.float32)
     noise *= np.linalg.norm(picks, axis=1, keepdims=True) / np.linalg.norm(noise, axis=1, keepdims=True)
     queries = picks + noise
@@ -480,23 +543,19 @@ def _nprobe_steps(nlist: int) -> list[int]:
     return [s for s in steps if s <= nlist]
 
 
-def _tune_nprobe(
-    index: faiss.IndexIVF, ids: np.ndarray, vecs: np.ndarray, rng: np.random.Generator, refine: Refine | None
-) -> int:
-    """The smallest nprobe reaching TUNE_TARGET recall@10 on probe queries (after re-ranking the
-    candidates with `refine`, when given, as an ivfpq search does)."""
-    queries = _probe_queries(vecs, rng)
-    k = min(10, len(ids))
-    wide = min(candidates_for(k), len(ids)) if refine is not None else k
-    _, positions = faiss.knn(queries, vecs, k, metric=faiss.METRIC_INNER_PRODUCT)
-    exact = ids[positions]
+def _tune_nprobe(index: faiss.IndexIVF, exact: np.ndarray, queries: np.ndarray, refine: Refine | None) -> int:
+    """The smallest nprobe whose recall@10 against `exact` (each query's true top ids) reaches
+    TUNE_TARGET (after re-ranking the candidates with `refine`, when given, as an ivfpq search does)."""
+    k = exact.shape[1]
+    wide = min(candidates_for(k), index.ntotal) if refine is not None else k
     for nprobe in _nprobe_steps(index.nlist):
         _, approx = index.search(queries, wide, params=faiss.SearchParametersIVF(nprobe=nprobe))
         if refine is not None:
             _, approx = rerank(queries, approx, k, refine)
         recall = recall_at_k(exact, approx, k)
         if recall >= TUNE_TARGET:
-            log.info("%s, %d vectors: nprobe %d gives recall@10 %.3f", type(index).__name__, len(ids), nprobe, recall)
+            log.info("%s, %d vectors: nprobe %d gives recall@10 %.3f", type(index).__name__, index.ntotal, nprobe,
+                     recall)
             return nprobe
     return index.nlist
 
@@ -561,23 +620,17 @@ class VectorIndex:
             return index
         if kind not in APPROXIMATE:
             raise ValueError(f"unknown index kind {kind!r} (use auto or one of {KINDS})")
-        least = TRAIN_PER_LIST if kind == "ivf" else 2**PQ_NBITS  # one training point per PQ code
-        if len(ids) < least:
-            raise ValueError(f"an {kind} index needs at least {least} vectors, got {len(ids)}")
         vecs = _as_vectors(vecs, vecs.shape[1], "vectors")
         if len(np.unique(ids)) != len(ids):
             raise ValueError("ids repeat")
-        rng = np.random.default_rng(seed)
-        ivf = _train_ivf(vecs, rng, kind)
-        ivf.add_with_ids(vecs, ids)
-        ivf.nprobe = _tune_nprobe(ivf, ids, vecs, rng, refine_from(ids, vecs) if kind == "ivfpq" else None)
-        return cls(ivf, kind, device=device, built_count=len(ids))
+        return cls(_build_ivf(_Rows(ids, vecs), kind, seed), kind, device=device, built_count=len(ids))
 
     @classmethod
     def from_catalog(cls, catalog: VectorSource, *, kind: str = "auto", device: str = "auto") -> VectorIndex:
         """A fresh index over every vector in the catalogue; its `generation` is the catalogue's when
-        reading began. A flat index is filled batch by batch as the vectors are read; an IVF kind
-        holds them all in memory as float32 while it trains."""
+        reading began. A flat index is filled batch by batch as the vectors are read. An IVF kind is
+        built as `build` builds it, from a sample read by id (training) and then every vector, batch
+        by batch: it never holds them all in memory (see `_build_ivf`)."""
         if catalog.dimension is None:
             raise IndexStoreError("the catalogue records no vector dimension yet (its 'dimension' meta value)")
         generation = catalog.generation
@@ -585,11 +638,14 @@ class VectorIndex:
         kind = kind_for(len(wanted)) if kind == "auto" else kind
         if kind == "flat":  # rows written meanwhile may be read too: reconciling re-adds them
             index = cls.create(catalog.dimension, device=device)
-            for ids, vecs in catalog.iter_vectors(batch=_FLAT_READ_BATCH):
+            for ids, vecs in catalog.iter_vectors(batch=_READ_BATCH):
                 index.add(ids, vecs)
             index.built_count = len(index)
+        elif kind in APPROXIMATE:
+            index = cls(_build_ivf(_CatalogRows(catalog, wanted), kind, seed=0), kind, device=device,
+                        built_count=len(wanted))
         else:
-            index = cls.build(*_read_all(catalog, wanted), kind=kind, device=device)
+            raise ValueError(f"unknown index kind {kind!r} (use auto or one of {KINDS})")
         index.generation = generation
         return index
 

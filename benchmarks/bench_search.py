@@ -15,27 +15,32 @@ For each of ``--sizes`` n, in one process:
      normalised (random pairs of points then have a cosine of about 0.4);
    - points = a uniformly chosen centre + ``SPREAD`` x spectrum-shaped Gaussian noise, normalised.
    The queries are the last ``--queries`` points: drawn the same way, held out of the index.
-2. The exact baseline: ``faiss.IndexFlatIP`` over the n vectors. Its top 10 per query is the
-   ground truth for recall@10, and its latency the baseline of the "x exact" ratios.
-3. Each of ``--kinds``, built by ``VectorIndex.build(kind=...)`` (the IVF kinds train, add and tune
-   nprobe as altsearch does): build seconds; bytes per vector of the FAISS file (the serialised
+2. The ground truth: each query's exact top 10, found by a scan of the vectors a batch at a time
+   (as float32, the int8 values times their scale).
+3. Each of ``--kinds``, built by ``VectorIndex.from_catalog(kind=...)`` from the int8 vectors as a
+   catalogue serves them (``Int8Vectors``), so as altsearch builds an index: a flat one batch by
+   batch; an IVF kind trained on a sample, filled batch by batch, nprobe tuned (the build's seed is
+   altsearch's, 0; ``--seed`` seeds the data). Build seconds; the process's peak resident memory
+   during the build (the int8 data included); bytes per vector of the FAISS file (the serialised
    index over n); recall@10 over the queries; single-query latency p50/p95 over
    ``--latency-queries`` queries, one query per call, with 1 FAISS thread and with the default
-   thread count (printed). The flat rows go through ``VectorIndex.search`` too. Since
-   ``VectorIndex.search`` runs a single query with one FAISS thread whatever the count set, the
-   two columns now measure the same thing; figures from before that differ. With ``--device
-   cuda`` each index searches where altsearch would put it (column "searched on"): on FAISS's GPU
-   build when there is one; else the flat index on torch's GPU and the IVF kinds on the CPU.
-   "ivfpq" searches re-rank their candidates against the int8 vectors held in a numpy array in
-   memory (``refine``), so its latency includes the re-rank. "x exact" = the exact p50 / this p50.
+   thread count (printed). Since ``VectorIndex.search`` runs a single query with one FAISS thread
+   whatever the count set, the two columns now measure the same thing; figures from before that
+   differ. The flat index is the baseline of the "x exact" ratios (exact p50 / this p50). With
+   ``--device cuda`` each index searches where altsearch would put it (column "searched on"): on
+   FAISS's GPU build when there is one; else the flat index on torch's GPU and the IVF kinds on
+   the CPU. "ivfpq" searches re-rank their candidates against the int8 vectors held in a numpy
+   array in memory (``refine``), so its latency includes the re-rank.
 4. ``--store-size`` (default 10,000; 0 skips): the same through ``IndexStore``: a catalogue filled
    with n rows, the index rebuilt as flat and as ivfpq, and ``IndexStore.search`` timed, where the
    re-rank reads the candidates' vectors from the catalogue (SQLite) instead of memory. Also
    prints the catalogue's bytes per image.
 
-A size whose arrays would not fit in the available memory is skipped, with the reason printed
-(1M x 768 needs about 7 GB; 10M x 768 about 70 GB). Figures depend on the machine's load: the
-load average is printed with each table.
+A size whose int8 data would not fit in the available memory is skipped, with the reason printed,
+and so is a kind whose index would not fit beside it: the data takes n x d bytes (7.7 GB at 10M x
+768), a flat or ivf index 4 bytes per component more (31 GB at 10M), an ivfpq index about 150
+bytes per vector: at 10M x 768 the ivfpq build peaked at 10.1 GB resident, the data included.
+Figures depend on the machine's load: the load average is printed with each table.
 
 Run from the repository root (tests/test_bench_search.py runs a tiny configuration):
 
@@ -66,7 +71,6 @@ SPECTRUM_DECAY = 0.5  # per-dimension std (1 + j) ** -0.5: variance ~ 1 / (1 + j
 OFFSET = 1.0  # norm of the common mean direction added to the (unit) centres
 SPREAD = 0.6  # noise scale around a centre (the noise has the centres' spectrum, unit norm at 1.0)
 DATA_CHUNK = 65536  # vectors drawn per generator (make_data)
-BYTES_PER_FLOAT_COPY = 9  # bytes per vector component at peak: float32 flat + int8 truth + float32 IVF
 
 
 def make_data(n: int, dim: int, clusters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -114,6 +118,80 @@ def int8_refine(codes: np.ndarray, scales: np.ndarray):
     return refine
 
 
+class Int8Vectors:
+    """Vectors 0..n-1 held as the catalogue holds them (int8 codes, a float32 scale each), read through
+    the interface ``VectorIndex.from_catalog`` reads a catalogue by (``vectors.VectorSource``): the
+    indexes are built as altsearch builds them, batch by batch, without every vector as float32."""
+
+    generation = 0
+    catalog_id = "bench"
+
+    def __init__(self, codes: np.ndarray, scales: np.ndarray) -> None:
+        self.codes, self.scales = codes, scales
+        self.dimension = codes.shape[1]
+
+    def vector_ids(self, *, changed_since: int | None = None) -> np.ndarray:
+        return np.arange(len(self.codes), dtype=np.int64)
+
+    def iter_vectors(self, batch: int = 65536, ids: np.ndarray | None = None):
+        if ids is None:
+            for start in range(0, len(self.codes), batch):
+                stop = min(len(self.codes), start + batch)
+                yield np.arange(start, stop, dtype=np.int64), as_float(self.codes[start:stop], self.scales[start:stop])
+            return
+        wanted = np.unique(np.asarray(ids, dtype=np.int64))
+        wanted = wanted[(wanted >= 0) & (wanted < len(self.codes))]
+        for start in range(0, len(wanted), batch):
+            part = wanted[start : start + batch]
+            yield part, as_float(self.codes[part], self.scales[part])
+
+
+def exact_top(queries: np.ndarray, source: Int8Vectors, k: int = 10) -> np.ndarray:
+    """The ids of each query's exact top k (inner product), scanning the vectors a batch at a time."""
+    import faiss
+
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    for ids, vecs in source.iter_vectors(batch=65536):
+        scores, positions = faiss.knn(queries, vecs, min(k, len(ids)), metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(scores, ids[positions])
+    heap.finalize()
+    return heap.I
+
+
+def index_bytes(kind: str, n: int, dim: int) -> int:
+    """About what an index of `kind` over n vectors holds in memory (float32 vectors; ivfpq: codes,
+    ids and the id hashtable)."""
+    from altsearch.vectors import pq_m_for
+
+    return n * dim * 4 if kind in ("flat", "ivf") else n * (pq_m_for(dim) + 8 + 48)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's peak resident size (Linux: VmHWM), so that the next `_peak_rss` is the peak
+    since now; False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _proc_bytes(path: str, key: str) -> int | None:
+    """The figure ``key`` of a /proc file that gives it in kB (meminfo, status), in bytes; None where
+    there is no such file."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _peak_rss() -> int | None:
+    return _proc_bytes("/proc/self/status", "VmHWM")
+
+
 def file_bytes(index) -> int:
     """Size of the FAISS file of `index`, counted while serialising it (nothing kept)."""
     import faiss
@@ -148,21 +226,13 @@ def latency(search, queries: np.ndarray, threads: int) -> tuple[float, float]:
 
 
 def available_bytes() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def bench_size(n: int, args: argparse.Namespace, threads: int) -> dict:
-    import faiss
-
     from altsearch.vectors import VectorIndex, recall_at_k
 
-    need = n * args.dim * BYTES_PER_FLOAT_COPY
+    need = (n + args.queries) * args.dim  # the int8 data (the indexes are checked one by one below)
     have = available_bytes()
     if have is not None and need > 0.8 * have:
         return {"n": n, "skipped": f"needs ~{need / 1e9:.0f} GB of memory, {have / 1e9:.0f} GB available"}
@@ -170,27 +240,30 @@ def bench_size(n: int, args: argparse.Namespace, threads: int) -> dict:
     codes, scales = make_data(n + args.queries, args.dim, args.clusters, args.seed)
     queries = as_float(codes[n:], scales[n:])
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    codes, scales = codes[:n], scales[:n]
-    ids = np.arange(n, dtype=np.int64)
-    flat = faiss.IndexFlatIP(args.dim)
-    for s in range(0, n, 65536):
-        flat.add(as_float(codes[s : s + 65536], scales[s : s + 65536]))
-    vecs = faiss.rev_swig_ptr(flat.get_xb(), n * args.dim).reshape(n, args.dim)  # a view, no copy
-    _, truth = flat.search(queries, 10)
+    source = Int8Vectors(codes[:n], scales[:n])
     made_s = time.perf_counter() - start
+    start = time.perf_counter()
+    truth = exact_top(queries, source)
+    truth_s = time.perf_counter() - start
     lat_q = queries[: args.latency_queries]
     rows = []
     exact = {}
     for kind in args.kinds:
+        need, have = index_bytes(kind, n, args.dim), available_bytes()
+        if have is not None and need > 0.8 * have:
+            rows.append({"kind": kind, "skipped": f"needs ~{need / 1e9:.0f} GB more memory, {have / 1e9:.0f} GB available"})
+            continue
+        measured_peak = _reset_peak_rss()
         start = time.perf_counter()
-        index = VectorIndex.build(ids, vecs, kind=kind, device=args.device, seed=args.seed)
+        index = VectorIndex.from_catalog(source, kind=kind, device=args.device)
         build_s = time.perf_counter() - start
-        refine = int8_refine(codes, scales) if kind == "ivfpq" else None
+        peak = _peak_rss() if measured_peak else None
+        refine = int8_refine(source.codes, source.scales) if kind == "ivfpq" else None
         _, found = index.search(queries, 10, refine=refine)
         row = {
             "kind": kind, "build_s": build_s, "bytes_per_vector": file_bytes(index._cpu) / n,
             "nlist": index.nlist, "nprobe": index.nprobe, "recall_at_10": recall_at_k(truth, found, 10),
-            "searched_on": index.device,
+            "searched_on": index.device, "build_peak_rss": peak,
         }  # fmt: skip
         for label, t in (("1", 1), ("n", threads)):
             row[f"p50_{label}"], row[f"p95_{label}"] = latency(
@@ -202,9 +275,10 @@ def bench_size(n: int, args: argparse.Namespace, threads: int) -> dict:
         del index
     for row in rows:
         for label in ("1", "n"):
-            row[f"x_exact_{label}"] = exact[label] / row[f"p50_{label}"] if label in exact else None
-    return {"n": n, "dim": args.dim, "data_s": made_s, "threads": threads, "rows": rows,
-            "load": os.getloadavg()}
+            if "skipped" not in row:
+                row[f"x_exact_{label}"] = exact[label] / row[f"p50_{label}"] if label in exact else None
+    return {"n": n, "dim": args.dim, "data_s": made_s, "truth_s": truth_s, "data_bytes": codes.nbytes + scales.nbytes,
+            "threads": threads, "rows": rows, "load": os.getloadavg()}  # fmt: skip
 
 
 def bench_store(n: int, args: argparse.Namespace) -> dict:
@@ -243,17 +317,23 @@ def print_size(result: dict) -> None:
         print(f"\n### {n:,} vectors: skipped ({result['skipped']})")
         return
     t = result["threads"]
-    print(f"\n### {n:,} x {result['dim']} (data made in {result['data_s']:.1f} s; "
+    print(f"\n### {n:,} x {result['dim']} (data made in {result['data_s']:.1f} s, {result['data_bytes'] / 1e9:.2f} GB "
+          f"as int8; exact top 10 of the queries by a scan, {result['truth_s']:.1f} s; "
           f"load average {result['load'][0]:.1f}, {result['load'][1]:.1f}, {result['load'][2]:.1f})\n")
-    print(f"| kind | searched on | build s | bytes/vector | nlist | nprobe | recall@10 | p50 ms (1 thr) "
-          f"| p95 ms (1 thr) | x exact (1 thr) | p50 ms ({t} thr) | p95 ms ({t} thr) | x exact ({t} thr) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| kind | searched on | build s | build peak RSS GB | bytes/vector | nlist | nprobe | recall@10 "
+          f"| p50 ms (1 thr) | p95 ms (1 thr) | x exact (1 thr) | p50 ms ({t} thr) | p95 ms ({t} thr) | x exact ({t} thr) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in result["rows"]:
         name = "ivfpq + re-rank" if r["kind"] == "ivfpq" else r["kind"]
+        if "skipped" in r:
+            print(f"| {name} | skipped: {r['skipped']} |" + " |" * 12)
+            continue
         ratio = ["-" if r[f"x_exact_{x}"] is None else f"{r[f'x_exact_{x}']:.1f}" for x in ("1", "n")]
-        print(f"| {name} | {r['searched_on']} | {r['build_s']:.1f} | {r['bytes_per_vector']:.0f} | {r['nlist']} | {r['nprobe']} "
-              f"| {r['recall_at_10']:.3f} | {r['p50_1'] * 1e3:.2f} | {r['p95_1'] * 1e3:.2f} | {ratio[0]} "
+        peak = "-" if r["build_peak_rss"] is None else f"{r['build_peak_rss'] / 1e9:.2f}"
+        print(f"| {name} | {r['searched_on']} | {r['build_s']:.1f} | {peak} | {r['bytes_per_vector']:.0f} | {r['nlist']} "
+              f"| {r['nprobe']} | {r['recall_at_10']:.3f} | {r['p50_1'] * 1e3:.2f} | {r['p95_1'] * 1e3:.2f} | {ratio[0]} "
               f"| {r['p50_n'] * 1e3:.2f} | {r['p95_n'] * 1e3:.2f} | {ratio[1]} |")
+    print("\nbuild peak RSS: the process's peak resident memory while the index was built, the int8 data included")
 
 
 def print_store(result: dict) -> None:

@@ -40,7 +40,7 @@ def test_tiny_run_prints_tables_and_ratios(bench, capsys):
     results = bench.main(["--sizes", "2000", "--dim", "32", "--clusters", "40", "--queries", "30",
                           "--latency-queries", "5", "--store-size", "400"])
     out = capsys.readouterr().out
-    assert "| kind | searched on | build s | bytes/vector |" in out and "load average" in out
+    assert "| kind | searched on | build s | build peak RSS GB | bytes/vector |" in out and "load average" in out
     assert "| ivfpq + re-rank |" in out and "re-rank from the catalogue" in out
     rows = {r["kind"]: r for r in results["sizes"][0]["rows"]}
     assert set(rows) == {"flat", "ivf", "ivfpq"}
@@ -70,4 +70,41 @@ def test_a_size_that_does_not_fit_is_skipped(bench, capsys, monkeypatch):
     monkeypatch.setattr(bench, "available_bytes", lambda: 10**9)
     results = bench.main(["--sizes", "10000000", "--store-size", "0"])
     assert "skipped" in results["sizes"][0]
-    assert "10,000,000 vectors: skipped (needs ~69 GB of memory, 1 GB available)" in capsys.readouterr().out
+    assert "10,000,000 vectors: skipped (needs ~8 GB of memory, 1 GB available)" in capsys.readouterr().out
+
+
+def test_a_kind_that_does_not_fit_is_skipped_and_the_others_run(bench, capsys, monkeypatch):
+    """Where the float32 indexes would not fit beside the int8 data (10M x 768 on a 16-32 GB
+    machine), the compact one still runs, its ratio to exact search left out."""
+    n, dim = 3000, 32
+    room = (bench.index_bytes("ivfpq", n, dim) + bench.index_bytes("flat", n, dim)) / 2 / 0.8
+    assert bench.index_bytes("ivfpq", n, dim) < 0.8 * room < bench.index_bytes("flat", n, dim)
+    monkeypatch.setattr(bench, "available_bytes", lambda: room)
+    results = bench.main(["--sizes", str(n), "--dim", str(dim), "--clusters", "40", "--queries", "30",
+                          "--latency-queries", "5", "--store-size", "0"])
+    rows = {r["kind"]: r for r in results["sizes"][0]["rows"]}
+    assert "skipped" in rows["flat"] and "skipped" in rows["ivf"]
+    assert rows["ivfpq"]["recall_at_10"] >= 0.9 and rows["ivfpq"]["x_exact_1"] is None
+    out = capsys.readouterr().out
+    assert "| flat | skipped: needs ~0 GB more memory" in out and "| ivfpq + re-rank | cpu |" in out
+
+
+def test_the_streamed_ground_truth_is_exact_search(bench):
+    codes, scales = bench.make_data(5000, 32, 20, seed=2)
+    source = bench.Int8Vectors(codes[:4900], scales[:4900])
+    queries = bench.as_float(codes[4900:], scales[4900:])
+    want = np.argsort(-(queries @ bench.as_float(codes[:4900], scales[:4900]).T), axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(bench.exact_top(queries, source), want)
+    got = [ids for ids, _ in source.iter_vectors(batch=1000, ids=np.array([4899, 3, 3, 7000, 10]))]
+    assert [g.tolist() for g in got] == [[3, 10, 4899]]  # sorted, unique, ids it lacks left out
+
+
+def test_each_build_s_peak_memory_is_its_own(bench):
+    """The peak resident size is reset before each build, so a row does not report an earlier peak."""
+    if not bench._reset_peak_rss():
+        pytest.skip("this system cannot reset a process's peak resident size")
+    big = np.ones(200_000_000, np.uint8)  # 200 MB, touched
+    high = bench._peak_rss()
+    del big
+    assert bench._reset_peak_rss()
+    assert bench._peak_rss() < high - 150_000_000

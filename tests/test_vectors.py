@@ -822,3 +822,77 @@ def test_from_empty_catalog(tmp_path: Path) -> None:
         cat.set_meta("dimension", str(DIM))
         index = VectorIndex.from_catalog(cat, device="cpu")
         assert (len(index), index.dim, index.kind) == (0, DIM, "flat")
+
+
+def _clustered_catalog(tmp_path: Path, n: int, dim: int) -> Catalog:
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    vecs, _ = clustered(n, dim, clusters=max(1, n // 200), spread=0.3, seed=5)
+    for start in range(0, n, 10_000):
+        part = range(start, min(n, start + 10_000))
+        with cat.transaction() as tx:
+            tx.add([{"path": f"/p/{i:06}.jpg", "size": 1, "mtime": 1.0, "content_hash": f"{i}"} for i in part],
+                   vecs[part.start : part.stop])
+    return cat
+
+
+@pytest.mark.parametrize("kind", ["ivfpq", "ivf"])
+def test_an_ivf_built_from_the_catalogue_is_the_one_built_from_its_vectors(tmp_path: Path, kind: str,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """from_catalog reads the training sample by id and then the vectors batch by batch; the index it
+    makes is byte for byte the one `build` makes from the same vectors held in memory."""
+    monkeypatch.setattr(vectors_module, "_READ_BATCH", 1000)  # several batches, and a last short one
+    cat = _clustered_catalog(tmp_path, 4321, DIM)
+    ids, vecs = catalog_vectors(cat)
+    streamed = VectorIndex.from_catalog(cat, kind=kind, device="cpu")
+    held = VectorIndex.build(ids, vecs, kind=kind, device="cpu")
+    assert (streamed.kind, len(streamed), streamed.built_count, streamed.generation) == (kind, 4321, 4321, cat.generation)
+    assert streamed.nprobe == held.nprobe and 1 <= held.nprobe <= held.nlist
+    assert bytes(faiss.serialize_index(streamed._cpu)) == bytes(faiss.serialize_index(held._cpu))
+    queries = vecs[:20] + 0.05 * unit(20, seed=3)
+    truth = brute_force(queries, ids, vecs, 10)[1]
+    refine = refine_from(ids, vecs)
+    assert recall_at_k(truth, streamed.search(queries, 10, refine=refine)[1]) >= vectors_module.RECALL_TARGET
+    cat.close()
+
+
+def test_building_an_ivf_from_the_catalogue_never_holds_every_vector(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The arrays allocated while an ivfpq index is built from a catalogue peak far below the size of
+    its vectors as float32 (what the build needed when it read them all first): the training sample,
+    a batch, the probe queries' re-ranking, and the index's own (FAISS) memory, which tracemalloc does
+    not see. A smaller sample and fewer probe queries than by default let the difference show at a
+    size a test can afford (at 10M x 768 the sample is 3 % of the vectors)."""
+    import tracemalloc
+
+    n, dim = 100_000, 64
+    cat = _clustered_catalog(tmp_path, n, dim)
+    monkeypatch.setattr(vectors_module, "_READ_BATCH", 2048)
+    monkeypatch.setattr(vectors_module, "TRAIN_PER_LIST", 10)
+    monkeypatch.setattr(vectors_module, "TUNE_QUERIES", 64)
+    every = n * dim * 4
+    sample = max(vectors_module.nlist_for(n) * 10, vectors_module.PQ_TRAIN) * dim * 4
+    assert sample < every / 10  # else this test could not tell the two builds apart
+    tracemalloc.start()
+    try:
+        index = VectorIndex.from_catalog(cat, kind="ivfpq", device="cpu")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(index) == n and index.nprobe >= 1
+    assert peak < every / 3, (peak, every)
+    cat.close()
+
+
+def test_an_ivf_build_skips_vectors_deleted_after_they_were_listed(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process may delete images while a writer builds: the ids listed first then have no
+    vector to read. The build leaves them out (reconciling from the generation read first removes
+    whatever else it kept)."""
+    cat = catalog_with(tmp_path, 600)
+    ids, vecs = catalog_vectors(cat)
+    listed = np.concatenate([ids, ids[-1] + 1 + np.arange(200)])  # listed, then deleted
+    monkeypatch.setattr(cat, "vector_ids", lambda **_: listed)
+    index = VectorIndex.from_catalog(cat, kind="ivf", device="cpu")
+    np.testing.assert_array_equal(index.ids(), ids)
+    np.testing.assert_array_equal(index.reconstruct(ids), vecs)
+    cat.close()
