@@ -116,11 +116,18 @@ _SOME_VECTORS = (
     "SELECT count(*), group_concat(image_id), CAST(group_concat(vector, '') AS BLOB) "
     "FROM (SELECT image_id, vector FROM vectors WHERE image_id IN ({}) ORDER BY image_id)"
 )
-# Every id in one statement, from the covering index `ix_vectors_generation` (9 MB at 1M vectors; the
-# primary key's order would read every vector page); its range for `changed_since`. One row of about
-# 7 bytes per id: SQLite's string limit (1e9 bytes by default) is reached at some 100M vectors.
-_VECTOR_IDS = "SELECT count(*), group_concat(image_id) FROM vectors"
-_VECTOR_IDS_SINCE = f"{_VECTOR_IDS} WHERE generation > ?"
+# The ids in a range of _ID_SPAN ids per statement, from the covering index `ix_vectors_generation`
+# (9 MB at 1M vectors; a range of the primary key would read every vector page: 0.13 s against 0.04 s
+# at 300k vectors, cached, and 1.2 s against 0.05 s not), for `changed_since` the index's range of
+# generations. One string of up to 20 bytes per id: a range keeps it below SQLite's string limit
+# (1e9 bytes by default), which a single statement over every id would reach at some 100M vectors.
+_VECTOR_IDS = (
+    "SELECT count(*), group_concat(image_id) FROM vectors INDEXED BY ix_vectors_generation "
+    "WHERE image_id BETWEEN ? AND ?"
+)
+_VECTOR_IDS_SINCE = f"{_VECTOR_IDS} AND generation > ?"
+_FIRST_VECTOR_ID = "SELECT min(image_id) FROM vectors WHERE image_id > ?"  # a seek in the primary key
+_ID_SPAN = 1 << 25  # ids per listing statement: 33.5M, one statement up to that many images
 _RECORD_FIELDS = (
     "path", "size", "mtime", "content_hash", "width", "height", "format",
     "taken_at", "camera_make", "camera_model", "status",
@@ -898,10 +905,18 @@ class Catalog:
     def vector_ids(self, *, changed_since: int | None = None) -> np.ndarray:
         """Sorted int64 ids of every stored vector, or of those written (added or replaced) by
         transactions after generation `changed_since`."""
-        sql, params = (_VECTOR_IDS, ()) if changed_since is None else (_VECTOR_IDS_SINCE, (changed_since,))
-        with self._read("listing vectors") as conn:
-            n, id_list = conn.exec_driver_sql(sql, params).one()
-        return np.sort(_parse_ids(id_list, n))
+        parts = []
+        with self._read("listing vectors") as conn:  # one snapshot for every range
+            low = conn.exec_driver_sql(_FIRST_VECTOR_ID, (-1,)).scalar()
+            while low is not None:
+                high = min(low + _ID_SPAN - 1, 2**63 - 1)
+                sql, params = (_VECTOR_IDS, (low, high))
+                if changed_since is not None:
+                    sql, params = _VECTOR_IDS_SINCE, (low, high, changed_since)
+                n, id_list = conn.exec_driver_sql(sql, params).one()
+                parts.append(_parse_ids(id_list, n))
+                low = conn.exec_driver_sql(_FIRST_VECTOR_ID, (high,)).scalar()  # over any gap in the ids
+        return np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
 
     # -- checks
 

@@ -680,7 +680,12 @@ def gappy(cat: Catalog) -> list[int]:
     return generations
 
 
-def test_vector_ids_are_those_plain_sql_lists(cat: Catalog) -> None:
+@pytest.mark.parametrize("span", [None, 1, 7])
+def test_vector_ids_are_those_plain_sql_lists(cat: Catalog, monkeypatch: pytest.MonkeyPatch, span: int | None) -> None:
+    """Listed a range of ids at a time (in few ranges up to 33.5M images; here in ranges of 1 and 7
+    ids too, and over a gap of 2**33 ids), as plain SQL lists them."""
+    if span is not None:
+        monkeypatch.setattr(catalog_module, "_ID_SPAN", span)
     empty = cat.vector_ids()
     assert empty.dtype == np.int64 and empty.tolist() == [] and cat.vector_ids(changed_since=0).tolist() == []
     generations = gappy(cat)
@@ -691,6 +696,15 @@ def test_vector_ids_are_those_plain_sql_lists(cat: Catalog) -> None:
         expected = sorted(plain_vectors(cat, "WHERE generation > ?", (since,)))
         assert cat.vector_ids(changed_since=since).tolist() == expected, since
     assert cat.vector_ids(changed_since=generations[-2]).tolist() == [7]  # the boundary: > not >=
+
+
+def test_listing_vector_ids_reads_the_small_covering_index(cat: Catalog) -> None:
+    """Not the vectors table itself, whose pages hold every vector (1.5 GB at 1M x 768)."""
+    gappy(cat)
+    with sqlite3.connect(cat.path) as raw:
+        for sql, params in ((catalog_module._VECTOR_IDS, (0, 100)), (catalog_module._VECTOR_IDS_SINCE, (0, 100, 1))):
+            plan = " ".join(row[-1] for row in raw.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+            assert "COVERING INDEX ix_vectors_generation" in plan, plan
 
 
 def test_iter_vectors_of_ids_are_what_plain_sql_reads(cat: Catalog, monkeypatch: pytest.MonkeyPatch) -> None:
