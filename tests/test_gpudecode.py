@@ -598,3 +598,46 @@ def test_the_decoder_says_whether_its_caller_waited_for_readers_or_groups(tmp_pa
     with GpuDecoder(CFG, "cpu", decode_jpeg=pillow_as_nvjpeg, group=2, readers=1, draft=448) as dec:
         assert len(list(dec.imap(paths))) == 6
     assert dec.waited["read"] >= 0.45 > dec.waited["gpu"]
+
+
+def test_the_caller_s_stream_waits_for_each_group_and_keeps_its_crops(monkeypatch):
+    """The hand-over of a group decoded on a decoding thread's CUDA stream (the rest of this file runs
+    with no stream: device "cpu"). Before the first of a group's results reaches the caller, the
+    caller's stream waits on the event recorded after the group's crops were made; and every crop
+    on the GPU is recorded as used on the caller's stream, so that the decoding stream's allocator
+    does not hand its memory to the next group while the caller's work on it is still queued."""
+    from collections import deque
+    from concurrent.futures import Future
+
+    said = []
+
+    class CallerStream:
+        def wait_event(self, event):
+            said.append(("wait", event))
+
+    caller = CallerStream()
+
+    class OnTheGpu(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+        def record_stream(self, stream):
+            said.append(("keep", stream))
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
+    crop = torch.zeros(3).as_subclass(OnTheGpu)
+    from altsearch.decode import Decoded
+
+    group = [Decoded("a.jpg", "h", crop, None, None), Decoded("b.jpg", None, None, None, "unreadable"),
+             Decoded("c.jpg", "h", np.zeros((2, 2, 3), np.uint8), None, None)]
+    done, on_cpu = Future(), Future()
+    done.set_result((group, "group's event"))
+    on_cpu.set_result(([group[2]], None))  # decoded off CUDA: nothing to hand over
+    with GpuDecoder(CFG, "cpu", decode_jpeg=pillow_as_nvjpeg) as dec:
+        out = deque([done, on_cpu])
+        results = dec._take_ready(out, keep=0)
+        assert next(results).path == "a.jpg"
+        assert said == [("wait", "group's event"), ("keep", caller)]  # before the caller saw a result
+        assert [d.path for d in results] == ["b.jpg", "c.jpg", "c.jpg"] and not out
+    assert said == [("wait", "group's event"), ("keep", caller)]  # one wait per group, one keep per crop on the GPU
