@@ -382,12 +382,12 @@ class GpuDecoder:
     manager; :meth:`imap` has :class:`altsearch.decode.DecodePool`'s contract: one
     :class:`~altsearch.decode.Decoded` per path, bad files with ``error`` set, never raising for one.
 
-    ``library`` replaces :func:`_gpu_jpeg`'s choice, and ``decode_jpeg`` the whole library with one
-    decoder; ``decoding_threads``: threads that decode groups at once, each on a CUDA stream of its own
-    and with a decoder of the library's :attr:`JpegLibrary.lanes` (the last one for threads beyond
-    them; default: :data:`THREADS_ENV`, else 1); ``group``: JPEGs per decoding call (default :data:`GROUP` with one decoding thread, else
-    :data:`GROUP_SHARED`); ``groups_ahead``: groups decoded, or decoding, per decoding thread while the
-    caller still works on earlier ones.
+    ``library`` replaces :func:`_gpu_jpeg`'s choice; ``decoding_threads``: threads that decode groups
+    at once, each on a CUDA stream of its own and with a decoder of the library's
+    :attr:`JpegLibrary.lanes` (the last one for threads beyond them; default: :data:`THREADS_ENV`,
+    else 1); ``group``: JPEGs per decoding call (default :data:`GROUP` with one decoding thread, else
+    :data:`GROUP_SHARED`); ``groups_ahead``: groups decoded, or decoding, per decoding thread while
+    the caller still works on earlier ones.
 
     Which thread decodes a group depends on timing, and the hardware decoders and nvJPEG's CUDA decoding
     round some pixels differently, so the vectors of two runs can differ in their last digits;
@@ -396,16 +396,14 @@ class GpuDecoder:
     def __init__(self, cfg: PreprocessConfig, device: torch.device | str, *, readers: int | None = None,
                  group: int | None = None, draft: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                  hash_kind: str = DEFAULT_HASH, library: JpegLibrary | None = None,
-                 decode_jpeg: JpegDecoder | None = None, decoding_threads: int | None = None, groups_ahead: int = 2):
+                 decoding_threads: int | None = None, groups_ahead: int = 2):
         self.cfg = cfg
         self.device = torch.device(device)
         self.readers = readers or _default_readers()
         self.draft = draft  # for the files decoded on the CPU
         self.max_pixels = max_pixels
         self.hash_kind = check_hash_kind(hash_kind)  # an unknown kind fails here, not in every reader
-        if decode_jpeg is not None:
-            library = JpegLibrary("custom", decode_jpeg)
-        elif library is None:
+        if library is None:
             library = _gpu_jpeg()
             if library is None:
                 raise RuntimeError(f"decoding JPEGs on the GPU needs nvImageCodec or torchvision: {INSTALL_HINT}")

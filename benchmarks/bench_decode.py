@@ -89,9 +89,10 @@ def naive(paths: list[str]) -> int:
 
 
 def readers(cfg, readers: int | None, hash_kind: str) -> Callable[[list[str]], int]:
-    from altsearch.gpudecode import GpuDecoder
+    from altsearch.gpudecode import GpuDecoder, JpegLibrary
 
-    decoder = GpuDecoder(cfg, "cpu", readers=readers, hash_kind=hash_kind, decode_jpeg=lambda t, d: [])
+    none = JpegLibrary("none", lambda datas, device: [])  # only the readers run here
+    decoder = GpuDecoder(cfg, "cpu", readers=readers, hash_kind=hash_kind, library=none)
 
     def stage(paths: list[str]) -> int:
         with ThreadPoolExecutor(decoder.readers, thread_name_prefix="bench-read") as pool:

@@ -144,7 +144,7 @@ def folder(tmp_path) -> dict[str, Path]:
 
 
 def run_both(paths, **kw):
-    with GpuDecoder(CFG, "cpu", decode_jpeg=pillow_as_nvjpeg, group=4, draft=448, **kw) as dec:
+    with GpuDecoder(CFG, "cpu", library=STAND_IN, group=4, draft=448, **kw) as dec:
         gpu = {d.path: d for d in dec.imap(map(str, paths))}
         stats = dict(dec.stats)
     with DecodePool(CFG, workers=0, **kw) as pool:
@@ -187,7 +187,7 @@ def test_the_library_is_handed_the_bytes_read_without_a_copy(folder, monkeypatch
         return pillow_as_nvjpeg(datas, device)
 
     monkeypatch.setattr(gpudecode, "read_file", read_file)
-    with GpuDecoder(CFG, "cpu", decode_jpeg=decode, group=4, draft=448) as dec:
+    with GpuDecoder(CFG, "cpu", library=JpegLibrary("stand-in", decode), group=4, draft=448) as dec:
         assert all(d.ok for d in dec.imap([str(folder["plain"]), str(folder["rotated"])]))
     assert len(handed) == 2 and all(any(h is r for r in read) for h in handed)
 
@@ -234,7 +234,7 @@ def test_a_file_the_library_refuses_is_decoded_on_the_cpu(folder):
         return [None if d == bytes(data) else t for d, t in zip(datas, out)]
 
     paths = [folder["plain"], bad, folder["grey"], folder["rotated"]]
-    with GpuDecoder(CFG, "cpu", decode_jpeg=refuse_bad, group=4, draft=448) as dec:
+    with GpuDecoder(CFG, "cpu", library=JpegLibrary("stand-in", refuse_bad), group=4, draft=448) as dec:
         got = {Path(d.path).name: d for d in dec.imap(map(str, paths))}
         stats = dict(dec.stats)
     assert all(isinstance(got[n].pixels, torch.Tensor) for n in ("plain.jpg", "grey.jpg", "rotated.jpg"))
@@ -279,7 +279,7 @@ def test_results_come_in_a_fixed_order_however_long_groups_take(folder, tmp_path
 
     runs = []
     for readers in (1, 3, 3):
-        with GpuDecoder(CFG, "cpu", decode_jpeg=slow, group=3, readers=readers, draft=448) as dec:
+        with GpuDecoder(CFG, "cpu", library=JpegLibrary("stand-in", slow), group=3, readers=readers, draft=448) as dec:
             runs.append([Path(x.path).name for x in dec.imap(str(d / n) for n in names)])
     assert runs[0] == runs[1] == runs[2] == _expected_order(names, 3, lambda n: n.endswith(".jpg"))
 
@@ -296,7 +296,8 @@ def test_groups_are_decoded_while_the_caller_works_on_earlier_ones(tmp_path):
             time.sleep(1.0)  # meanwhile the reads come in, and the next groups are handed over
         return pillow_as_nvjpeg(datas, device)
 
-    with GpuDecoder(CFG, "cpu", decode_jpeg=counting, group=2, readers=2, draft=448, groups_ahead=2) as dec:
+    library = JpegLibrary("stand-in", counting)
+    with GpuDecoder(CFG, "cpu", library=library, group=2, readers=2, draft=448, groups_ahead=2) as dec:
         results = dec.imap(paths)
         first = next(results)  # the caller holds the first group's results ...
         deadline = time.monotonic() + 10
@@ -358,8 +359,8 @@ def test_one_decoding_thread_unless_more_are_asked_for(monkeypatch):
 
 
 def test_a_library_that_loses_files_is_an_error_not_a_silent_loss(folder):
-    with GpuDecoder(CFG, "cpu", decode_jpeg=lambda datas, device: pillow_as_nvjpeg(datas, device)[1:],
-                    group=2, draft=448) as dec:
+    loses_one = JpegLibrary("stand-in", lambda datas, device: pillow_as_nvjpeg(datas, device)[1:])
+    with GpuDecoder(CFG, "cpu", library=loses_one, group=2, draft=448) as dec:
         with pytest.raises(RuntimeError, match="gave 1 images for 2 files"):
             list(dec.imap([str(folder["plain"]), str(folder["rotated"])]))
 
@@ -585,7 +586,7 @@ def test_the_decoder_says_whether_its_caller_waited_for_readers_or_groups(tmp_pa
         time.sleep(0.2)
         return pillow_as_nvjpeg(datas, device)
 
-    with GpuDecoder(CFG, "cpu", decode_jpeg=slow_groups, group=2, readers=2, draft=448) as dec:
+    with GpuDecoder(CFG, "cpu", library=JpegLibrary("stand-in", slow_groups), group=2, readers=2, draft=448) as dec:
         assert len(list(dec.imap(paths))) == 6
     assert dec.waited["gpu"] >= 0.45 > dec.waited["read"]
     real_read = gpudecode.read_file
@@ -595,7 +596,7 @@ def test_the_decoder_says_whether_its_caller_waited_for_readers_or_groups(tmp_pa
         return real_read(path)
 
     monkeypatch.setattr(gpudecode, "read_file", slow_read)
-    with GpuDecoder(CFG, "cpu", decode_jpeg=pillow_as_nvjpeg, group=2, readers=1, draft=448) as dec:
+    with GpuDecoder(CFG, "cpu", library=STAND_IN, group=2, readers=1, draft=448) as dec:
         assert len(list(dec.imap(paths))) == 6
     assert dec.waited["read"] >= 0.45 > dec.waited["gpu"]
 
@@ -634,7 +635,7 @@ def test_the_caller_s_stream_waits_for_each_group_and_keeps_its_crops(monkeypatc
     done, on_cpu = Future(), Future()
     done.set_result((group, "group's event"))
     on_cpu.set_result(([group[2]], None))  # decoded off CUDA: nothing to hand over
-    with GpuDecoder(CFG, "cpu", decode_jpeg=pillow_as_nvjpeg) as dec:
+    with GpuDecoder(CFG, "cpu", library=STAND_IN) as dec:
         out = deque([done, on_cpu])
         results = dec._take_ready(out, keep=0)
         assert next(results).path == "a.jpg"
