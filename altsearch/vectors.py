@@ -5,7 +5,7 @@ Three kinds:
   saved: `open` builds it from the catalogue's vectors (int8, dequantised), 0.7 s at 100k x 768
   against 0.5 s to check and read a float32 file of it, and 3 KB per image less on disk.
 - "ivfpq": approximate and compact, IndexIVFPQ (inner product, spherical k-means, residuals
-  product-quantised into `pq_m_for(d)` bytes, a hashtable direct map so ids can be removed). It
+  product-quantised into `pq_m_for(d)` bytes). It
   finds `candidates_for(k)` candidates, which `search` re-ranks exactly against the true vectors
   given by its `refine` argument (IndexStore reads them from the catalogue), so the scores returned
   are exact inner products. nprobe is tuned at build time for recall@10 after re-ranking. What
@@ -13,7 +13,10 @@ Three kinds:
 - "ivf": approximate, IndexIVFFlat (float32 vectors kept in full, so no re-ranking), with nprobe
   tuned at build time for recall@10. Chosen only explicitly (`optimize`, which IndexStore records so
   that later rebuilds keep the kind); saved IVF files keep working.
-Unlike HNSW, both IVF kinds support removal, move to the GPU, and build fast.
+Unlike HNSW, both IVF kinds support removal, move to the GPU, and build fast. Neither keeps a
+direct map (FAISS's id -> list position table): removing or replacing ids scans the lists' ids
+instead (~3 ms per call at 1M vectors, in FAISS's threads), where a hashtable map would cost ~40
+bytes per vector in memory, 16 in the file, and rebuilding 10M entries whenever the file is read.
 
 The CPU index is always the master copy (it is what is saved); with a GPU, searches run on a
 copy made with `faiss.index_cpu_to_gpu`, remade after the next add or remove. Where FAISS has no
@@ -515,7 +518,6 @@ def _build_ivf(rows: _Rows, kind: str, seed: int) -> faiss.IndexIVF:
     # spherical k-means: IVF with inner product normalises its centroids
     index.train(_as_vectors(sample, rows.dim, "vectors"))
     del sample
-    index.set_direct_map_type(faiss.DirectMap.Hashtable)  # any ids, removable, readable back
     _, picks = rows.read(np.sort(rng.choice(n, size=min(TUNE_QUERIES, n), replace=False)))
     queries = _probe_queries(picks, rng)
     k = min(10, n)
@@ -739,13 +741,16 @@ class VectorIndex:
     def _raw_ids(self) -> np.ndarray:
         if self.kind == "flat":
             return faiss.vector_to_array(self._cpu.id_map).astype(np.int64)
-        invlists = self._cpu.invlists
-        parts = [
-            faiss.rev_swig_ptr(invlists.get_ids(lst), invlists.list_size(lst)).copy()
-            for lst in range(self._cpu.nlist)
-            if invlists.list_size(lst)
-        ]
+        parts = [ids.copy() for _, ids in self._lists()]
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+    def _lists(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(list number, its ids: a view of FAISS's memory, valid until the next change) of each
+        non-empty inverted list of an IVF kind."""
+        invlists = self._cpu.invlists
+        for lst in range(self._cpu.nlist):
+            if size := invlists.list_size(lst):
+                yield lst, faiss.rev_swig_ptr(invlists.get_ids(lst), size)
 
     def add(self, ids: np.ndarray, vecs: np.ndarray) -> None:
         """Add vectors under these ids; ids already in the index are replaced."""
@@ -758,9 +763,10 @@ class VectorIndex:
         if not len(ids):
             return
         with self._lock:
-            present = ids[np.isin(ids, self._raw_ids())]
-            if len(present):
-                self._remove(present)
+            if self.kind != "flat":
+                self._remove(ids)  # replaced: one scan of the lists' ids, absent ones ignored
+            elif len(present := ids[np.isin(ids, self._raw_ids())]):
+                self._remove(present)  # IndexIDMap2 rebuilds its id table on every removal
             self._cpu.add_with_ids(vecs, ids)
             self._gpu_index = self._torch_index = None
 
@@ -775,11 +781,8 @@ class VectorIndex:
         return removed
 
     def _remove(self, ids: np.ndarray) -> int:
-        if self.kind == "flat":
-            return int(self._cpu.remove_ids(faiss.IDSelectorBatch(ids)))
-        # the hashtable direct map removes by looking each id up: it takes an explicit array
-        selector = faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids))
-        return int(self._cpu.remove_ids(selector))
+        # every stored id is tested against the set (a Bloom filter first): one pass, whatever len(ids)
+        return int(self._cpu.remove_ids(faiss.IDSelectorBatch(ids)))
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         """The stored vectors of these ids (float32 (N, D)); an absent id raises KeyError. An ivfpq
@@ -787,10 +790,26 @@ class VectorIndex:
         if self.kind == "ivfpq":
             raise ValueError("an ivfpq index keeps compressed codes only; read vectors from the catalogue")
         ids = _as_ids(ids)
-        missing = np.setdiff1d(ids, self._raw_ids())
-        if len(missing):
-            raise KeyError(f"ids not in the vector index: {missing[:5].tolist()}")
-        return self._cpu.reconstruct_batch(ids) if len(ids) else np.empty((0, self.dim), np.float32)
+        if self.kind == "flat":
+            missing = np.setdiff1d(ids, self._raw_ids())
+            if len(missing):
+                raise KeyError(f"ids not in the vector index: {missing[:5].tolist()}")
+            return self._cpu.reconstruct_batch(ids) if len(ids) else np.empty((0, self.dim), np.float32)
+        # an ivf list's codes are its float32 vectors; with no direct map, the lists are searched
+        wanted, where = np.unique(ids, return_inverse=True)
+        vecs = np.empty((len(wanted), self.dim), np.float32)
+        found = np.zeros(len(wanted), bool)
+        invlists = self._cpu.invlists
+        for lst, list_ids in self._lists() if len(wanted) else ():
+            at = np.minimum(np.searchsorted(wanted, list_ids), len(wanted) - 1)
+            hit = wanted[at] == list_ids
+            if hit.any():
+                codes = faiss.rev_swig_ptr(invlists.get_codes(lst), len(list_ids) * invlists.code_size)
+                vecs[at[hit]] = codes.view(np.float32).reshape(len(list_ids), self.dim)[hit]
+                found[at[hit]] = True
+        if not found.all():
+            raise KeyError(f"ids not in the vector index: {wanted[~found][:5].tolist()}")
+        return vecs[where.reshape(-1)]
 
     # -- search
 
@@ -930,6 +949,9 @@ class VectorIndex:
         except OSError as err:
             raise IndexStoreError(f"cannot read vector index {path}: {err}") from err
         _check_matches(index, header, path)
+        # an older altsearch kept a hashtable direct map (~40 bytes per vector): dropped, and the
+        # next save leaves it out
+        index.set_direct_map_type(faiss.DirectMap.NoMap)
         return cls(index, header.kind, device=device, built_count=header.built_count, header=header)
 
 

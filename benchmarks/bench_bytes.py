@@ -19,9 +19,12 @@ opened), beyond it an ivfpq saved to ``vectors.faiss``. Columns:
   every vector from the catalogue; for ivfpq, checking and reading the file;
 - baseline: the previous layouts, measured in the same run: the same catalogue rows with float16
   vectors (schema 1, written into a scratch SQLite file) beside the vector file that layout saved
-  (flat: the float32 FAISS file, its 350-byte header left out; ivfpq: the same file as ours); "x" is
-  baseline total / our total (> 1: ours is smaller). "f32" is raw float32 vectors alone,
-  ``n * d * 4`` bytes, for reference.
+  (flat: the float32 FAISS file, its 350-byte header left out; ivfpq: the same index with the
+  hashtable direct map altsearch kept until 2026-11, saved with its header); "x" is baseline total /
+  our total (> 1: ours is smaller). "f32" is raw float32 vectors alone, ``n * d * 4`` bytes, for
+  reference;
+- baseline open s (ivfpq): seconds a fresh process took to check and read that baseline file as
+  altsearch read it then (SHA-256, then FAISS parsing it, id map included).
 
 A last line fits ``bytes/image = a + b / n`` to the measured totals of the sizes whose vector file
 is the kind 10M images get (ivfpq) and extrapolates to 10M images; that figure is extrapolated,
@@ -59,6 +62,7 @@ from bench_query import CLUSTER_SIZE, ClusteredVectors  # noqa: E402
 from bench_search import file_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+BASELINE_VECTORS = "baseline-vectors.faiss"  # the previous layout's ivfpq file, beside ours
 FILL_CHUNK = 50_000  # catalogue rows per Tx.add call
 TX_ROWS = 250_000  # catalogue rows per transaction
 T0 = 1_420_070_400.0  # 2015-01-01, the first fake photo
@@ -87,9 +91,10 @@ def fake_records(start: int, n: int) -> list[dict]:
 
 def build_index(folder: Path, n: int, dim: int, seed: int = 0) -> dict:
     """The index folder of ``n`` fake images; returns its figures and the float16 baseline's."""
+    import faiss
+
     from altsearch.catalog import Catalog
     from altsearch.store import CATALOG_FILE, VECTORS_FILE, IndexStore
-    from altsearch.vectors import header_path
 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -117,17 +122,26 @@ def build_index(folder: Path, n: int, dim: int, seed: int = 0) -> dict:
         build_s = time.perf_counter() - t0
         store.save_vectors()
         kind = index.kind
-        # the previous layout saved a flat index too: this FAISS index, float32
-        old_flat_bytes = file_bytes(index._cpu) if kind == "flat" else None
+        if kind == "flat":  # the previous layout saved a flat index too: this FAISS index, float32
+            baseline_vector_bytes = file_bytes(index._cpu)
+        else:  # ... and kept a hashtable direct map in an approximate one
+            index._cpu.set_direct_map_type(faiss.DirectMap.Hashtable)
+            index.save(folder / BASELINE_VECTORS, generation=index.generation)
+            baseline_vector_bytes = _pair_bytes(folder / BASELINE_VECTORS)
         del index
     finally:
         store.close()
-    files = (folder / VECTORS_FILE, header_path(folder / VECTORS_FILE))
-    vector_bytes = sum(f.stat().st_size for f in files if f.exists())
     return {"n": n, "dim": dim, "kind": kind, "catalog_bytes": _checkpointed_size(folder / CATALOG_FILE),
-            "vector_bytes": vector_bytes, "baseline_catalog_bytes": _checkpointed_size(baseline.path),
-            "baseline_vector_bytes": vector_bytes if old_flat_bytes is None else old_flat_bytes,
-            "add_rows_per_s": n / add_s, "build_s": build_s}
+            "vector_bytes": _pair_bytes(folder / VECTORS_FILE),
+            "baseline_catalog_bytes": _checkpointed_size(baseline.path),
+            "baseline_vector_bytes": baseline_vector_bytes, "add_rows_per_s": n / add_s, "build_s": build_s}
+
+
+def _pair_bytes(path: Path) -> int:
+    """Bytes of a saved vector index: the FAISS file and its header (0 when there is none)."""
+    from altsearch.vectors import header_path
+
+    return sum(f.stat().st_size for f in (path, header_path(path)) if f.exists())
 
 
 class Float16Catalog:
@@ -202,15 +216,40 @@ assert len(records) == 10, len(records)
 print(json.dumps({"rss_growth": rss() - before, "vectors": len(vectors), "kind": vectors.kind, "open_s": open_s}))
 """
 
+_BASELINE_OPEN_PROBE = r"""
+import json, sys, time
+from pathlib import Path
+from altsearch import vectors
+
+path = Path(sys.argv[1])
+t0 = time.perf_counter()
+header = vectors.read_header(path)
+with path.open("rb") as f:  # as VectorIndex.load read a file before it dropped the id map
+    vectors._verify(f, header, path)
+    index = vectors._read_faiss(f, path)
+print(json.dumps({"baseline_open_s": time.perf_counter() - t0, "baseline_id_map": index.direct_map.type}))
+"""
+
+
+def _probe(code: str, *args: str) -> dict:
+    """The JSON line a fresh Python process running `code` prints last."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"a probe process failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
 
 def measure_rss(folder: Path, dim: int) -> dict:
     """RSS growth of a fresh process that opens the index and answers one search (after its imports)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(folder), str(dim)], capture_output=True,
-                          text=True, env=env, check=False)
-    if proc.returncode:
-        raise RuntimeError(f"the RSS probe failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _probe(_RSS_PROBE, str(folder), str(dim))
+
+
+def measure_baseline_open(folder: Path) -> dict:
+    """Seconds a fresh process takes to check and read the previous layout's ivfpq file, if any."""
+    if not (folder / BASELINE_VECTORS).exists():
+        return {"baseline_open_s": None}
+    return _probe(_BASELINE_OPEN_PROBE, str(folder / BASELINE_VECTORS))
 
 
 def fit(rows: list[dict], kind: str) -> tuple[float, float] | None:
@@ -228,6 +267,7 @@ def fit(rows: list[dict], kind: str) -> tuple[float, float] | None:
 def table_row(r: dict) -> str:
     return (f"| {r['n']:,} | {r['kind']} | {r['catalog_per_image']:,.0f} | {r['vector_per_image']:,.0f} | "
             f"{r['total_per_image']:,.0f} | {r['rss_per_image']:,.0f} | {r['open_s']:.2f} | "
+            f"{'' if r['baseline_open_s'] is None else format(r['baseline_open_s'], '.2f')} | "
             f"{r['baseline_catalog_per_image']:,.0f} | {r['baseline_per_image']:,.0f} | {r['vs_baseline']:.2f} | "
             f"{r['f32_per_image']:,.0f} |")
 
@@ -235,15 +275,16 @@ def table_row(r: dict) -> str:
 def render(rows: list[dict], dim: int) -> str:
     lines = [f"bytes per indexed image, d={dim}", "",
              "| images | vector index | catalogue B/image | vector file B/image | total B/image | RSS B/image | "
-             "open s | baseline catalogue B/image (fp16) | baseline total B/image | x baseline | "
+             "open s | baseline open s | baseline catalogue B/image (fp16) | baseline total B/image | x baseline | "
              "f32 vectors B/image |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [table_row(r) for r in rows]
     lines.append("")
     lines.append("RSS = resident memory a fresh process gains opening the index (IndexStore) and answering one "
                  "search with its catalogue rows, / images; open s = its seconds to open the vector index (flat: "
                  "built from the catalogue; no file); baseline = the same rows with float16 catalogue vectors "
-                 "(schema 1) + the vector file that layout saved (flat: float32), written in this run")
+                 "(schema 1) + the vector file that layout saved (flat: float32; ivfpq: with a hashtable id map), "
+                 "written in this run; baseline open s = a fresh process checking and reading that ivfpq file")
     from altsearch.vectors import kind_for
 
     big = kind_for(10_000_000)
@@ -258,7 +299,9 @@ def render(rows: list[dict], dim: int) -> str:
         lines.append(f"summary: {r['n']:,} images: {r['total_per_image']:,.0f} B/image on disk "
                      f"({r['catalog_per_image']:,.0f} catalogue + {r['vector_per_image']:,.0f} {r['kind']} vector "
                      f"file) = {r['vs_baseline']:.2f}x smaller than the float16 layout; {r['rss_per_image']:,.0f} "
-                     f"B/image resident, the vector index opened in {r['open_s']:.2f} s; Tx.add "
+                     f"B/image resident, the vector index opened in {r['open_s']:.2f} s"
+                     + ("" if r["baseline_open_s"] is None else f" (previous layout: {r['baseline_open_s']:.2f} s)")
+                     + "; Tx.add "
                      f"{r['add_rows_per_s']:,.0f} rows/s")
     return "\n".join(lines)
 
@@ -269,6 +312,7 @@ def run_size(n: int, dim: int, work: Path) -> dict:
     try:
         row = build_index(folder, n, dim)
         row.update(measure_rss(folder, dim))
+        row.update(measure_baseline_open(folder))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     total = row["catalog_bytes"] + row["vector_bytes"]

@@ -72,6 +72,21 @@ def test_tiny_run_prints_the_table(tmp_path):
     assert not list((tmp_path / "w").iterdir())  # index folders are removed
 
 
+def test_a_compact_index_is_measured_against_the_layout_with_an_id_map(bench, tmp_path, monkeypatch):
+    """Beyond EXACT_MAX the row is an ivfpq file; its baseline is the same index saved with the
+    hashtable direct map altsearch used to keep (16 bytes per vector more), opened as it was."""
+    from altsearch import vectors
+
+    monkeypatch.setattr(vectors, "EXACT_MAX", 1000)
+    row = bench.run_size(1200, 32, tmp_path)
+    assert row["kind"] == "ivfpq" and row["vectors"] == 1200 and row["vector_bytes"] > 1200 * 8
+    assert row["baseline_vector_bytes"] > row["vector_bytes"] + 15 * 1200  # 16, give or take the headers
+    assert row["baseline_catalog_bytes"] > row["catalog_bytes"] and row["vs_baseline"] > 1
+    assert row["open_s"] > 0 and row["baseline_open_s"] > 0 and row["baseline_id_map"] != 0  # NoMap is 0
+    assert "| 1,200 | ivfpq |" in bench.render([row], 32) and "previous layout:" in bench.render([row], 32)
+    assert not list(tmp_path.iterdir())
+
+
 def test_the_10m_extrapolation_fits_only_the_kind_10m_images_get(bench):
     flat = [{"n": n, "kind": "flat", "total_per_image": 4200.0} for n in (10_000, 100_000)]
     compact = [{"n": n, "kind": "ivfpq", "total_per_image": 1100.0 + 3e7 / n} for n in (200_000, 1_000_000)]

@@ -259,6 +259,11 @@ def test_ivf_add_remove_and_round_trip(clustered_50k, tmp_path: Path) -> None:  
     index = VectorIndex.build(ids[:5000], vecs[:5000], kind="ivf", device="cpu")
     kept_ids, kept_vecs = add_replace_remove(index, ids, vecs)
     np.testing.assert_array_equal(index.reconstruct(ids[:10]), vecs[6000:6010])
+    # read from the lists (no direct map), in the order asked, repeats included
+    np.testing.assert_array_equal(index.reconstruct(ids[[5999, 3, 5999]]), vecs[[5999, 6003, 5999]])
+    assert index.reconstruct(ids[:0]).shape == (0, vecs.shape[1])
+    with pytest.raises(KeyError, match=str(ids[15])):
+        index.reconstruct(ids[14:16])  # ids[15] was removed
 
     path = tmp_path / "vectors.faiss"
     index.save(path, generation=3)
@@ -489,6 +494,33 @@ def test_save_load_round_trip(data, ivf, tmp_path: Path) -> None:  # noqa: ANN00
     ivf.remove(data[0][:100])
     assert ivf.save(path, generation=13).count == 900  # replaces the old pair
     assert len(VectorIndex.load(path, device="cpu")) == 900 and read_header(path).generation == 13
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_an_ivf_keeps_no_direct_map_and_drops_an_old_files(clustered_20k, tmp_path: Path, kind: str) -> None:  # noqa: ANN001
+    """A hashtable direct map costs ~40 bytes per vector in memory and 16 in the file, and rebuilding
+    it is much of the time a big file takes to load: altsearch keeps none, and drops the one that
+    files saved by an older altsearch hold. Removing and replacing ids works without it."""
+    ids, vecs, centres = clustered_20k
+    index = VectorIndex.build(ids[:5000], vecs[:5000], kind=kind, device="cpu")
+    assert index._cpu.direct_map.type == faiss.DirectMap.NoMap
+    new, old = tmp_path / "new.faiss", tmp_path / "old.faiss"
+    index.save(new, generation=1)
+    assert faiss.read_index(str(new)).direct_map.type == faiss.DirectMap.NoMap
+    index._cpu.set_direct_map_type(faiss.DirectMap.Hashtable)  # as an older altsearch built and saved it
+    index.save(old, generation=1)
+    assert old.stat().st_size >= new.stat().st_size + 16 * 5000
+
+    loaded = VectorIndex.load(old, device="cpu")
+    assert loaded._cpu.direct_map.type == faiss.DirectMap.NoMap
+    kept_ids, kept_vecs = add_replace_remove(loaded, ids, vecs)
+    truth = refine_from(kept_ids, kept_vecs)
+    queries = held_out_queries(vecs, centres, seed=9)[:30]
+    _, exact = exact_search(queries, kept_ids, kept_vecs, 10)
+    assert recall_at_k(exact, loaded.search(queries, 10, refine=truth)[1]) >= vectors_module.RECALL_TARGET
+    loaded.save(old, generation=2)  # saved again: without the map
+    assert faiss.read_index(str(old)).direct_map.type == faiss.DirectMap.NoMap
+    assert len(VectorIndex.load(old, device="cpu")) == len(kept_ids)
 
 
 def test_a_flat_index_is_never_saved(flat, tmp_path: Path) -> None:  # noqa: ANN001
