@@ -437,17 +437,31 @@ def _as_ids(ids: np.ndarray | list[int]) -> np.ndarray:
 # --- IVF building ------------------------------------------------------------------------
 
 
-class _Rows:
+class _Rows(Protocol):
     """The vectors an IVF is built from, read in parts, so that a build never needs them all in
     memory at once: `ids` lists them (unique int64, in a fixed order), `read` gives the vectors at
-    some positions of that list, `batches` every vector once, in batches. This one holds arrays."""
+    some positions of that list, `batches` every vector once, in batches, `refine` the true vectors
+    of some ids (for the ivfpq re-rank while nprobe is tuned)."""
+
+    ids: np.ndarray
+    dim: int
+
+    def read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, float32 vectors) at these ascending positions of `ids`; ids gone since are left out."""
+        ...
+
+    def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+    def refine(self) -> Refine: ...
+
+
+class _ArrayRows:
+    """Rows held in arrays."""
 
     def __init__(self, ids: np.ndarray, vecs: np.ndarray) -> None:
         self.ids, self._vecs = ids, vecs
         self.dim = vecs.shape[1]
 
     def read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, float32 vectors) at these ascending positions of `ids`; ids gone since are left out."""
         return self.ids[positions], self._vecs[positions]
 
     def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -458,7 +472,7 @@ class _Rows:
         return refine_from(self.ids, self._vecs)
 
 
-class _CatalogRows(_Rows):
+class _CatalogRows:
     """The vectors of a catalogue (its int8 codes, decoded batch by batch as they are read)."""
 
     def __init__(self, catalog: VectorSource, ids: np.ndarray) -> None:
@@ -625,7 +639,7 @@ class VectorIndex:
         vecs = _as_vectors(vecs, vecs.shape[1], "vectors")
         if len(np.unique(ids)) != len(ids):
             raise ValueError("ids repeat")
-        return cls(_build_ivf(_Rows(ids, vecs), kind, seed), kind, device=device, built_count=len(ids))
+        return cls(_build_ivf(_ArrayRows(ids, vecs), kind, seed), kind, device=device, built_count=len(ids))
 
     @classmethod
     def from_catalog(cls, catalog: VectorSource, *, kind: str = "auto", device: str = "auto") -> VectorIndex:

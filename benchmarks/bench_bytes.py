@@ -16,7 +16,9 @@ opened), beyond it an ivfpq saved to ``vectors.faiss``. Columns:
   of images. It is what a searching process holds per image: the vector index (a flat one as float32
   vectors built from the catalogue's int8 ones) and SQLite's page cache;
 - open s: seconds that process took to open the vector index: for flat, reading and dequantising
-  every vector from the catalogue; for ivfpq, checking and reading the file;
+  every vector from the catalogue; for ivfpq, checking and reading the file. RSS and open s are
+  medians of OPEN_REPEATS processes, run once the build's writes are flushed to disk, alternating
+  with the baseline's;
 - baseline: the previous layouts, measured in the same run: the same catalogue rows with float16
   vectors (schema 1, written into a scratch SQLite file) beside the vector file that layout saved
   (flat: the float32 FAISS file, its 350-byte header left out; ivfpq: the same index with the
@@ -63,6 +65,7 @@ from bench_search import file_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE_VECTORS = "baseline-vectors.faiss"  # the previous layout's ivfpq file, beside ours
+OPEN_REPEATS = 3  # fresh processes opening each layout's index (figures: the median)
 FILL_CHUNK = 50_000  # catalogue rows per Tx.add call
 TX_ROWS = 250_000  # catalogue rows per transaction
 T0 = 1_420_070_400.0  # 2015-01-01, the first fake photo
@@ -245,6 +248,22 @@ def measure_rss(folder: Path, dim: int) -> dict:
     return _probe(_RSS_PROBE, str(folder), str(dim))
 
 
+def measure_opens(folder: Path, dim: int, repeats: int = OPEN_REPEATS) -> dict:
+    """The probes, each `repeats` times, ours and the baseline's alternating once what the build
+    wrote is on disk (writing it back would slow whichever came first); the median of each figure."""
+    os.sync()
+    ours, base = [], []
+    for _ in range(repeats):
+        ours.append(measure_rss(folder, dim))
+        base.append(measure_baseline_open(folder))
+    row = {**ours[0], **base[0]}
+    for key in ("rss_growth", "open_s", "baseline_open_s"):
+        values = [r[key] for r in ours + base if r.get(key) is not None]
+        row[key] = float(np.median(values)) if values else None
+    row["rss_growth"] = int(row["rss_growth"])
+    return row
+
+
 def measure_baseline_open(folder: Path) -> dict:
     """Seconds a fresh process takes to check and read the previous layout's ivfpq file, if any."""
     if not (folder / BASELINE_VECTORS).exists():
@@ -311,8 +330,7 @@ def run_size(n: int, dim: int, work: Path) -> dict:
     print(f"filling {folder} ({n:,} images, d={dim}) ...", flush=True)
     try:
         row = build_index(folder, n, dim)
-        row.update(measure_rss(folder, dim))
-        row.update(measure_baseline_open(folder))
+        row.update(measure_opens(folder, dim))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     total = row["catalog_bytes"] + row["vector_bytes"]

@@ -109,15 +109,6 @@ def as_float(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return codes.astype(np.float32) * scales[:, None]
 
 
-def int8_refine(codes: np.ndarray, scales: np.ndarray):
-    """A vectors.Refine over ids 0..n-1 held as int8 codes in memory."""
-
-    def refine(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return ids, as_float(codes[ids], scales[ids])
-
-    return refine
-
-
 class Int8Vectors:
     """Vectors 0..n-1 held as the catalogue holds them (int8 codes, a float32 scale each), read through
     the interface ``VectorIndex.from_catalog`` reads a catalogue by (``vectors.VectorSource``): the
@@ -145,6 +136,10 @@ class Int8Vectors:
             part = wanted[start : start + batch]
             yield part, as_float(self.codes[part], self.scales[part])
 
+    def refine(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The true vectors of these ids (a vectors.Refine: the search's re-rank reads them here)."""
+        return ids, as_float(self.codes[ids], self.scales[ids])
+
 
 def exact_top(queries: np.ndarray, source: Int8Vectors, k: int = 10) -> np.ndarray:
     """The ids of each query's exact top k (inner product), scanning the vectors a batch at a time."""
@@ -159,8 +154,8 @@ def exact_top(queries: np.ndarray, source: Int8Vectors, k: int = 10) -> np.ndarr
 
 
 def index_bytes(kind: str, n: int, dim: int) -> int:
-    """About what an index of `kind` over n vectors holds in memory (float32 vectors; ivfpq: codes,
-    ids and the id hashtable)."""
+    """About what an index of `kind` over n vectors holds in memory (float32 vectors; ivfpq: codes and
+    ids, and the spare capacity of lists grown while building)."""
     from altsearch.vectors import pq_m_for
 
     return n * dim * 4 if kind in ("flat", "ivf") else n * (pq_m_for(dim) + 8 + 48)
@@ -258,7 +253,7 @@ def bench_size(n: int, args: argparse.Namespace, threads: int) -> dict:
         index = VectorIndex.from_catalog(source, kind=kind, device=args.device)
         build_s = time.perf_counter() - start
         peak = _peak_rss() if measured_peak else None
-        refine = int8_refine(source.codes, source.scales) if kind == "ivfpq" else None
+        refine = source.refine if kind == "ivfpq" else None
         _, found = index.search(queries, 10, refine=refine)
         row = {
             "kind": kind, "build_s": build_s, "bytes_per_vector": file_bytes(index._cpu) / n,
