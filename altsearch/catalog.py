@@ -127,6 +127,18 @@ _VECTOR_IDS = (
 )
 _VECTOR_IDS_SINCE = f"{_VECTOR_IDS} AND generation > ?"
 _FIRST_VECTOR_ID = "SELECT min(image_id) FROM vectors WHERE image_id > ?"  # a seek in the primary key
+# Every deleted vector row (an image removed, its vector with it) sets the meta value REMOVED_META to
+# the generation its transaction commits as (the stored one + 1: transactions bump it last). A trigger,
+# so that whoever deletes, an older altsearch included, leaves the mark: a FAISS index reflecting
+# generation G then knows without listing every id whether it can hold ids the catalogue lost
+# (`Catalog.removed_since`), which is what catching up with a commit cost at scale.
+REMOVED_META = "vectors_removed_at"
+_REMOVAL_TRIGGER = "vectors_removal_mark"
+_CREATE_REMOVAL_TRIGGER = (
+    f"CREATE TRIGGER IF NOT EXISTS {_REMOVAL_TRIGGER} AFTER DELETE ON vectors BEGIN "
+    f"INSERT OR REPLACE INTO meta (key, value) SELECT '{REMOVED_META}', CAST(value AS INTEGER) + 1 "
+    "FROM meta WHERE key = 'generation'; END"
+)
 _ID_SPAN = 1 << 25  # ids per listing statement: 33.5M, one statement up to that many images
 _RECORD_FIELDS = (
     "path", "size", "mtime", "content_hash", "width", "height", "format",
@@ -607,6 +619,8 @@ class Catalog:
             )
         elif version < SCHEMA_VERSION:
             self._migrate(version)
+        if version is not None and not self.readonly:
+            self._mark_removals()
 
     def _schema_version(self) -> int | None:
         """The stored schema version; None for an empty file; IndexStoreError for a foreign one."""
@@ -643,7 +657,22 @@ class Catalog:
             }
             for key, value in initial.items():
                 conn.execute(meta.insert().prefix_with("OR IGNORE"), {"key": key, "value": value})
+            conn.exec_driver_sql(_CREATE_REMOVAL_TRIGGER)
+            _put_meta(conn, REMOVED_META, "0")  # nothing removed yet
         log.info("created catalogue %s", self.path)
+
+    def _mark_removals(self) -> None:
+        """Give a catalogue made before the removal mark its trigger (a writable open does it once).
+        What was removed before is unknown: the mark says "at the current generation", so an index
+        reflecting an older one lists every id once more to find out."""
+        find = "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = ?"
+        with self._engine.connect() as conn:
+            if conn.exec_driver_sql(find, (_REMOVAL_TRIGGER,)).first() is not None:
+                return
+        with self._write() as conn:
+            if conn.exec_driver_sql(find, (_REMOVAL_TRIGGER,)).first() is None:  # another writer may have
+                conn.exec_driver_sql(_CREATE_REMOVAL_TRIGGER)
+                _put_meta(conn, REMOVED_META, str(_generation(conn)))
 
     def _migrate(self, version: int) -> None:
         if self.readonly:
@@ -770,6 +799,13 @@ class Catalog:
         """Bumped by every committed transaction that changed something; save it with the FAISS
         file, then `vector_ids(changed_since=it)` names the vectors written after that save."""
         return int(self.get_meta("generation") or 0)
+
+    def removed_since(self, generation: int) -> bool:
+        """Whether vectors may have been deleted by transactions after `generation`: False only when
+        the removal mark (kept by a trigger, see REMOVED_META) says that none was. A catalogue that
+        never had a writable open by this altsearch has no mark: True."""
+        mark = self.get_meta(REMOVED_META)
+        return mark is None or int(mark) > generation
 
     @property
     def catalog_id(self) -> str:

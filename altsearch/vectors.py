@@ -188,6 +188,7 @@ class VectorSource(Protocol):
     @property
     def dimension(self) -> int | None: ...
     def vector_ids(self, *, changed_since: int | None = None) -> np.ndarray: ...
+    def removed_since(self, generation: int) -> bool: ...
     def iter_vectors(
         self, batch: int = ..., ids: np.ndarray | None = None
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
@@ -692,14 +693,20 @@ class VectorIndex:
     def reconcile(self, catalog: VectorSource, *, since_generation: int) -> tuple[int, int]:
         """Make this index hold exactly the catalogue's vectors, given that it reflected the
         catalogue at `since_generation`: ids the catalogue lacks are removed; ids it lacks, and
-        vectors rewritten after that generation, are (re)added. Returns (added, removed)."""
+        vectors rewritten after that generation, are (re)added. Returns (added, removed).
+
+        When the catalogue says no vector was deleted since (`removed_since`), only the vectors
+        written since are read: the ids the index could lack. Otherwise every id is listed on both
+        sides and compared (at 1M vectors ~0.3 s, which a searching process paid after each
+        commit of a concurrent indexing run)."""
         generation = catalog.generation  # read first: later writes are caught next time
-        wanted = catalog.vector_ids()
-        have = self.ids()
-        stale = np.setdiff1d(have, wanted, assume_unique=True)
-        missing = np.setdiff1d(wanted, have, assume_unique=True)
-        todo = np.union1d(missing, catalog.vector_ids(changed_since=since_generation))
-        removed = self.remove(stale)
+        todo = catalog.vector_ids(changed_since=since_generation)
+        removed = 0
+        if catalog.removed_since(since_generation):
+            wanted = catalog.vector_ids()
+            have = self.ids()
+            removed = self.remove(np.setdiff1d(have, wanted, assume_unique=True))
+            todo = np.union1d(np.setdiff1d(wanted, have, assume_unique=True), todo)
         added = 0
         for ids, vecs in catalog.iter_vectors(ids=todo):
             self.add(ids, vecs)

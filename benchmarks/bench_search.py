@@ -124,6 +124,9 @@ class Int8Vectors:
     def vector_ids(self, *, changed_since: int | None = None) -> np.ndarray:
         return np.arange(len(self.codes), dtype=np.int64)
 
+    def removed_since(self, generation: int) -> bool:
+        return False  # never changes
+
     def iter_vectors(self, batch: int = 65536, ids: np.ndarray | None = None):
         if ids is None:
             for start in range(0, len(self.codes), batch):

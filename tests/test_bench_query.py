@@ -39,6 +39,29 @@ def test_filled_index_searches_the_vectors_the_naive_baseline_reads(bench, tmp_p
     assert bench.cached_index(tmp_path, 300, model)[1]["cached"]  # reused, not refilled
 
 
+def test_catch_up_leaves_the_cached_folder_as_it_was(bench, tmp_path, tiny_checkpoint, monkeypatch):
+    import argparse
+
+    from altsearch import vectors
+    from altsearch.catalog import Catalog
+    from altsearch.vectors import VectorIndex
+
+    monkeypatch.setattr(vectors, "EXACT_MAX", 1000)  # an ivfpq folder, whose file must end current
+    model = bench.model_identity(tiny_checkpoint)
+    folder, info = bench.cached_index(tmp_path, 1200, model)
+    assert info["kind"] == "ivfpq"
+    with Catalog(folder / "catalog.sqlite", readonly=True) as cat:
+        ids = cat.vector_ids()
+    args = argparse.Namespace(catch_up_rounds=2, k=5, device="cpu")
+    out = bench.measure_catch_up(folder, model, args)
+    assert out["rounds"] == 2 and out["ours_p50_ms"] > 0 and out["listing_p50_ms"] > 0
+    assert out["ratio"] == pytest.approx(out["listing_p50_ms"] / out["ours_p50_ms"])
+    with Catalog(folder / "catalog.sqlite", readonly=True) as cat:
+        np.testing.assert_array_equal(cat.vector_ids(), ids)  # the 4 chunks removed again
+        saved = VectorIndex.load(folder / "vectors.faiss")
+        assert saved.header.generation == cat.generation and len(saved) == 1200  # no catch-up on the next open
+
+
 def test_import_summary_counts_top_level_imports_once_and_groups_by_package(bench):
     stderr = "\n".join([
         "import time: self [us] | cumulative | imported package",
@@ -63,11 +86,12 @@ def test_tiny_run_prints_warm_and_cold_tables_against_their_baselines(tmp_path):
         capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for needle in ("machine:", "load average", "encoder p50", "ratio", "`import torch`", "naive / ours",
-                   "load the tokenizer", "import torch", "-X importtime", "summary: 200 vectors"):
+                   "load the tokenizer", "import torch", "-X importtime", "summary: 200 vectors", "baseline: every id listed"):
         assert needle in proc.stdout, needle
     report = json.loads(out.read_text())
     (row,) = report["rows"]
     warm, cold, steps = row["warm"], row["cold"], row["breakdown"]
+    assert row["catch_up"]["rounds"] == 5 and row["catch_up"]["ours_p50_ms"] > 0
     assert warm["ratio"] == pytest.approx(warm["search_p50_ms"] / warm["encoder_p50_ms"])
     assert 0 < warm["encoder_p50_ms"] and warm["search_p50_ms"] <= warm["search_p95_ms"]
     assert warm["towers_loaded"] == steps["towers_loaded"] == ["text"]  # a text query never reads the vision tower

@@ -653,6 +653,47 @@ def test_vector_ids_changed_since(cat: Catalog) -> None:
     assert cat.vector_ids().tolist() == [a, b, c, d]
 
 
+def test_every_removal_leaves_its_generation_whoever_removes(cat: Catalog) -> None:
+    a, b, c, d = add(cat, ["/p/a.jpg", "/p/b.jpg", "/p/c.jpg", "/p/d.jpg"])
+    assert not cat.removed_since(0)  # nothing was ever removed
+    with cat.transaction() as tx:  # new and rewritten vectors are no removal
+        tx.update(a, {"size": 1}, unit(1, seed=5)[0])
+        tx.add([record("/p/e.jpg")], unit(1, seed=6))
+    assert not cat.removed_since(0)
+    with cat.transaction() as tx:
+        tx.remove([b])
+        removed_at = tx.generation
+    assert cat.removed_since(removed_at - 1) and not cat.removed_since(removed_at)
+    # a writer that knows nothing of the mark (an older altsearch): the cascade from images fires it too
+    with sqlite3.connect(cat.path) as raw:
+        raw.execute("PRAGMA foreign_keys = ON")
+        raw.execute("DELETE FROM images WHERE id = ?", (c,))
+        raw.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+    raw.close()
+    assert cat.vector_ids().tolist() == [a, d, d + 1]
+    assert cat.removed_since(cat.generation - 1) and not cat.removed_since(cat.generation)
+
+
+def test_a_catalogue_from_before_the_removal_mark_gets_it_when_opened_writable(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.sqlite"
+    with Catalog(path) as cat:
+        add(cat, ["/p/a.jpg", "/p/b.jpg"])
+        with cat.transaction() as tx:
+            tx.remove([1])
+        generation = cat.generation
+    with sqlite3.connect(path) as raw:  # as altsearch made catalogues before the mark
+        raw.execute(f"DROP TRIGGER {catalog_module._REMOVAL_TRIGGER}")
+        raw.execute("DELETE FROM meta WHERE key = ?", (catalog_module.REMOVED_META,))
+    raw.close()
+    with Catalog(path, readonly=True) as old:  # what was removed, and when, is unknown
+        assert old.removed_since(generation) and old.removed_since(10**9)
+    with Catalog(path) as cat:  # a writable open adds the trigger; the mark: "at the latest, now"
+        assert cat.removed_since(generation - 1) and not cat.removed_since(generation)
+        with cat.transaction() as tx:
+            tx.remove([2])
+        assert cat.removed_since(generation) and not cat.removed_since(cat.generation)
+
+
 def plain_vectors(cat: Catalog, where: str = "", params: tuple = ()) -> dict[int, np.ndarray]:
     """image_id -> vector by plain SQL, one row at a time: the reference for the aggregated reads."""
     with sqlite3.connect(cat.path) as raw:

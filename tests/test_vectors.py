@@ -790,6 +790,48 @@ def test_from_catalog_and_reconcile(tmp_path: Path) -> None:
     cat.close()
 
 
+class ListingSpy:
+    """A catalogue that counts the listings of every vector id (what a reconcile without removals
+    must not need)."""
+
+    def __init__(self, cat: Catalog) -> None:
+        self._cat, self.full_listings = cat, 0
+
+    def vector_ids(self, *, changed_since: int | None = None) -> np.ndarray:
+        self.full_listings += changed_since is None
+        return self._cat.vector_ids(changed_since=changed_since)
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self._cat, name)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_reconcile_lists_every_id_only_after_a_removal(tmp_path: Path, kind: str) -> None:
+    cat = catalog_with(tmp_path, 300)
+    index = VectorIndex.from_catalog(cat, kind=kind, device="cpu")
+    spy = ListingSpy(cat)
+    since = index.generation
+    with cat.transaction() as tx:  # what another process commits while this one searches
+        tx.add([{"path": "/p/new.jpg", "size": 1, "mtime": 1.0, "content_hash": "n"}], unit(1, seed=12))
+        tx.update(10, {"size": 2}, unit(1, seed=13)[0])  # same id, new vector
+    assert index.reconcile(spy, since_generation=since) == (2, 0)
+    assert spy.full_listings == 0 and len(index) == 301
+    ids, vecs = catalog_vectors(cat)
+    np.testing.assert_array_equal(index.ids(), ids)
+    np.testing.assert_array_equal(index.reconstruct(ids), vecs)  # id 10 replaced, not duplicated
+
+    since = index.generation
+    with cat.transaction() as tx:
+        tx.remove([3, 301])
+    assert index.reconcile(spy, since_generation=since) == (0, 2)
+    assert spy.full_listings == 1
+    np.testing.assert_array_equal(index.ids(), cat.vector_ids())
+    assert not np.isin([3, 301], index.search(unit(5, seed=1), 300)[1]).any()
+    since = index.generation
+    assert index.reconcile(spy, since_generation=since) == (0, 0) and spy.full_listings == 1
+    cat.close()
+
+
 def test_open_reconciles_a_saved_file_or_builds_a_flat_index(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cat = catalog_with(tmp_path, 200)
     path = tmp_path / "vectors.faiss"
