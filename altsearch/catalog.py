@@ -579,6 +579,7 @@ class Catalog:
         self._quick_lock = threading.Lock()
         self._quick_con: sqlite3.Connection | None = None
         self._closed = False
+        self._marked = False  # whether the removal mark's trigger is known to be in the file
         if readonly and not self.path.is_file():
             raise IndexStoreError(f"no catalogue at {self.path}")
         if not readonly:
@@ -619,8 +620,6 @@ class Catalog:
             )
         elif version < SCHEMA_VERSION:
             self._migrate(version)
-        if version is not None and not self.readonly:
-            self._mark_removals()
 
     def _schema_version(self) -> int | None:
         """The stored schema version; None for an empty file; IndexStoreError for a foreign one."""
@@ -661,18 +660,6 @@ class Catalog:
             _put_meta(conn, REMOVED_META, "0")  # nothing removed yet
         log.info("created catalogue %s", self.path)
 
-    def _mark_removals(self) -> None:
-        """Give a catalogue made before the removal mark its trigger (a writable open does it once).
-        What was removed before is unknown: the mark says "at the current generation", so an index
-        reflecting an older one lists every id once more to find out."""
-        find = "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = ?"
-        with self._engine.connect() as conn:
-            if conn.exec_driver_sql(find, (_REMOVAL_TRIGGER,)).first() is not None:
-                return
-        with self._write() as conn:
-            if conn.exec_driver_sql(find, (_REMOVAL_TRIGGER,)).first() is None:  # another writer may have
-                conn.exec_driver_sql(_CREATE_REMOVAL_TRIGGER)
-                _put_meta(conn, REMOVED_META, str(_generation(conn)))
 
     def _migrate(self, version: int) -> None:
         if self.readonly:
@@ -744,6 +731,7 @@ class Catalog:
             raise IndexStoreError(f"catalogue {self.path} is closed")
         with self._write_lock:
             with _translated(self.path, "writing"), self._write() as conn:
+                marked = self._marked or _mark_removals(conn)
                 tx = Tx(conn, self._dim, _generation(conn) + 1)
                 try:
                     yield tx
@@ -753,6 +741,7 @@ class Catalog:
                 finally:
                     tx.open = False
             self._dim = tx.dim  # only once committed
+            self._marked = marked
 
     # -- meta
 
@@ -972,6 +961,17 @@ class Catalog:
             problems += _orphans(conn)
             problems += _bad_lengths(conn, self.get_meta("dimension"))
         return problems
+
+
+def _mark_removals(conn: Connection) -> bool:
+    """Give a catalogue made before the removal mark its trigger, in a writer's transaction (readers
+    never write: they see no mark, and compare every id). What was removed before is unknown, so the
+    mark says "at the current generation": an index reflecting an older one compares every id once."""
+    find = "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = ?"
+    if conn.exec_driver_sql(find, (_REMOVAL_TRIGGER,)).first() is None:
+        conn.exec_driver_sql(_CREATE_REMOVAL_TRIGGER)
+        _put_meta(conn, REMOVED_META, str(_generation(conn)))
+    return True
 
 
 def _generation(conn: Connection) -> int:

@@ -687,11 +687,19 @@ def test_a_catalogue_from_before_the_removal_mark_gets_it_when_opened_writable(t
     raw.close()
     with Catalog(path, readonly=True) as old:  # what was removed, and when, is unknown
         assert old.removed_since(generation) and old.removed_since(10**9)
-    with Catalog(path) as cat:  # a writable open adds the trigger; the mark: "at the latest, now"
+    with Catalog(path) as cat:  # opening writes nothing (a reader may not be able to write)
+        assert cat.removed_since(generation) and cat.get_meta(catalog_module.REMOVED_META) is None
+        with pytest.raises(ZeroDivisionError), cat.transaction() as tx:
+            tx.set_meta("note", "x")
+            1 / 0
+        assert cat.get_meta(catalog_module.REMOVED_META) is None  # rolled back with the rest: tried again
+        with cat.transaction() as tx:  # a writer's first transaction adds the trigger; the mark: "now at the latest"
+            tx.set_meta("note", "x")
         assert cat.removed_since(generation - 1) and not cat.removed_since(generation)
+        assert cat.generation == generation + 1  # set_meta changed something
         with cat.transaction() as tx:
             tx.remove([2])
-        assert cat.removed_since(generation) and not cat.removed_since(cat.generation)
+        assert cat.removed_since(generation + 1) and not cat.removed_since(cat.generation)
 
 
 def plain_vectors(cat: Catalog, where: str = "", params: tuple = ()) -> dict[int, np.ndarray]:
