@@ -301,7 +301,7 @@ def _loadavg() -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="tiny, full or a checkpoint folder (default: tiny)")
+    p.add_argument("--model", default="tiny", help="tiny, tiny768, full or a checkpoint folder (default: tiny)")
     p.add_argument("--images", type=int, help="photos to embed (default: 32 with tiny, 8 otherwise)")
     p.add_argument("--size", default="4000x3000", help="photo size WxH (default: 4000x3000)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality (default: 90)")

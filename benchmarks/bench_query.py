@@ -7,7 +7,8 @@ on a 32-d subspace, of the model's dimension), then the vector file through ``En
 ``--workdir`` with a float32 ``.npy`` copy of the same vectors for the naive baseline.
 
 The model is ``--model tiny`` (the tests' tiny random checkpoint: the encoder costs ~1 ms, so what
-search and the catalogue add shows), ``full`` (a random checkpoint of the full BAAI/AltCLIP
+search and the catalogue add shows; 24-d vectors), ``tiny768`` (the same towers projecting to
+AltCLIP's 768 dimensions: search, catching up and storage at the real vector size), ``full`` (a random checkpoint of the full BAAI/AltCLIP
 architecture, 3.46 GB, written by benchmarks/bench_model.py's writer, with the real XLM-R tokenizer
 from ../shared/data/xlm-roberta) or a checkpoint folder.
 
@@ -542,7 +543,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                 "temporary folder, removed)")
     p.add_argument("--sizes", type=int_list(1), default=[10_000, 1_000_000],
                    help="index sizes in vectors (default: 10000,1000000)")
-    p.add_argument("--model", default="tiny", help="tiny, full or a checkpoint folder (default: tiny)")
+    p.add_argument("--model", default="tiny", help="tiny, tiny768, full or a checkpoint folder (default: tiny)")
     p.add_argument("--queries", type=int, default=50, help="warm queries per index (default: 50)")
     p.add_argument("--catch-up-rounds", type=int, default=5,
                    help="queries after another connection's commit, each way (default: 5)")
@@ -566,7 +567,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     ckpt = checkpoint_folder(args.model, work)
     model = model_identity(ckpt)
     report: dict = {"machine": info, "model": model["model_id"], "dimension": model["dimension"],
-                    "model_label": {"tiny": "tiny random", "full": "full-size random AltCLIP"}.get(args.model,
+                    "model_label": {"tiny": "tiny random", "tiny768": "tiny random, 768-d vectors",
+                                    "full": "full-size random AltCLIP"}.get(args.model,
                                                                                                   args.model),
                     "cold_repeats": args.cold_repeats, "rows": []}
     for n in args.sizes:

@@ -79,16 +79,21 @@ def cpu_name(cpuinfo: str | None = None) -> str:
     return f"{name} ({'; '.join(details)})" if details else name
 
 
+TINY_DIMS = {"tiny": 24, "tiny768": 768}  # --model choices: the tests' tiny towers, projected to this many dimensions
+
+
 def checkpoint_folder(choice: str, work: Path) -> Path:
-    """The checkpoint folder for a ``--model`` option: "tiny" (the tests' tiny random AltCLIP) and
-    "full" (random weights with the full BAAI/AltCLIP architecture, bench_model.py's writer) are
-    written once into `work`; anything else is a checkpoint folder."""
-    if choice == "tiny":
+    """The checkpoint folder for a ``--model`` option: "tiny" (the tests' tiny random AltCLIP),
+    "tiny768" (the same towers projecting to AltCLIP's 768 dimensions: what search and storage cost
+    at the real size, with an encoder that costs milliseconds) and "full" (random weights with the
+    full BAAI/AltCLIP architecture, bench_model.py's writer) are written once into `work`; anything
+    else is a checkpoint folder."""
+    if choice in TINY_DIMS:
         from tests.checkpoints import write_checkpoint
 
-        folder = work / "tiny-altclip"
+        folder = work / f"{choice}-altclip"
         if not (folder / "config.json").is_file():
-            write_checkpoint(folder, seed=0)
+            write_checkpoint(folder, seed=0, projection_dim=TINY_DIMS[choice])
         return folder
     if choice == "full":
         from bench_model import write_checkpoint as write_full
@@ -96,5 +101,5 @@ def checkpoint_folder(choice: str, work: Path) -> Path:
         return write_full(work / "full-altclip", tiny=False)
     folder = Path(choice).expanduser()
     if not (folder / "config.json").is_file():
-        raise SystemExit(f"--model: no checkpoint (config.json) in {folder}; use tiny, full or a folder")
+        raise SystemExit(f"--model: no checkpoint (config.json) in {folder}; use tiny, tiny768, full or a folder")
     return folder

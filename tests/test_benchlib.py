@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.benchscripts import bench_script
 
 ZEN1 = """processor\t: 0
@@ -38,3 +40,18 @@ def test_the_machine_line_tells_apart_cpus_that_share_a_model_name():
         assert arm.endswith("(no AVX2)") and "family" not in arm
         here = benchlib.cpu_name()
         assert here and "\n" not in here
+
+
+def test_the_tiny_checkpoints_give_vectors_of_the_dimension_named(tmp_path):
+    """--model tiny768: the tests' tiny towers projecting to AltCLIP's 768 dimensions, so that search
+    and storage are measured at the real vector size with an encoder that costs milliseconds."""
+    from altsearch import load_model
+
+    with bench_script("benchlib") as lib:
+        for choice, dim in (("tiny", 24), ("tiny768", 768)):
+            folder = lib.checkpoint_folder(choice, tmp_path)
+            assert folder.name == f"{choice}-altclip"
+            assert load_model(folder).encode_text(["sunset over the sea"]).shape == (1, dim)
+        assert lib.checkpoint_folder("tiny768", tmp_path) == folder  # written once, then reused
+        with pytest.raises(SystemExit, match="tiny768"):
+            lib.checkpoint_folder("tiny-768", tmp_path)
