@@ -662,7 +662,6 @@ class Catalog:
             _put_meta(conn, REMOVED_META, "0")  # nothing removed yet
         log.info("created catalogue %s", self.path)
 
-
     def _migrate(self, version: int) -> None:
         if self.readonly:
             raise IndexStoreError(
@@ -793,8 +792,8 @@ class Catalog:
 
     def removed_since(self, generation: int) -> bool:
         """Whether vectors may have been deleted by transactions after `generation`: False only when
-        the removal mark (kept by a trigger, see REMOVED_META) says that none was. A catalogue that
-        never had a writable open by this altsearch has no mark: True."""
+        the removal mark (kept by a trigger, see REMOVED_META) says that none was. A catalogue no
+        writer of this altsearch has changed yet has no mark: True."""
         mark = self.get_meta(REMOVED_META)
         return mark is None or int(mark) > generation
 

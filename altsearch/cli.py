@@ -188,7 +188,7 @@ def _progress(enabled: bool):
 
 def _print_report(r) -> None:
     verb = "Interrupted" if r.interrupted else "Indexed"
-    where = ", JPEGs decoded on the GPU" if r.decoder == "gpu" else ""
+    where = f", JPEGs decoded on the GPU by {r.jpeg_library}" if r.decoder == "gpu" else ""
     out.print(f"{verb} {escape(_printable(r.folder))} in {r.seconds:.1f}s "
               f"({r.embedded} embedded, {r.images_per_second:.1f} images/s{where})")
     out.print(f"  added {r.added}, updated {r.updated}, moved {r.moved}, removed {r.removed}, "

@@ -66,6 +66,7 @@ class IndexReport:
     duplicates: int = 0  # added or updated files whose content was already embedded (no model run)
     embedded: int = 0  # images that went through the model
     decoder: str = "cpu"  # where JPEGs were decoded: "cpu", or "gpu" (JPEGs; other formats on the CPU)
+    jpeg_library: str | None = None  # with "gpu": the library that decoded them (nvimgcodec, torchvision)
     seconds: float = 0.0
     interrupted: bool = False
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run
@@ -321,6 +322,7 @@ class Ingestor:
         if not work:
             return
         report.decoder, decoder = self._decoder(len(work))
+        report.jpeg_library = decoder.library if report.decoder == "gpu" else None  # type: ignore[attr-defined]
         by_path = {w.entry.path: w for w in work}
         # Only an index that held images before this run can hold a vector this run did not make.
         lookup = self.store.catalog.count() > 0

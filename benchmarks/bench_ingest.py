@@ -179,11 +179,7 @@ def run_altsearch(job: dict) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
     if report.failed or report.embedded != len(paths):
         raise SystemExit(f"indexing failed: {report.failures[:3]}")
-    decoder = report.decoder
-    if decoder == "gpu":
-        from altsearch.gpudecode import _gpu_jpeg
-
-        decoder = f"gpu ({_gpu_jpeg().name})"
+    decoder = f"gpu ({report.jpeg_library})" if report.decoder == "gpu" else report.decoder
     return {"load_s": load_s, "seconds": seconds, "images": len(paths), "paths": paths, "vectors": vecs,
             "cpu_s": cpu_s, "threads": torch.get_num_threads(), "batch_size": job["batch_size"],
             "workers": job["workers"], "decoder": decoder, "waited": report.waited}

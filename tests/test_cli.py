@@ -246,3 +246,18 @@ def test_interrupt_outside_the_run_says_what_was_kept(indexed, run, monkeypatch)
     monkeypatch.setattr(engine_mod.Engine, "index", interrupted)
     r = run("index", photos, "--index", index, code=130)
     assert "what was committed is kept" in r.stderr
+
+
+def test_the_summary_names_where_and_with_what_jpegs_were_decoded(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from altsearch import cli
+
+    printed = io.StringIO()
+    monkeypatch.setattr(cli, "out", Console(file=printed, width=200))
+    cli._print_report(IndexReport(folder="/photos", embedded=3, decoder="gpu", jpeg_library="nvimgcodec"))
+    cli._print_report(IndexReport(folder="/photos", embedded=3))
+    first, _, second, _ = printed.getvalue().splitlines()
+    assert "JPEGs decoded on the GPU by nvimgcodec" in first and "GPU" not in second

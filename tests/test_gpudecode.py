@@ -514,8 +514,9 @@ def test_auto_decodes_on_the_gpu_only_for_enough_files(tiny_checkpoint, tmp_path
     for minimum in (len(folder) + 1, len(folder) - 1):
         monkeypatch.setattr(ingest, "GPU_DECODE_MIN", minimum)
         with Engine.open(tmp_path / f"idx-{minimum}", model=str(tiny_checkpoint), device="cpu") as engine:
-            used.append(engine.index(folder["plain"].parent).decoder)
-    assert used == ["cpu", "gpu"]
+            report = engine.index(folder["plain"].parent)
+            used.append((report.decoder, report.jpeg_library))
+    assert used == [("cpu", None), ("gpu", STAND_IN.name)]  # which library did it, for reports and benchmarks
 
 
 def test_auto_looks_for_torchvision_without_importing_it(monkeypatch):
