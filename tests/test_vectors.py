@@ -344,6 +344,35 @@ def test_ivfpq_reaches_recall_target_after_rerank(clustered_20k, ivfpq_20k) -> N
     assert np.abs(pq_scores - pq_exact).max() > 1e-3
 
 
+class PlateauIndex:
+    """An IVF stand-in whose recall@10 grows with nprobe up to `plateau`, then stays there (PQ codes
+    that cannot rank near-twins, whatever the lists probed)."""
+
+    nlist, ntotal = 1024, 10**6
+
+    def __init__(self, exact: np.ndarray, plateau: float) -> None:
+        self.exact, self.plateau, self.probed = exact, plateau, []
+
+    def search(self, queries, k, params):  # noqa: ANN001, ANN201
+        self.probed.append(params.nprobe)
+        found = min(self.plateau, 0.5 + 0.1 * np.log2(params.nprobe))  # 16 lists: 0.9; 23: 0.95, rounded up
+        ids = np.full((len(queries), k), -1, np.int64)
+        ids[:, : round(found * 10)] = self.exact[:, : round(found * 10)]
+        return np.zeros(ids.shape, np.float32), ids
+
+
+def test_nprobe_stops_where_recall_stops_growing(caplog: pytest.LogCaptureFixture) -> None:
+    exact = np.arange(40).reshape(4, 10)
+    queries = np.zeros((4, 8), np.float32)
+    reachable = PlateauIndex(exact, plateau=1.0)
+    assert vectors_module._tune_nprobe(reachable, exact, queries, None) == 23  # the first step to reach 0.97
+    stuck = PlateauIndex(exact, plateau=0.9)
+    with caplog.at_level(logging.WARNING, logger="altsearch.vectors"):
+        nprobe = vectors_module._tune_nprobe(stuck, exact, queries, None)
+    assert nprobe == 16 and stuck.probed[-1] == stuck.nlist  # every step tried; the plateau's first kept
+    assert "no nprobe reaches recall@10 0.97" in caplog.text and "nprobe 16 gives 0.900" in caplog.text
+
+
 def test_rerank_scores_what_refine_returns() -> None:
     vecs = unit(50, seed=4)
     ids = np.arange(50, dtype=np.int64) * 3
