@@ -138,8 +138,7 @@ _NEXT_GENERATION = "SELECT CAST(value AS INTEGER) + 1 FROM meta WHERE key = 'gen
 _CREATE_REMOVAL_TRIGGER = (  # the WHEN writes once per transaction: deleting 100k rows took 0.25 s more, not 0.6
     f"CREATE TRIGGER IF NOT EXISTS {_REMOVAL_TRIGGER} AFTER DELETE ON vectors "
     f"WHEN (SELECT CAST(value AS INTEGER) FROM meta WHERE key = '{REMOVED_META}') IS NOT ({_NEXT_GENERATION}) "
-    f"BEGIN INSERT OR REPLACE INTO meta (key, value) SELECT '{REMOVED_META}', CAST(value AS INTEGER) + 1 "
-    "FROM meta WHERE key = 'generation'; END"
+    f"BEGIN INSERT OR REPLACE INTO meta (key, value) VALUES ('{REMOVED_META}', ({_NEXT_GENERATION})); END"
 )
 _ID_SPAN = 1 << 25  # ids per listing statement: 33.5M, one statement up to that many images
 _RECORD_FIELDS = (
@@ -655,11 +654,11 @@ class Catalog:
                 "generation": "0",
                 "created_at": now,
                 "updated_at": now,
+                REMOVED_META: "0",  # nothing removed yet
             }
             for key, value in initial.items():
                 conn.execute(meta.insert().prefix_with("OR IGNORE"), {"key": key, "value": value})
             conn.exec_driver_sql(_CREATE_REMOVAL_TRIGGER)
-            _put_meta(conn, REMOVED_META, "0")  # nothing removed yet
         log.info("created catalogue %s", self.path)
 
     def _migrate(self, version: int) -> None:
@@ -732,7 +731,8 @@ class Catalog:
             raise IndexStoreError(f"catalogue {self.path} is closed")
         with self._write_lock:
             with _translated(self.path, "writing"), self._write() as conn:
-                marked = self._marked or _mark_removals(conn)
+                if not self._marked:
+                    _mark_removals(conn)
                 tx = Tx(conn, self._dim, _generation(conn) + 1)
                 try:
                     yield tx
@@ -742,7 +742,7 @@ class Catalog:
                 finally:
                     tx.open = False
             self._dim = tx.dim  # only once committed
-            self._marked = marked
+            self._marked = True  # the trigger: there before, or added in what just committed
 
     # -- meta
 
@@ -964,7 +964,7 @@ class Catalog:
         return problems
 
 
-def _mark_removals(conn: Connection) -> bool:
+def _mark_removals(conn: Connection) -> None:
     """Give a catalogue made before the removal mark its trigger, in a writer's transaction (readers
     never write: they see no mark, and compare every id). What was removed before is unknown, so the
     mark says "at the current generation": an index reflecting an older one compares every id once."""
@@ -972,7 +972,6 @@ def _mark_removals(conn: Connection) -> bool:
     if conn.exec_driver_sql(find, (_REMOVAL_TRIGGER,)).first() is None:
         conn.exec_driver_sql(_CREATE_REMOVAL_TRIGGER)
         _put_meta(conn, REMOVED_META, str(_generation(conn)))
-    return True
 
 
 def _generation(conn: Connection) -> int:

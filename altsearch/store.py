@@ -28,7 +28,7 @@ from . import faults
 from .catalog import Catalog, as_stored
 from .errors import IndexStoreError, ModelMismatchError
 from .home import LOCK_FILE
-from .vectors import APPROXIMATE, KINDS, VectorIndex, kind_for, remove_saved, saved_kind
+from .vectors import APPROXIMATE, KINDS, VectorIndex, kind_for, read_vectors, remove_saved, saved_kind
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +184,7 @@ class IndexStore:
 
     def true_vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ids found, float32 vectors) of these ids as the catalogue stores them (a vectors.Refine)."""
-        parts = list(self.catalog.iter_vectors(ids=ids))
-        if not parts:
-            return np.zeros(0, np.int64), np.zeros((0, self.dimension or 0), np.float32)
-        return np.concatenate([i for i, _ in parts]), np.concatenate([v for _, v in parts])
+        return read_vectors(self.catalog, ids)
 
     def commit(self, fn: Callable, *, removed_ids=(), added=None) -> None:
         """Run ``fn(tx)`` in one catalogue transaction, then apply the vector changes in memory.

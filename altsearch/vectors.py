@@ -34,6 +34,7 @@ Searches may run from several threads at once; add and remove must not overlap a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -380,6 +381,20 @@ def rerank(
     return out_scores, out_ids
 
 
+def read_vectors(catalog: VectorSource, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids found, float32 vectors) of these sorted ids as the catalogue stores them (a Refine over
+    it): filled into arrays made once, read in batches so that what reading and decoding a batch
+    allocates stays small beside them; ids deleted meanwhile are left out."""
+    ids = np.empty(len(wanted), dtype=np.int64)
+    vecs = np.empty((len(wanted), catalog.dimension or 0), dtype=np.float32)
+    filled = 0
+    for batch_ids, batch_vecs in catalog.iter_vectors(batch=_READ_BATCH, ids=wanted):
+        ids[filled : filled + len(batch_ids)] = batch_ids
+        vecs[filled : filled + len(batch_ids)] = batch_vecs
+        filled += len(batch_ids)
+    return ids[:filled], vecs[:filled]
+
+
 def _belongs_to(index: VectorIndex, catalog: VectorSource) -> bool:
     header = index.header
     return (
@@ -482,19 +497,7 @@ class _CatalogRows:
         self.dim = int(catalog.dimension)  # type: ignore[arg-type]
 
     def read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self._read_ids(self.ids[positions])
-
-    def _read_ids(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.empty(len(wanted), dtype=np.int64)
-        vecs = np.empty((len(wanted), self.dim), dtype=np.float32)
-        filled = 0
-        # in batches, so that what reading and decoding a batch allocates stays small beside `vecs`;
-        # rows deleted since `ids` was listed are skipped
-        for batch_ids, batch_vecs in self._catalog.iter_vectors(batch=_READ_BATCH, ids=wanted):
-            ids[filled : filled + len(batch_ids)] = batch_ids
-            vecs[filled : filled + len(batch_ids)] = batch_vecs
-            filled += len(batch_ids)
-        return ids[:filled], vecs[:filled]
+        return read_vectors(self._catalog, self.ids[positions])  # rows deleted since the listing: skipped
 
     def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         # every stored vector, by id: rows written after `ids` was listed are read too, and rows
@@ -502,7 +505,7 @@ class _CatalogRows:
         return self._catalog.iter_vectors(batch=_READ_BATCH)
 
     def refine(self) -> Refine:
-        return self._read_ids
+        return functools.partial(read_vectors, self._catalog)
 
 
 def _new_ivf(dim: int, nlist: int, kind: str) -> faiss.IndexIVF:

@@ -8,9 +8,10 @@ on a 32-d subspace, of the model's dimension), then the vector file through ``En
 
 The model is ``--model tiny`` (the tests' tiny random checkpoint: the encoder costs ~1 ms, so what
 search and the catalogue add shows; 24-d vectors), ``tiny768`` (the same towers projecting to
-AltCLIP's 768 dimensions: search, catching up and storage at the real vector size), ``full`` (a random checkpoint of the full BAAI/AltCLIP
-architecture, 3.46 GB, written by benchmarks/bench_model.py's writer, with the real XLM-R tokenizer
-from ../shared/data/xlm-roberta) or a checkpoint folder.
+AltCLIP's 768 dimensions: search, catching up and storage at the real vector size), ``full`` (a
+random checkpoint of the full BAAI/AltCLIP architecture, 3.46 GB, written by
+benchmarks/bench_model.py's writer, with the real XLM-R tokenizer from ../shared/data/xlm-roberta)
+or a checkpoint folder.
 
 1. Warm, in this process after a first query: ``Engine.search(text, k)`` p50/p95 against the text
    encoder alone (``model.encode_text([text])``, the baseline), the two interleaved query by query;
