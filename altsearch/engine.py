@@ -16,6 +16,7 @@ from .errors import AltsearchError, ModelMismatchError, QueryError
 from .home import WriteLock, index_dir
 from .query import Query, Term, combine, parse_query
 from .store import HASH_META, IndexStore
+from .vectors import APPROXIMATE
 
 if TYPE_CHECKING:  # the ingestion code is imported when indexing starts, not by every search
     from .ingest import IndexReport, Progress
@@ -277,6 +278,7 @@ class Engine:
         vectors = self.store.vectors if self.store.dimension is not None else None
         if vectors is not None:
             self.store.refresh()
+        approximate = vectors is not None and vectors.kind in APPROXIMATE
         return {
             "index": str(path),
             "images": cat.count(),
@@ -287,6 +289,11 @@ class Engine:
             "dimension": self.store.dimension,
             "vector_index": vectors.kind if vectors is not None else None,
             "vector_index_chosen": self.store.chosen_kind or "auto",
+            # an approximate index's lists, lists probed per query, and (ivfpq) candidates re-ranked
+            # for a top 10, as tuned when it was built; None for an exact one
+            "vector_nlist": vectors.nlist if approximate else None,
+            "vector_nprobe": vectors.nprobe if approximate else None,
+            "vector_rerank": (vectors.rerank or None) if approximate else None,
             "content_hash": cat.get_meta(HASH_META),
             "bytes_on_disk": sum(sizes.values()),
             "schema_version": cat.get_meta("schema_version"),

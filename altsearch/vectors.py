@@ -6,10 +6,10 @@ Three kinds:
   against 0.5 s to check and read a float32 file of it, and 3 KB per image less on disk.
 - "ivfpq": approximate and compact, IndexIVFPQ (inner product, spherical k-means, residuals
   product-quantised into `pq_m_for(d)` bytes). It
-  finds `candidates_for(k)` candidates, which `search` re-ranks exactly against the true vectors
-  given by its `refine` argument (IndexStore reads them from the catalogue), so the scores returned
-  are exact inner products. nprobe is tuned at build time for recall@10 after re-ranking. What
-  `build(kind="auto")` picks beyond EXACT_MAX.
+  finds `candidates_for(k, rerank)` candidates, which `search` re-ranks exactly against the true
+  vectors given by its `refine` argument (IndexStore reads them from the catalogue), so the scores
+  returned are exact inner products. nprobe and the re-rank width are tuned together at build time
+  for recall@10 after re-ranking (`_tune`). What `build(kind="auto")` picks beyond EXACT_MAX.
 - "ivf": approximate, IndexIVFFlat (float32 vectors kept in full, so no re-ranking), with nprobe
   tuned at build time for recall@10. Chosen only explicitly (`optimize`, which IndexStore records so
   that later rebuilds keep the kind); saved IVF files keep working.
@@ -26,8 +26,9 @@ and a top-k, float32 as in FAISS.
 
 A saved index (ivf or ivfpq) is two files: the FAISS file itself (readable by `faiss.read_index`)
 and a JSON header beside it (`<name>.json`) holding kind, dimension, count, size and SHA-256 of
-the FAISS file, and the catalogue generation it reflects. Loading checks the checksum before FAISS
-parses a byte. A flat file saved by an older altsearch is passed over (`open`). See docs/format.md.
+the FAISS file, the catalogue generation it reflects, and the tuned nprobe and re-rank width.
+Loading checks the checksum before FAISS parses a byte. A flat file saved by an older altsearch
+is passed over (`open`). See docs/format.md.
 
 Searches may run from several threads at once; add and remove must not overlap a search.
 """
@@ -77,8 +78,14 @@ PQ_NBITS = 8
 # re-rank, so a coarser training costs little recall.
 PQ_TRAIN_PER_CODE = 32
 PQ_TRAIN_ITER = 10
-RERANK_FACTOR = 10  # an ivfpq search re-ranks max(RERANK_FACTOR * k, RERANK_MIN) candidates
-RERANK_MIN = 100
+# An ivfpq search re-ranks `width` candidates for k <= 10, k / 10 times more beyond (candidates_for).
+# The build tunes the width with nprobe: PQ codes cannot order near-twins (burst shots, copies), so
+# on dense data no nprobe reaches the target with the narrowest width (3M clustered vectors: recall@10
+# 0.966 at most with 100 candidates, 0.99 with 1,000 at fewer lists).
+RERANK_WIDTHS = (100, 300, 1000)
+# What re-ranking one candidate costs (reading its vector from the catalogue, ~5 us) in PQ codes
+# scanned (~60-70 ns each), measured on a 1M x 768 index (Zen 3): the tuner's unit of cost.
+READ_COST = 80
 PQ_TRAIN = PQ_TRAIN_PER_CODE * 2**PQ_NBITS  # training points for the PQ codebooks
 RECALL_TARGET = 0.95  # what "auto" promises for recall@10 against exact search
 TUNE_TARGET = 0.97  # what nprobe is tuned for on synthetic queries, leaving a margin for real ones
@@ -87,7 +94,7 @@ PLATEAU = 0.005  # recall@10 this close to the best any nprobe reaches counts as
 TRAIN_PER_LIST = 40  # k-means training points per inverted list (FAISS wants at least 39)
 GPU_MAX_K = 2048  # FAISS GPU k-selection limit (also bounds nprobe)
 REBUILD_GROWTH = 4.0  # rebuild an IVF whose size moved this factor away from its build size
-HEADER_FORMAT = 1
+HEADER_FORMAT = 2  # 2: `rerank`
 _HASH_CHUNK = 1 << 22
 # Vectors read from the catalogue per step while an index is built: a flat index adds them, an IVF
 # adds them and scores its probe queries against them. A flat build of 100k x 768 took 0.7 s with
@@ -97,7 +104,6 @@ _HASH_CHUNK = 1 << 22
 # peaked at 525 MB resident with it, 727 MB with 65536 (22.6 s against 23.8 s).
 _READ_BATCH = 16384
 _TORCH_SCORES_MAX = 1 << 28  # scores computed at once by a torch search (1 GB of float32): queries go in chunks
-_RERANK_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,7 @@ class IndexHeader:
     faiss_version: str
     saved_at: float
     format: int = HEADER_FORMAT
+    rerank: int = 0  # ivfpq: candidates re-ranked for a top 10 (format 2; 0 in format 1: RERANK_WIDTHS[0])
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -125,10 +132,11 @@ class IndexHeader:
     def from_json(cls, text: str, where: Path) -> IndexHeader:
         try:
             data = json.loads(text)
-            header = cls(**data)
+            newer = isinstance(data, dict) and isinstance(data.get("format"), int) and data["format"] > HEADER_FORMAT
+            header = None if newer else cls(**data)
         except (ValueError, TypeError) as err:
             raise IndexStoreError(f"vector index header {where} is damaged ({err}); rebuild the index") from err
-        if header.format > HEADER_FORMAT:
+        if header is None:  # checked first: a newer format may have fields this version does not know
             raise IndexStoreError(f"vector index header {where} is from a newer altsearch; upgrade altsearch")
         if header.kind not in KINDS:
             raise IndexStoreError(f"vector index header {where} names an unknown kind {header.kind!r}")
@@ -211,9 +219,10 @@ def pq_m_for(dim: int) -> int:
     return max(m for m in range(1, most + 1) if dim % m == 0)
 
 
-def candidates_for(k: int) -> int:
-    """How many candidates an ivfpq search re-ranks to return the top k."""
-    return max(k * RERANK_FACTOR, RERANK_MIN)
+def candidates_for(k: int, width: int = RERANK_WIDTHS[0]) -> int:
+    """How many candidates an ivfpq search re-ranks for the top k, given its tuned `width` (the
+    candidates for a top 10)."""
+    return max(width, -(-width * k // 10))
 
 
 def nlist_for(n: int) -> int:
@@ -361,19 +370,34 @@ def rerank(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of each query among its row of candidate ids (-1: none), scored against the
     vectors `refine` gives: (scores (Q, k), ids (Q, k)), best first; candidates it lacks are dropped."""
-    wanted = np.unique(candidates[candidates >= 0])
-    got_ids, got_vecs = refine(wanted)
-    got_ids = np.asarray(got_ids, dtype=np.int64)
-    got_vecs = np.asarray(got_vecs, dtype=np.float32).reshape(len(got_ids), queries.shape[1])
-    order = np.argsort(got_ids)
-    got_ids, got_vecs = got_ids[order], got_vecs[order]
-    pos, found = _lookup(got_ids, candidates)
-    valid = (candidates >= 0) & found
+    return _best(exact_scores(queries, candidates, refine), candidates, k)
+
+
+def exact_scores(queries: np.ndarray, candidates: np.ndarray, refine: Refine) -> np.ndarray:
+    """(Q, R) inner products of each query with its row of candidate ids' vectors as `refine` gives
+    them; -inf for an empty slot (-1) or an id `refine` lacks. Rows go _READ_BATCH candidates at a
+    time: the vectors read and gathered for them stay ~50 MB at 768-d, however many queries and
+    candidates (the build's tuning scores 256 queries x 1,000)."""
     scores = np.full(candidates.shape, -np.inf, dtype=np.float32)
-    for start in range(0, len(queries) if len(got_ids) else 0, _RERANK_ROWS):  # bounds the (rows, R, D) gather
-        rows = slice(start, start + _RERANK_ROWS)
-        scores[rows] = np.matmul(got_vecs[pos[rows]], queries[rows, :, None])[:, :, 0]  # (rows, R)
-    scores[~valid] = -np.inf
+    step = max(1, _READ_BATCH // max(1, candidates.shape[1]))
+    for start in range(0, len(queries), step):
+        rows = slice(start, start + step)
+        part = candidates[rows]
+        got_ids, got_vecs = refine(np.unique(part[part >= 0]))
+        got_ids = np.asarray(got_ids, dtype=np.int64)
+        if not len(got_ids):
+            continue
+        got_vecs = np.asarray(got_vecs, dtype=np.float32).reshape(len(got_ids), queries.shape[1])
+        order = np.argsort(got_ids)
+        got_ids, got_vecs = got_ids[order], got_vecs[order]
+        pos, found = _lookup(got_ids, part)
+        got = np.matmul(got_vecs[pos], queries[rows, :, None])[:, :, 0]  # (rows, R)
+        scores[rows] = np.where((part >= 0) & found, got, -np.inf)
+    return scores
+
+
+def _best(scores: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top k of each row of (scores, candidate ids), best first; -inf scores give id -1."""
     top = min(k, candidates.shape[1])
     best = np.argsort(-scores, axis=1, kind="stable")[:, :top]
     out_scores = np.take_along_axis(scores, best, axis=1)
@@ -516,15 +540,16 @@ def _new_ivf(dim: int, nlist: int, kind: str) -> faiss.IndexIVF:
     index.pq.cp.max_points_per_centroid = PQ_TRAIN_PER_CODE  # FAISS subsamples the rest
     index.pq.cp.niter = PQ_TRAIN_ITER
     index.pq.cp.min_points_per_centroid = 1  # no warning on stderr below 39 points per code: the
-    # nprobe tuning measures what the codes are worth after re-ranking
+    # tuning (`_tune`) measures what the codes are worth after re-ranking
     return index
 
 
-def _build_ivf(rows: _Rows, kind: str, seed: int) -> faiss.IndexIVF:
-    """An IVF of `kind` over `rows`, trained on a sample of them, filled batch by batch, with the
-    nprobe that reaches TUNE_TARGET recall@10 on probe queries (for ivfpq after re-ranking, as its
-    searches do). Memory: the training sample (TRAIN_PER_LIST vectors per list, at least PQ_TRAIN;
-    ~780 MB at 10M x 768), one batch and the index itself, never every vector at once."""
+def _build_ivf(rows: _Rows, kind: str, seed: int) -> tuple[faiss.IndexIVF, int]:
+    """(index, re-rank width): an IVF of `kind` over `rows`, trained on a sample of them, filled batch
+    by batch, with the nprobe (and for ivfpq the re-rank width) that reach TUNE_TARGET recall@10 on
+    probe queries at the least cost (`_tune`). Memory: the training sample (TRAIN_PER_LIST vectors
+    per list, at least PQ_TRAIN; ~780 MB at 10M x 768), one batch and the index itself, never every
+    vector at once."""
     n = len(rows.ids)
     least = TRAIN_PER_LIST if kind == "ivf" else 2**PQ_NBITS  # one training point per PQ code
     if n < least:
@@ -547,8 +572,8 @@ def _build_ivf(rows: _Rows, kind: str, seed: int) -> faiss.IndexIVF:
         scores, positions = faiss.knn(queries, vecs, min(k, len(ids)), metric=faiss.METRIC_INNER_PRODUCT)
         truth.add_result(scores, ids[positions])
     truth.finalize()
-    index.nprobe = _tune_nprobe(index, truth.I, queries, rows.refine() if kind == "ivfpq" else None)
-    return index
+    index.nprobe, width = _tune(index, truth.I, queries, rows.refine() if kind == "ivfpq" else None)
+    return index, width
 
 
 def _probe_queries(picks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -564,32 +589,71 @@ def _nprobe_steps(nlist: int) -> list[int]:
     return [s for s in steps if s <= nlist]
 
 
-def _tune_nprobe(index: faiss.IndexIVF, exact: np.ndarray, queries: np.ndarray, refine: Refine | None) -> int:
-    """The smallest nprobe whose recall@10 against `exact` (each query's true top ids) reaches
-    TUNE_TARGET (after re-ranking the candidates with `refine`, when given, as an ivfpq search does).
+@dataclass(frozen=True)
+class _Tried:
+    nprobe: int
+    width: int  # candidates re-ranked (0: none, an ivf index)
+    recall: float
+    cost: float  # per query, in PQ codes scanned (see READ_COST)
 
-    Where no nprobe reaches it (ivfpq on data of many near-twins, whose PQ codes cannot rank the
-    true top 10 into the re-ranked candidates: 0.963 at most on 3M clustered vectors), the smallest
-    nprobe within PLATEAU of the best recall seen: probing every list would cost 1,000x more time
-    (176 ms a query at 3M, against 1.3 ms) for no better recall."""
+    def __str__(self) -> str:
+        return f"nprobe {self.nprobe}" + (f", {self.width} candidates re-ranked" if self.width else "")
+
+
+def _tune(
+    index: faiss.IndexIVF, exact: np.ndarray, queries: np.ndarray, refine: Refine | None,
+    widths: tuple[int, ...] = RERANK_WIDTHS,
+) -> tuple[int, int]:
+    """(nprobe, width): the cheapest pair whose recall@10 against `exact` (each query's true top
+    ids) reaches TUNE_TARGET, an ivfpq's `width` candidates (one of `widths`) being re-ranked with
+    `refine` as its searches re-rank them (an ivf index re-ranks nothing: width 0). The cost of a
+    query is the codes its nprobe lists hold plus READ_COST per re-ranked candidate.
+
+    Where no pair reaches the target (PQ codes that cannot rank near-twins into the candidates,
+    whatever the lists probed), the cheapest pair within PLATEAU of the best recall seen: probing
+    every list would cost 1,000x more time (176 ms a query at 3M, against 5.6 ms) for no better
+    recall. Every nprobe step is searched once with the widest width; a narrower width's candidates
+    are the first ones of it (FAISS orders them by their PQ score), and a candidate's vector is read
+    only for the widths that could still beat the cheapest pair found."""
     k = exact.shape[1]
-    wide = min(candidates_for(k), index.ntotal) if refine is not None else k
-    seen: list[tuple[int, float]] = []
+    per_list = index.ntotal / index.nlist
+    widths = sorted({min(candidates_for(k, w), index.ntotal) for w in widths}) if refine is not None else [0]
+    tried: list[_Tried] = []
+    cheapest = math.inf  # of the pairs that reach the target
+
+    def cost(nprobe: int, width: int) -> float:
+        return nprobe * per_list + READ_COST * width
+
     for nprobe in _nprobe_steps(index.nlist):
-        _, approx = index.search(queries, wide, params=faiss.SearchParametersIVF(nprobe=nprobe))
-        if refine is not None:
-            _, approx = rerank(queries, approx, k, refine)
-        recall = recall_at_k(exact, approx, k)
-        if recall >= TUNE_TARGET:
-            log.info("%s, %d vectors: nprobe %d gives recall@10 %.3f", type(index).__name__, index.ntotal, nprobe,
-                     recall)
-            return nprobe
-        seen.append((nprobe, recall))
-    best = max(recall for _, recall in seen)
-    nprobe, recall = next((n, r) for n, r in seen if r >= best - PLATEAU)
-    log.warning("%s, %d vectors: no nprobe reaches recall@10 %.2f on the probe queries; nprobe %d gives %.3f "
-                "(every list: %.3f)", type(index).__name__, index.ntotal, TUNE_TARGET, nprobe, recall, seen[-1][1])
-    return nprobe
+        if cost(nprobe, widths[0]) >= cheapest:
+            break  # every pair left costs more than one that reaches the target
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        _, found = index.search(queries, widths[-1] or k, params=params)
+        scores = np.empty(found.shape, np.float32)
+        done = 0  # candidate columns scored
+        for width in widths:
+            if cost(nprobe, width) >= cheapest:
+                break
+            if refine is None:
+                top = found
+            else:
+                scores[:, done:width] = exact_scores(queries, found[:, done:width], refine)
+                done = width
+                _, top = _best(scores[:, :width], found[:, :width], k)
+            tried.append(_Tried(nprobe, width, recall_at_k(exact, top, k), cost(nprobe, width)))
+            if tried[-1].recall >= TUNE_TARGET:
+                cheapest = tried[-1].cost
+                break  # a wider width at this nprobe costs more
+    reached = [t for t in tried if t.recall >= TUNE_TARGET]
+    if reached:
+        pick = min(reached, key=lambda t: t.cost)
+        log.info("%s, %d vectors: %s: recall@10 %.3f", type(index).__name__, index.ntotal, pick, pick.recall)
+        return pick.nprobe, pick.width
+    best = max(t.recall for t in tried)
+    pick = min((t for t in tried if t.recall >= best - PLATEAU), key=lambda t: t.cost)
+    log.warning("%s, %d vectors: no nprobe reaches recall@10 %.2f on the probe queries; %s: %.3f (the best: %.3f)",
+                type(index).__name__, index.ntotal, TUNE_TARGET, pick, pick.recall, best)
+    return pick.nprobe, pick.width
 
 
 # --- the index ---------------------------------------------------------------------------
@@ -605,6 +669,7 @@ class VectorIndex:
         *,
         device: str = "auto",
         built_count: int = 0,
+        rerank: int = 0,
         header: IndexHeader | None = None,
     ) -> None:
         if kind not in KINDS:
@@ -613,6 +678,9 @@ class VectorIndex:
         self.kind = kind
         self.dim = int(index.d)
         self.built_count = built_count
+        # ivfpq: the candidates a search re-ranks for a top 10 (tuned at build time; 0, as in files
+        # of older versions: the narrowest of RERANK_WIDTHS); 0 for the other kinds
+        self.rerank = (rerank or RERANK_WIDTHS[0]) if kind == "ivfpq" else 0
         self.header = header  # as saved or loaded; None for an index never saved
         # the catalogue generation this index reflects, when known (from_catalog, reconcile, load)
         self.generation: int | None = header.generation if header is not None else None
@@ -655,7 +723,8 @@ class VectorIndex:
         vecs = _as_vectors(vecs, vecs.shape[1], "vectors")
         if len(np.unique(ids)) != len(ids):
             raise ValueError("ids repeat")
-        return cls(_build_ivf(_ArrayRows(ids, vecs), kind, seed), kind, device=device, built_count=len(ids))
+        index, width = _build_ivf(_ArrayRows(ids, vecs), kind, seed)
+        return cls(index, kind, device=device, built_count=len(ids), rerank=width)
 
     @classmethod
     def from_catalog(cls, catalog: VectorSource, *, kind: str = "auto", device: str = "auto") -> VectorIndex:
@@ -674,8 +743,8 @@ class VectorIndex:
                 index.add(ids, vecs)
             index.built_count = len(index)
         elif kind in APPROXIMATE:
-            index = cls(_build_ivf(_CatalogRows(catalog, wanted), kind, seed=0), kind, device=device,
-                        built_count=len(wanted))
+            ivf, width = _build_ivf(_CatalogRows(catalog, wanted), kind, seed=0)
+            index = cls(ivf, kind, device=device, built_count=len(wanted), rerank=width)
         else:
             raise ValueError(f"unknown index kind {kind!r} (use auto or one of {KINDS})")
         index.generation = generation
@@ -858,7 +927,7 @@ class VectorIndex:
         for a flat index; an IVF probes 1/f times more lists when a fraction f of its ids is
         allowed, which is every list (exact again) once f <= nprobe / nlist.
 
-        `refine` gives the true vectors of ids. An ivfpq index finds `candidates_for(k)` candidates
+        `refine` gives the true vectors of ids. An ivfpq index finds `candidates_for(k, self.rerank)` candidates
         and returns the top k of them by their exact inner product with `refine`'s vectors;
         without it, by their PQ estimates. The other kinds hold exact vectors and ignore it.
         """
@@ -868,7 +937,7 @@ class VectorIndex:
         top = min(k, len(self))
         if top == 0 or not len(queries):
             return _pad(np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64), k)
-        wide = min(candidates_for(top), len(self)) if self.kind == "ivfpq" else top
+        wide = min(candidates_for(top, self.rerank), len(self)) if self.kind == "ivfpq" else top
         with _one_thread_for_one_query(len(queries)):
             if allowed is not None:
                 scores, ids = self._search_allowed(queries, wide, np.unique(_as_ids(allowed)))
@@ -950,7 +1019,8 @@ class VectorIndex:
                 kind=self.kind, dim=self.dim, count=len(self), size_bytes=size, sha256=digest,
                 generation=int(generation if generation is not None else self.generation or 0),
                 catalog_id=catalog_id, built_count=self.built_count,
-                nlist=self.nlist, nprobe=self.nprobe, faiss_version=faiss.__version__, saved_at=time.time(),
+                nlist=self.nlist, nprobe=self.nprobe, rerank=self.rerank, faiss_version=faiss.__version__,
+                saved_at=time.time(),
             )  # fmt: skip
         try:
             json_tmp, _, _ = _write_temp(path, lambda f: f.write(header.to_json().encode()))
@@ -988,7 +1058,8 @@ class VectorIndex:
         # an older altsearch kept a hashtable direct map (~40 bytes per vector): dropped, and the
         # next save leaves it out
         index.set_direct_map_type(faiss.DirectMap.NoMap)
-        return cls(index, header.kind, device=device, built_count=header.built_count, header=header)
+        return cls(index, header.kind, device=device, built_count=header.built_count, rerank=header.rerank,
+                   header=header)
 
 
 # --- file helpers ------------------------------------------------------------------------

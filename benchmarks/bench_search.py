@@ -65,6 +65,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_query import CLUSTER_SIZE, ClusteredVectors  # noqa: E402
 from benchlib import cpu_name  # noqa: E402
 
 SPECTRUM_DECAY = 0.5  # per-dimension std (1 + j) ** -0.5: variance ~ 1 / (1 + j)
@@ -102,6 +103,21 @@ def make_data(n: int, dim: int, clusters: int, seed: int) -> tuple[np.ndarray, n
     # parallel: 10M x 768 took ~5.5 minutes on one thread.
     with ThreadPoolExecutor(max(1, min(len(starts), os.cpu_count() or 1))) as pool:
         list(pool.map(chunk, starts, np.random.SeedSequence([seed, 1]).spawn(len(starts))))
+    return codes, scales
+
+
+def make_latent_data(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 codes, float32 scales) as ``make_data`` gives them, of bench_query's vectors instead: n //
+    CLUSTER_SIZE clusters on a 32-d subspace, denser as n grows, so that at millions of vectors many
+    have near-twins (as burst shots and copies do) that PQ codes cannot tell apart."""
+    source = ClusteredVectors(np.random.default_rng(seed), max(1, n // CLUSTER_SIZE), dim)
+    codes = np.empty((n, dim), np.int8)
+    scales = np.empty(n, np.float32)
+    for start in range(0, n, DATA_CHUNK):
+        x = source.sample(min(n, start + DATA_CHUNK) - start)
+        scale = np.abs(x).max(axis=1) / 127.0
+        codes[start : start + len(x)] = np.round(x / scale[:, None])
+        scales[start : start + len(x)] = scale
     return codes, scales
 
 
@@ -235,7 +251,10 @@ def bench_size(n: int, args: argparse.Namespace, threads: int) -> dict:
     if have is not None and need > 0.8 * have:
         return {"n": n, "skipped": f"needs ~{need / 1e9:.0f} GB of memory, {have / 1e9:.0f} GB available"}
     start = time.perf_counter()
-    codes, scales = make_data(n + args.queries, args.dim, args.clusters, args.seed)
+    if args.data == "latent":
+        codes, scales = make_latent_data(n + args.queries, args.dim, args.seed)
+    else:
+        codes, scales = make_data(n + args.queries, args.dim, args.clusters, args.seed)
     queries = as_float(codes[n:], scales[n:])
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     source = Int8Vectors(codes[:n], scales[:n])
@@ -260,16 +279,14 @@ def bench_size(n: int, args: argparse.Namespace, threads: int) -> dict:
         _, found = index.search(queries, 10, refine=refine)
         row = {
             "kind": kind, "build_s": build_s, "bytes_per_vector": file_bytes(index._cpu) / n,
-            "nlist": index.nlist, "nprobe": index.nprobe, "recall_at_10": recall_at_k(truth, found, 10),
-            "searched_on": index.device, "build_peak_rss": peak,
+            "nlist": index.nlist, "nprobe": index.nprobe, "rerank": index.rerank,
+            "recall_at_10": recall_at_k(truth, found, 10), "searched_on": index.device, "build_peak_rss": peak,
         }  # fmt: skip
-        for label, t in (("1", 1), ("n", threads)):
-            row[f"p50_{label}"], row[f"p95_{label}"] = latency(
-                lambda q: index.search(q, 10, refine=refine), lat_q, t
-            )
-            if kind == "flat":
-                exact[label] = row[f"p50_{label}"]
-        rows.append(row)
+        rows.append(time_searches(row, index, refine, lat_q, threads))
+        if kind == "flat":
+            exact.update({label: row[f"p50_{label}"] for label in ("1", "n")})
+        if kind == "ivfpq":
+            rows.append(narrowest_width(index, source, queries, truth, lat_q, threads))
         del index
     for row in rows:
         for label in ("1", "n"):
@@ -277,6 +294,40 @@ def bench_size(n: int, args: argparse.Namespace, threads: int) -> dict:
                 row[f"x_exact_{label}"] = exact[label] / row[f"p50_{label}"] if label in exact else None
     return {"n": n, "dim": args.dim, "data_s": made_s, "truth_s": truth_s, "data_bytes": codes.nbytes + scales.nbytes,
             "threads": threads, "rows": rows, "load": os.getloadavg()}  # fmt: skip
+
+
+def time_searches(row: dict, index, refine, queries: np.ndarray, threads: int) -> dict:
+    for label, t in (("1", 1), ("n", threads)):
+        row[f"p50_{label}"], row[f"p95_{label}"] = latency(lambda q: index.search(q, 10, refine=refine), queries, t)
+    return row
+
+
+def narrowest_width(index, source: Int8Vectors, queries: np.ndarray, truth: np.ndarray, lat_q: np.ndarray,
+                    threads: int) -> dict:
+    """The baseline of the re-rank width's tuning: the same ivfpq index with nprobe tuned as altsearch
+    tuned it before, for the narrowest width alone (on TUNE_QUERIES probe queries made as the build
+    makes them, with their own exact top 10)."""
+    from altsearch import vectors
+    from altsearch.vectors import recall_at_k
+
+    rng = np.random.default_rng(1)
+    n = len(source.codes)
+    _, picks = source.refine(np.sort(rng.choice(n, size=min(vectors.TUNE_QUERIES, n), replace=False)))
+    probe = vectors._probe_queries(picks, rng)
+    start = time.perf_counter()
+    tuned = index._cpu.nprobe, index.rerank
+    nprobe, width = vectors._tune(index._cpu, exact_top(probe, source), probe, source.refine,
+                                  widths=vectors.RERANK_WIDTHS[:1])
+    tune_s = time.perf_counter() - start
+    index._cpu.nprobe, index.rerank = nprobe, width
+    try:
+        _, found = index.search(queries, 10, refine=source.refine)
+        row = {"kind": "ivfpq", "baseline": True, "build_s": tune_s, "bytes_per_vector": None, "nlist": index.nlist,
+               "nprobe": nprobe, "rerank": width, "recall_at_10": recall_at_k(truth, found, 10),
+               "searched_on": index.device, "build_peak_rss": None}
+        return time_searches(row, index, source.refine, lat_q, threads)
+    finally:
+        index._cpu.nprobe, index.rerank = tuned
 
 
 def bench_store(n: int, args: argparse.Namespace) -> dict:
@@ -318,20 +369,32 @@ def print_size(result: dict) -> None:
     print(f"\n### {n:,} x {result['dim']} (data made in {result['data_s']:.1f} s, {result['data_bytes'] / 1e9:.2f} GB "
           f"as int8; exact top 10 of the queries by a scan, {result['truth_s']:.1f} s; "
           f"load average {result['load'][0]:.1f}, {result['load'][1]:.1f}, {result['load'][2]:.1f})\n")
-    print(f"| kind | searched on | build s | build peak RSS GB | bytes/vector | nlist | nprobe | recall@10 "
+    print(f"| kind | searched on | build s | build peak RSS GB | bytes/vector | nlist | nprobe | re-rank | recall@10 "
           f"| p50 ms (1 thr) | p95 ms (1 thr) | x exact (1 thr) | p50 ms ({t} thr) | p95 ms ({t} thr) | x exact ({t} thr) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in result["rows"]:
         name = "ivfpq + re-rank" if r["kind"] == "ivfpq" else r["kind"]
+        if r.get("baseline"):
+            name += ", tuned for the narrowest width only (before)"
         if "skipped" in r:
-            print(f"| {name} | skipped: {r['skipped']} |" + " |" * 12)
+            print(f"| {name} | skipped: {r['skipped']} |" + " |" * 13)
             continue
         ratio = ["-" if r[f"x_exact_{x}"] is None else f"{r[f'x_exact_{x}']:.1f}" for x in ("1", "n")]
         peak = "-" if r["build_peak_rss"] is None else f"{r['build_peak_rss'] / 1e9:.2f}"
-        print(f"| {name} | {r['searched_on']} | {r['build_s']:.1f} | {peak} | {r['bytes_per_vector']:.0f} | {r['nlist']} "
-              f"| {r['nprobe']} | {r['recall_at_10']:.3f} | {r['p50_1'] * 1e3:.2f} | {r['p95_1'] * 1e3:.2f} | {ratio[0]} "
-              f"| {r['p50_n'] * 1e3:.2f} | {r['p95_n'] * 1e3:.2f} | {ratio[1]} |")
-    print("\nbuild peak RSS: the process's peak resident memory while the index was built, the int8 data included")
+        size = "-" if r["bytes_per_vector"] is None else f"{r['bytes_per_vector']:.0f}"
+        print(f"| {name} | {r['searched_on']} | {r['build_s']:.1f} | {peak} | {size} | {r['nlist']} "
+              f"| {r['nprobe']} | {r['rerank'] or '-'} | {r['recall_at_10']:.3f} | {r['p50_1'] * 1e3:.2f} "
+              f"| {r['p95_1'] * 1e3:.2f} | {ratio[0]} | {r['p50_n'] * 1e3:.2f} | {r['p95_n'] * 1e3:.2f} | {ratio[1]} |")
+    print("\nbuild peak RSS: the process's peak resident memory while the index was built, the int8 data included; "
+          "re-rank: the candidates an ivfpq search re-ranks for a top 10, tuned with nprobe; the \"before\" row is "
+          "the same index with nprobe tuned for the narrowest width alone, as altsearch did before (its build s: "
+          "that tuning's seconds)")
+    tuned = [r for r in result["rows"] if r["kind"] == "ivfpq" and "skipped" not in r]
+    if len(tuned) == 2:
+        now, before = tuned
+        print(f"\nre-rank width tuned: recall@10 {now['recall_at_10']:.3f} against {before['recall_at_10']:.3f}, "
+              f"p50 {now['p50_1'] * 1e3:.2f} against {before['p50_1'] * 1e3:.2f} ms "
+              f"(before / now: {before['p50_1'] / now['p50_1']:.2f}x)")
 
 
 def print_store(result: dict) -> None:
@@ -351,7 +414,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated vector counts")
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--kinds", default="flat,ivf,ivfpq", help="comma-separated; flat is the baseline")
-    parser.add_argument("--clusters", type=int, default=4000)
+    parser.add_argument("--clusters", type=int, default=4000, help="centres of the spectrum data")
+    parser.add_argument("--data", choices=("spectrum", "latent"), default="spectrum",
+                        help="spectrum (make_data) or latent: bench_query's vectors, n / 500 clusters on a 32-d "
+                             "subspace, with the near-twins of a dense collection")
     parser.add_argument("--queries", type=int, default=200, help="held-out queries for recall@10")
     parser.add_argument("--latency-queries", type=int, default=50, help="single queries timed per row")
     parser.add_argument("--store-size", type=int, default=10_000, help="IndexStore run at this size; 0 skips")

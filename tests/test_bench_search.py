@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from tests.benchscripts import bench_script
 
+from altsearch.vectors import RERANK_WIDTHS
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_search.py"
 
@@ -36,17 +38,33 @@ def test_data_is_clustered_anisotropic_and_stored_as_int8(bench):
     np.testing.assert_array_equal(again, codes)  # deterministic for a seed
 
 
+def test_latent_data_lies_on_a_subspace_and_is_stored_as_int8(bench):
+    codes, scales = bench.make_latent_data(3000, 64, seed=1)
+    assert codes.dtype == np.int8 and codes.shape == (3000, 64) and scales.shape == (3000,)
+    vecs = bench.as_float(codes, scales)
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1, atol=0.02)
+    singular = np.linalg.svd(vecs, compute_uv=False)
+    assert singular[32] < 0.05 * singular[0]  # 32 latent dimensions, then int8 rounding noise
+    again, _ = bench.make_latent_data(3000, 64, seed=1)
+    np.testing.assert_array_equal(again, codes)
+
+
 def test_tiny_run_prints_tables_and_ratios(bench, capsys):
     results = bench.main(["--sizes", "2000", "--dim", "32", "--clusters", "40", "--queries", "30",
                           "--latency-queries", "5", "--store-size", "400"])
     out = capsys.readouterr().out
     assert "| kind | searched on | build s | build peak RSS GB | bytes/vector |" in out and "load average" in out
     assert "| ivfpq + re-rank |" in out and "re-rank from the catalogue" in out
-    rows = {r["kind"]: r for r in results["sizes"][0]["rows"]}
-    assert set(rows) == {"flat", "ivf", "ivfpq"}
+    rows = {r["kind"] + (" before" if r.get("baseline") else ""): r for r in results["sizes"][0]["rows"]}
+    assert set(rows) == {"flat", "ivf", "ivfpq", "ivfpq before"}
     assert rows["flat"]["recall_at_10"] == 1.0 and rows["flat"]["x_exact_1"] == 1.0
     assert rows["ivfpq"]["recall_at_10"] >= 0.9
     assert rows["ivfpq"]["bytes_per_vector"] < rows["flat"]["bytes_per_vector"] / 2
+    # the baseline: the same index, nprobe tuned for the narrowest re-rank width alone
+    assert rows["ivfpq"]["rerank"] in RERANK_WIDTHS and rows["ivfpq before"]["rerank"] == RERANK_WIDTHS[0]
+    assert rows["ivfpq before"]["nlist"] == rows["ivfpq"]["nlist"] and rows["ivfpq before"]["recall_at_10"] >= 0.9
+    assert "| ivfpq + re-rank, tuned for the narrowest width only (before) |" in out
+    assert f"re-rank width tuned: recall@10 {rows['ivfpq']['recall_at_10']:.3f} against" in out
     for row in rows.values():
         assert 0 < row["p50_1"] <= row["p95_1"] and row["x_exact_n"] > 0
         assert row["searched_on"] == "cpu"

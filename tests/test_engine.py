@@ -246,7 +246,11 @@ def test_vector_file_lagging_behind_is_caught_up(tmp_path, tiny_checkpoint):
         saved = {name: (index / name).read_bytes() for name in ("vectors.faiss", "vectors.faiss.json")}
         save_photo(photos / "late.jpg", seed=500)
         _index(e, photos)
-        assert e.stats()["vector_index"] == "ivf"
+        stats = e.stats()
+        assert stats["vector_index"] == "ivf"
+        assert (stats["vector_nlist"], stats["vector_nprobe"]) == (e.store.vectors.nlist, e.store.vectors.nprobe)
+        assert 1 <= stats["vector_nprobe"] <= stats["vector_nlist"]
+        assert stats["vector_rerank"] is None  # an ivf re-ranks nothing
     for name, data in saved.items():
         (index / name).write_bytes(data)
     with Engine.open(index, device="cpu") as e:
@@ -359,6 +363,7 @@ def test_flat_chosen_beyond_exact_max_is_kept(tmp_path, photos, tiny_checkpoint,
         assert e.check() == [] and e.check(repair=True) == []
         stats = e.stats()
         assert (stats["vector_index"], stats["vector_index_chosen"], stats["vectors"]) == ("flat", "flat", 13)
+        assert stats["vector_nlist"] is stats["vector_nprobe"] is stats["vector_rerank"] is None  # exact
         assert e.similar(photos / "late.jpg", k=1)
         with pytest.raises(IndexStoreError, match="ivfpq index needs at least 256 vectors"):
             e.optimize("auto")  # the size's kind cannot be built: nothing is recorded

@@ -5,6 +5,7 @@ import json
 import logging
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import faiss
@@ -365,12 +366,83 @@ def test_nprobe_stops_where_recall_stops_growing(caplog: pytest.LogCaptureFixtur
     exact = np.arange(40).reshape(4, 10)
     queries = np.zeros((4, 8), np.float32)
     reachable = PlateauIndex(exact, plateau=1.0)
-    assert vectors_module._tune_nprobe(reachable, exact, queries, None) == 23  # the first step to reach 0.97
+    assert vectors_module._tune(reachable, exact, queries, None) == (23, 0)  # the first step to reach 0.97
+    assert reachable.probed[-1] == 23  # and no further: every step after costs more
     stuck = PlateauIndex(exact, plateau=0.9)
     with caplog.at_level(logging.WARNING, logger="altsearch.vectors"):
-        nprobe = vectors_module._tune_nprobe(stuck, exact, queries, None)
-    assert nprobe == 16 and stuck.probed[-1] == stuck.nlist  # every step tried; the plateau's first kept
-    assert "no nprobe reaches recall@10 0.97" in caplog.text and "nprobe 16 gives 0.900" in caplog.text
+        tuned = vectors_module._tune(stuck, exact, queries, None)
+    assert tuned == (16, 0) and stuck.probed[-1] == stuck.nlist  # every step tried; the plateau's first kept
+    assert "no nprobe reaches recall@10 0.97" in caplog.text and "nprobe 16: 0.900" in caplog.text
+
+
+class TwinsIndex:
+    """An ivfpq stand-in over near-twins: each query's true top 10 (ids q*10000 + 0..9, exact scores
+    1.0 down to 0.91) come after `twins(nprobe)` decoys (ids q*10000 + 100 + j, exact score 0.5) that
+    the PQ codes rank above them; of the true ten, min(10, nprobe) are in the lists probed."""
+
+    nlist, ntotal = 1024, 10**6
+
+    def __init__(self, twins: Callable[[int], int], queries: int = 4) -> None:
+        self.twins, self.probed = twins, []
+        self.exact = np.arange(queries)[:, None] * 10_000 + np.arange(10)
+        ids = np.concatenate([self.exact, np.arange(queries)[:, None] * 10_000 + 100 + np.arange(2000)], axis=1)
+        vecs = np.zeros(ids.shape + (queries,), np.float32)
+        for q in range(queries):
+            vecs[q, :10, q] = 1.0 - 0.01 * np.arange(10)
+            vecs[q, 10:, q] = 0.5
+        self.queries = np.eye(queries, dtype=np.float32)
+        self.refine = refine_from(ids.reshape(-1), vecs.reshape(-1, queries))
+        self.read = 0  # vectors the tuner asked refine for
+        inner = self.refine
+
+        def counting(wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            self.read += len(wanted)
+            return inner(wanted)
+
+        self.counting_refine = counting
+
+    def search(self, queries, k, params):  # noqa: ANN001, ANN201
+        self.probed.append(params.nprobe)
+        n, twins = len(queries), self.twins(params.nprobe)
+        decoys = np.arange(n)[:, None] * 10_000 + 100 + np.arange(k)
+        found = self.exact[:, : min(10, params.nprobe)]
+        ids = np.concatenate([decoys[:, :twins], found, decoys[:, twins:]], axis=1)[:, :k]
+        return np.zeros(ids.shape, np.float32), ids
+
+
+def test_the_rerank_width_is_tuned_with_nprobe(caplog: pytest.LogCaptureFixture) -> None:
+    widths = vectors_module.RERANK_WIDTHS
+    # no near-twins: the narrowest width, at the first nprobe that finds the ten (8 finds 8 of them)
+    plain = TwinsIndex(lambda nprobe: 0)
+    assert vectors_module._tune(plain, plain.exact, plain.queries, plain.counting_refine) == (11, widths[0])
+    # 150 twins ranked above the true ten: only a wider width reaches the target; the next one, not the widest
+    twins = TwinsIndex(lambda nprobe: 150)
+    assert vectors_module._tune(twins, twins.exact, twins.queries, twins.refine) == (11, widths[1])
+    # the narrowest width reaches it too, but only from 512 lists on: 512 x 977 codes cost more
+    # than 11 x 977 and 300 candidates re-ranked
+    costly = TwinsIndex(lambda nprobe: 150 if nprobe < 512 else 0)
+    assert vectors_module._tune(costly, costly.exact, costly.queries, costly.refine) == (11, widths[1])
+    # where it is cheap enough, the narrow width wins: 16 lists and 100 candidates cost less than 11
+    # lists and 300 candidates
+    cheap = TwinsIndex(lambda nprobe: 150 if nprobe < 16 else 0)
+    assert vectors_module._tune(cheap, cheap.exact, cheap.queries, cheap.refine) == (16, widths[0])
+    # twins no width gets past: the cheapest pair within PLATEAU of the best recall (0.5 at most)
+    hopeless = TwinsIndex(lambda nprobe: 5000)
+    with caplog.at_level(logging.WARNING, logger="altsearch.vectors"):
+        assert vectors_module._tune(hopeless, hopeless.exact, hopeless.queries, hopeless.refine) == (1, widths[0])
+    assert "no nprobe reaches recall@10 0.97" in caplog.text
+
+
+def test_the_tuner_reads_only_the_candidates_that_can_matter() -> None:
+    """Each nprobe step is one search with the widest width; the vectors of candidates beyond the
+    narrowest width are read only while a wider width could still be the cheapest choice."""
+    plain = TwinsIndex(lambda nprobe: 0)
+    vectors_module._tune(plain, plain.exact, plain.queries, plain.counting_refine)
+    widest = vectors_module.RERANK_WIDTHS[-1]
+    steps = plain.probed.index(11) + 1
+    assert steps == len(plain.probed)  # no step after the first that reaches the target
+    # until then, every width was read at each step; at 11 lists the narrowest reached it
+    assert plain.read == 4 * ((steps - 1) * widest + vectors_module.RERANK_WIDTHS[0])
 
 
 def test_rerank_scores_what_refine_returns() -> None:
@@ -417,8 +489,10 @@ def test_ivfpq_add_remove_and_round_trip(clustered_20k, tmp_path: Path) -> None:
     path = tmp_path / "vectors.faiss"
     header = index.save(path, generation=3)
     assert (header.kind, header.nlist, header.nprobe) == ("ivfpq", index.nlist, index.nprobe)
+    assert header.rerank == index.rerank and index.rerank in vectors_module.RERANK_WIDTHS
     loaded = VectorIndex.load(path, device="cpu")
-    assert (loaded.kind, loaded.nlist, loaded.nprobe, loaded.built_count) == ("ivfpq", index.nlist, index.nprobe, 5000)
+    assert (loaded.kind, loaded.nlist, loaded.nprobe, loaded.rerank, loaded.built_count) == (
+        "ivfpq", index.nlist, index.nprobe, index.rerank, 5000)
     truth = refine_from(kept_ids, kept_vecs)
     queries = held_out_queries(vecs, centres, seed=9)[:30]
     for got, want in zip(loaded.search(queries, 10, refine=truth), index.search(queries, 10, refine=truth)):
@@ -427,6 +501,52 @@ def test_ivfpq_add_remove_and_round_trip(clustered_20k, tmp_path: Path) -> None:
     assert recall_at_k(exact, loaded.search(queries, 10, refine=truth)[1]) >= vectors_module.RECALL_TARGET
     assert loaded.remove(ids[:5]) == 5  # the id map survived the round trip
     assert not np.isin(loaded.search(queries, 10, refine=truth)[1], ids[:5]).any()
+
+
+def test_an_ivfpq_search_reranks_its_tuned_width(clustered_20k, tmp_path: Path) -> None:  # noqa: ANN001
+    """A search reads the vectors of `rerank` candidates for a top 10, and k / 10 times more for a
+    larger k; the width is saved with the index and read back; a header from before it (format 1,
+    no width) gives the narrowest width."""
+    ids, vecs, _ = clustered_20k
+    index = VectorIndex.build(ids[:5000], vecs[:5000], kind="ivfpq", device="cpu")
+    assert index.rerank in vectors_module.RERANK_WIDTHS
+    asked: list[int] = []
+    inner = refine_from(ids[:5000], vecs[:5000])
+
+    def spy(wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        asked.append(len(wanted))
+        return inner(wanted)
+
+    query = unit(1, seed=3)
+    index._cpu.nprobe = index.nlist  # every list probed: there are always as many candidates as asked for
+    for width in (100, 300):
+        index.rerank = width
+        asked.clear()
+        index.search(query, 10, refine=spy)
+        index.search(query, 25, refine=spy)
+        assert asked == [width, width * 25 // 10]
+
+    path = tmp_path / "vectors.faiss"
+    header = index.save(path, generation=1)
+    assert header.rerank == 300 and header.format == 2
+    assert VectorIndex.load(path, device="cpu").rerank == 300
+    old = json.loads(header_path(path).read_text())
+    del old["rerank"]
+    header_path(path).write_text(json.dumps(old | {"format": 1}))
+    assert VectorIndex.load(path, device="cpu").rerank == vectors_module.RERANK_WIDTHS[0]
+
+
+def test_a_header_from_a_newer_altsearch_says_so(ivf, tmp_path: Path) -> None:  # noqa: ANN001
+    """Checked before the fields are: a newer format may add fields this version does not know."""
+    path = tmp_path / "vectors.faiss"
+    ivf.save(path)
+    header = json.loads(header_path(path).read_text())
+    header_path(path).write_text(json.dumps(header | {"format": vectors_module.HEADER_FORMAT + 1, "shards": 4}))
+    with pytest.raises(IndexStoreError, match="newer altsearch; upgrade altsearch"):
+        VectorIndex.load(path)
+    header_path(path).write_text(json.dumps(header | {"shards": 4}))  # an unknown field in this format
+    with pytest.raises(IndexStoreError, match="damaged"):
+        VectorIndex.load(path)
 
 
 def test_ivfpq_reranks_when_k_covers_the_index() -> None:
