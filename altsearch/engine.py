@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import AltsearchError, ModelMismatchError, QueryError
+from .errors import AltsearchError, IndexTooLargeError, ModelMismatchError, QueryError
 from .home import WriteLock, index_dir
 from .query import Query, Term, combine, parse_query
 from .store import HASH_META, IndexStore
@@ -158,6 +158,8 @@ class Engine:
             raise AltsearchError(f"folder not found: {folder}")
         with WriteLock(self.path):
             model = self.model
+            if self.store.dimension is not None:
+                self.store.writable_vectors()  # rebuilt first if only an approximate index fits in memory
             try:
                 ingestor = Ingestor(self.store, model, batch_size=batch_size, workers=workers, draft=draft,
                                     decode=decode, progress=progress)
@@ -172,6 +174,7 @@ class Engine:
             ids = np.unique(np.concatenate([self.store.catalog.filter_ids(under=r) for r in roots]
                                            or [np.zeros(0, np.int64)]))
             if len(ids):
+                self.store.writable_vectors()
                 self.store.commit(lambda tx: tx.remove(ids.tolist()), removed_ids=ids)
                 self.store.save_vectors()
             return len(ids)
@@ -275,14 +278,18 @@ class Engine:
         cat = self.store.catalog
         path = self.store.folder
         sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}
-        vectors = self.store.vectors if self.store.dimension is not None else None
+        vectors, problem = None, None
+        try:
+            vectors = self.store.vectors if self.store.dimension is not None else None
+        except IndexTooLargeError as err:  # stats are how one finds out: they do not fail on it
+            problem = str(err)
         if vectors is not None:
             self.store.refresh()
         approximate = vectors is not None and vectors.kind in APPROXIMATE
         return {
             "index": str(path),
             "images": cat.count(),
-            "vectors": len(vectors) if vectors is not None else 0,
+            "vectors": len(vectors) if vectors is not None else (None if problem else 0),
             "failures": cat.failure_count(),
             "model": cat.get_meta("model_id"),
             "model_fingerprint": cat.get_meta("model_fingerprint"),
@@ -294,6 +301,7 @@ class Engine:
             "vector_nlist": vectors.nlist if approximate else None,
             "vector_nprobe": vectors.nprobe if approximate else None,
             "vector_rerank": (vectors.rerank or None) if approximate else None,
+            "vector_index_problem": problem,  # why no vector index could be opened (searches fail with it)
             "content_hash": cat.get_meta(HASH_META),
             "bytes_on_disk": sum(sizes.values()),
             "schema_version": cat.get_meta("schema_version"),

@@ -52,6 +52,11 @@ class ModelMismatchError(IndexStoreError):
     """The index was built with another model than the one asked to query or extend it."""
 
 
+class IndexTooLargeError(IndexStoreError):
+    """An exact vector index, built in memory where the approximate one's file cannot be used (lost,
+    damaged, or chosen flat), that would not fit in the memory available."""
+
+
 class IndexLockedError(IndexStoreError):
     """Another process is writing to the index."""
 

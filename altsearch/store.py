@@ -26,7 +26,7 @@ import numpy as np
 
 from . import faults
 from .catalog import Catalog, as_stored
-from .errors import IndexStoreError, ModelMismatchError
+from .errors import IndexStoreError, IndexTooLargeError, ModelMismatchError
 from .home import LOCK_FILE
 from .vectors import APPROXIMATE, KINDS, VectorIndex, kind_for, read_vectors, remove_saved, saved_kind
 
@@ -36,6 +36,29 @@ CATALOG_FILE = "catalog.sqlite"
 VECTORS_FILE = "vectors.faiss"
 KIND_META = "vector_kind"  # meta key: the vector index kind chosen with optimize; "auto" or absent: the size picks
 HASH_META = "content_hash"  # meta key: the content hash the catalogue's files are hashed with (decode.HASH_KINDS)
+# An exact index built in memory may take this share of the memory available when it is built (Linux's
+# MemAvailable): beyond, the index says how to rebuild its approximate file instead of swapping or
+# being killed (10M x 768 float32: 31 GB).
+FLAT_MEMORY_SHARE = 0.75
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation without swapping (Linux's MemAvailable); None
+    where the system does not say."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def flat_memory_limit() -> int | None:
+    """The most an exact index built in memory may hold (see FLAT_MEMORY_SHARE); None: no limit known."""
+    available = available_memory()
+    return None if available is None else int(available * FLAT_MEMORY_SHARE)
 
 
 @contextmanager
@@ -153,10 +176,26 @@ class IndexStore:
             if self._vectors is None:
                 if self.dimension is None:
                     raise IndexStoreError(f"index {self.folder} is empty (index a folder first)")
-                index = VectorIndex.open(self.folder / VECTORS_FILE, self.catalog, device=self.device)
+                try:
+                    index = VectorIndex.open(self.folder / VECTORS_FILE, self.catalog, device=self.device,
+                                             max_flat_bytes=flat_memory_limit())
+                except IndexTooLargeError as err:
+                    raise IndexTooLargeError(f"index {self.folder}: {err}. Rebuild its approximate vector index "
+                                             f"from the stored vectors (the model does not run): altsearch check "
+                                             f"--repair --index {self.folder}") from None
                 self._saved_generation = index.header.generation if index.header else None
                 self._vectors = index
             return self._vectors
+
+    def writable_vectors(self) -> VectorIndex:
+        """The vector index, for a writer (under the index's write lock) about to change it. Where the
+        exact index that stands in for an unusable approximate file would not fit in memory, the
+        approximate index is rebuilt from the catalogue first, as `check --repair` does."""
+        try:
+            return self.vectors
+        except IndexTooLargeError as err:
+            log.warning("%s: rebuilding it now", err)
+            return self.repair()
 
     def refresh(self) -> None:
         """Catch up with what another process committed since this index was read."""
@@ -234,7 +273,11 @@ class IndexStore:
         if self.dimension is None:
             raise IndexStoreError(f"index {self.folder} is empty (index a folder first)")
         try:
-            index = VectorIndex.from_catalog(self.catalog, kind=kind, device=self.device)
+            index = VectorIndex.from_catalog(self.catalog, kind=kind, device=self.device,
+                                             max_bytes=flat_memory_limit())
+        except IndexTooLargeError as err:
+            hint = "; an approximate index would fit: altsearch optimize --kind auto" if kind == "flat" else ""
+            raise IndexTooLargeError(f"cannot build an exact vector index of {self.folder}: {err}{hint}") from None
         except ValueError as err:  # too few vectors for an IVF kind
             raise IndexStoreError(f"cannot build the {kind} vector index of {self.folder}: {err}") from err
         with self._rw.writing():

@@ -55,7 +55,7 @@ import faiss
 import numpy as np
 
 from altsearch import faults
-from altsearch.errors import IndexStoreError
+from altsearch.errors import IndexStoreError, IndexTooLargeError
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ PLATEAU = 0.005  # recall@10 this close to the best any nprobe reaches counts as
 TRAIN_PER_LIST = 40  # k-means training points per inverted list (FAISS wants at least 39)
 GPU_MAX_K = 2048  # FAISS GPU k-selection limit (also bounds nprobe)
 REBUILD_GROWTH = 4.0  # rebuild an IVF whose size moved this factor away from its build size
+FLAT_ID_MAP_BYTES = 48  # an IndexIDMap2 reverse-map entry (a node of a C++ unordered_map)
 HEADER_FORMAT = 2  # 2: `rerank`
 _HASH_CHUNK = 1 << 22
 # Vectors read from the catalogue per step while an index is built: a flat index adds them, an IVF
@@ -210,6 +211,12 @@ class VectorSource(Protocol):
 def kind_for(n: int) -> str:
     """The kind `build(kind="auto")` picks for n vectors."""
     return "flat" if n <= EXACT_MAX else "ivfpq"
+
+
+def flat_bytes(dim: int) -> int:
+    """About what an exact (flat) index holds in memory per vector: float32 components, the id, and
+    IndexIDMap2's entry from id to position."""
+    return 4 * dim + 8 + FLAT_ID_MAP_BYTES
 
 
 def pq_m_for(dim: int) -> int:
@@ -429,25 +436,25 @@ def _belongs_to(index: VectorIndex, catalog: VectorSource) -> bool:
     )
 
 
-def _trusted_file(path: Path, catalog: VectorSource, device: str) -> VectorIndex | None:
-    """The index saved at `path` if there is one that belongs to this catalogue (see VectorIndex.open);
-    None otherwise, logged unless there simply is no file."""
+def _trusted_file(path: Path, catalog: VectorSource, device: str) -> tuple[VectorIndex | None, str]:
+    """(the index saved at `path`, "") if there is one that belongs to this catalogue (see
+    VectorIndex.open); else (None, why not), logged unless there simply is no file."""
     try:
         kind = saved_kind(path)
         if kind is None:
-            return None
+            return None, f"there is no {path.name}"
         if kind not in APPROXIMATE:
             log.info("passing over %s, a %s index saved by an older altsearch (flat indexes are built from the "
                      "catalogue; the next writer deletes it)", path, kind)
-            return None
+            return None, f"{path.name} holds a {kind} index saved by an older altsearch"
         index = VectorIndex.load(path, device=device)
     except IndexStoreError as err:
         log.warning("%s; building a flat vector index from the catalogue", err)
-        return None
+        return None, str(err)
     if not _belongs_to(index, catalog):
         log.warning("vector index %s does not match its catalogue; building a flat one from the catalogue", path)
-        return None
-    return index
+        return None, f"vector index {path} does not match its catalogue"
+    return index, ""
 
 
 def _pad(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -727,11 +734,14 @@ class VectorIndex:
         return cls(index, kind, device=device, built_count=len(ids), rerank=width)
 
     @classmethod
-    def from_catalog(cls, catalog: VectorSource, *, kind: str = "auto", device: str = "auto") -> VectorIndex:
+    def from_catalog(
+        cls, catalog: VectorSource, *, kind: str = "auto", device: str = "auto", max_bytes: int | None = None
+    ) -> VectorIndex:
         """A fresh index over every vector in the catalogue; its `generation` is the catalogue's when
         reading began. A flat index is filled batch by batch as the vectors are read. An IVF kind is
         built as `build` builds it, from a sample read by id (training) and then every vector, batch
-        by batch: it never holds them all in memory (see `_build_ivf`)."""
+        by batch: it never holds them all in memory (see `_build_ivf`). A flat index stops with
+        IndexTooLargeError as soon as it would hold more than `max_bytes` (None: no limit)."""
         if catalog.dimension is None:
             raise IndexStoreError("the catalogue records no vector dimension yet (its 'dimension' meta value)")
         generation = catalog.generation
@@ -740,6 +750,12 @@ class VectorIndex:
         if kind == "flat":  # rows written meanwhile may be read too: reconciling re-adds them
             index = cls.create(catalog.dimension, device=device)
             for ids, vecs in catalog.iter_vectors(batch=_READ_BATCH):
+                if max_bytes is not None and (len(index) + len(ids)) * flat_bytes(catalog.dimension) > max_bytes:
+                    del index
+                    n = len(catalog.vector_ids())
+                    raise IndexTooLargeError(
+                        f"an exact index of its {n:,} vectors would take {n * flat_bytes(catalog.dimension) / 1e9:.1f} "
+                        f"GB of memory, more than the {max_bytes / 1e9:.1f} GB it may use")
                 index.add(ids, vecs)
             index.built_count = len(index)
         elif kind in APPROXIMATE:
@@ -751,7 +767,9 @@ class VectorIndex:
         return index
 
     @classmethod
-    def open(cls, path: Path, catalog: VectorSource, *, device: str = "auto") -> VectorIndex:
+    def open(
+        cls, path: Path, catalog: VectorSource, *, device: str = "auto", max_flat_bytes: int | None = None
+    ) -> VectorIndex:
         """The approximate index saved at `path` brought up to date with the catalogue, or else a
         flat index built from the catalogue.
 
@@ -763,11 +781,17 @@ class VectorIndex:
         in seconds at any size. A flat file an older altsearch saved is passed over. Switching kind
         as the index grows or shrinks is the writer's call (IndexStore.maybe_rebuild); a kind chosen
         with `optimize` is kept.
+
+        A flat index that would hold more than `max_flat_bytes` (None: no limit) is not built:
+        IndexTooLargeError says why no file could be used and what the flat index would take.
         """
         path = Path(path)
-        index = _trusted_file(path, catalog, device)
+        index, why = _trusted_file(path, catalog, device)
         if index is None:
-            return cls.from_catalog(catalog, kind="flat", device=device)
+            try:
+                return cls.from_catalog(catalog, kind="flat", device=device, max_bytes=max_flat_bytes)
+            except IndexTooLargeError as err:
+                raise IndexTooLargeError(f"{why}, and {err}") from None
         if index.generation != catalog.generation:  # else saved for exactly this catalogue state
             added, removed = index.reconcile(catalog, since_generation=index.generation or 0)
             if added or removed:

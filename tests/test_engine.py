@@ -12,7 +12,9 @@ from PIL import Image
 
 from altsearch import Engine, faults, load_model
 from altsearch import vectors as vectors_module
-from altsearch.errors import IndexLockedError, IndexStoreError, ModelMismatchError, QueryError
+from altsearch import store as store_module
+from altsearch.errors import (IndexLockedError, IndexStoreError, IndexTooLargeError, ModelMismatchError,
+                              QueryError)
 from altsearch.home import WriteLock
 from altsearch.store import IndexStore
 from tests.checkpoints import write_checkpoint
@@ -437,6 +439,85 @@ def test_a_kind_chosen_with_optimize_is_retrained_as_itself(tmp_path):
     store.save_vectors()
     assert store.check() == []
     store.close()
+
+
+def _stored_vectors(folder, n, dim=16):
+    """An index folder whose catalogue holds n random vectors (no model: records and vectors only)."""
+    store = IndexStore(folder, device="cpu")
+    store.bind_model("m", "fp", dim)
+    records = [{"path": f"/p/{i}.jpg", "size": 1, "mtime": 1.0, "content_hash": str(i)} for i in range(n)]
+    vecs = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    added: list[int] = []
+    store.commit(lambda tx: added.extend(tx.add(records, vecs)), added=(added, vecs))
+    return store, vecs
+
+
+def test_an_exact_index_that_would_not_fit_in_memory_is_not_built(tmp_path, monkeypatch):
+    """Where the approximate index's file is lost or damaged, an exact index built in memory stands in
+    for it, unless it would take more than FLAT_MEMORY_SHARE of the memory available (10M x 768
+    float32: 31 GB): then a search says why and how to rebuild the file, losing nothing, `stats` says
+    the same without failing, and a writer rebuilds the approximate index before it writes."""
+    monkeypatch.setattr(vectors_module, "EXACT_MAX", 100)  # 300 vectors call for an ivfpq
+    folder = tmp_path / "index"
+    store, vecs = _stored_vectors(folder, 300)
+    assert store.optimize("auto").kind == "ivfpq"
+    store.close()
+    (folder / "vectors.faiss").unlink()  # lost
+    need = 300 * vectors_module.flat_bytes(16)
+    just_short = int(need / store_module.FLAT_MEMORY_SHARE) - 1
+    monkeypatch.setattr(store_module, "available_memory", lambda: just_short)
+
+    reader = IndexStore(folder, create=False, device="cpu")
+    with pytest.raises(IndexTooLargeError) as err:
+        reader.search(vecs[:1], 5)
+    message = str(err.value)
+    assert "vectors.faiss: [Errno 2] No such file or directory" in message
+    assert "and an exact index of its 300 vectors would take" in message
+    assert f"altsearch check --repair --index {folder}" in message
+    with Engine.open(folder, device="cpu") as e:
+        stats = e.stats()  # says what is wrong instead of failing
+        assert stats["vector_index"] is None and stats["vectors"] is None and stats["images"] == 300
+        assert stats["vector_index_problem"] == message
+    (folder / "vectors.faiss.json").write_text("{damaged")
+    with pytest.raises(IndexTooLargeError, match="is damaged"):
+        IndexStore(folder, create=False, device="cpu").search(vecs[:1], 5)
+    (folder / "vectors.faiss.json").unlink()
+    with pytest.raises(IndexTooLargeError, match="there is no vectors.faiss, and an exact index"):
+        IndexStore(folder, create=False, device="cpu").search(vecs[:1], 5)
+    assert reader.catalog.count() == 300  # nothing lost
+
+    # a writer rebuilds the approximate index from the stored vectors (the model does not run)
+    with Engine.open(folder, device="cpu") as e:
+        assert e.remove(["/p/0.jpg"]) == 1
+        assert e.store.vectors.kind == "ivfpq" and e.check() == []
+    reader = IndexStore(folder, create=False, device="cpu")
+    _, found = reader.search(vecs[1:2], 1)
+    assert found[0, 0] >= 0 and reader.vectors.kind == "ivfpq"
+
+    # with room for it, the exact index stands in for a lost file, as before
+    (folder / "vectors.faiss").unlink()
+    monkeypatch.setattr(store_module, "available_memory", lambda: need * 10)
+    assert IndexStore(folder, create=False, device="cpu").vectors.kind == "flat"
+    monkeypatch.setattr(store_module, "available_memory", lambda: None)  # not known: no limit
+    assert IndexStore(folder, create=False, device="cpu").vectors.kind == "flat"
+
+
+def test_flat_chosen_but_too_large_for_memory_is_refused(tmp_path, monkeypatch):
+    store, _ = _stored_vectors(tmp_path / "index", 300)
+    monkeypatch.setattr(store_module, "available_memory", lambda: 1000)
+    with pytest.raises(IndexTooLargeError, match="an approximate index would fit: altsearch optimize --kind auto"):
+        store.optimize("flat")
+    assert store.chosen_kind is None  # refused before anything was recorded
+    store.close()
+
+
+def test_available_memory_is_read_from_the_system():
+    available = store_module.available_memory()
+    if not os.path.exists("/proc/meminfo"):
+        assert available is None
+        return
+    assert 0 < available <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def test_optimize_stopped_after_recording_its_kind(tmp_path, tiny_checkpoint, monkeypatch):
