@@ -749,13 +749,14 @@ class VectorIndex:
         kind = kind_for(len(wanted)) if kind == "auto" else kind
         if kind == "flat":  # rows written meanwhile may be read too: reconciling re-adds them
             index = cls.create(catalog.dimension, device=device)
+            per_vector = flat_bytes(catalog.dimension)
             for ids, vecs in catalog.iter_vectors(batch=_READ_BATCH):
-                if max_bytes is not None and (len(index) + len(ids)) * flat_bytes(catalog.dimension) > max_bytes:
-                    del index
+                if max_bytes is not None and (len(index) + len(ids)) * per_vector > max_bytes:
+                    del index  # else the error's traceback keeps this frame, and the gigabytes read so far
                     n = len(catalog.vector_ids())
                     raise IndexTooLargeError(
-                        f"an exact index of its {n:,} vectors would take {n * flat_bytes(catalog.dimension) / 1e9:.1f} "
-                        f"GB of memory, more than the {max_bytes / 1e9:.1f} GB it may use")
+                        f"an exact index of its {n:,} vectors would take {n * per_vector / 1e9:.1f} GB of memory, "
+                        f"more than the {max_bytes / 1e9:.1f} GB it may use")
                 index.add(ids, vecs)
             index.built_count = len(index)
         elif kind in APPROXIMATE:
