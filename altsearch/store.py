@@ -28,6 +28,7 @@ from . import faults
 from .catalog import Catalog, as_stored
 from .errors import IndexStoreError, IndexTooLargeError, ModelMismatchError
 from .home import LOCK_FILE
+from .sysmem import available_memory
 from .vectors import APPROXIMATE, KINDS, VectorIndex, kind_for, read_vectors, remove_saved, saved_kind
 
 log = logging.getLogger(__name__)
@@ -37,22 +38,10 @@ VECTORS_FILE = "vectors.faiss"
 KIND_META = "vector_kind"  # meta key: the vector index kind chosen with optimize; "auto" or absent: the size picks
 HASH_META = "content_hash"  # meta key: the content hash the catalogue's files are hashed with (decode.HASH_KINDS)
 # An exact index built in memory may take this share of the memory available when it is built (Linux's
-# MemAvailable): beyond, the index says how to rebuild its approximate file instead of swapping or
-# being killed (10M x 768 float32: 31 GB).
+# MemAvailable, or what a container's or unit's memory limit leaves where that is less: sysmem): beyond,
+# the index says how to rebuild its approximate file instead of swapping or being killed (10M x 768
+# float32: 31 GB).
 FLAT_MEMORY_SHARE = 0.75
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation without swapping (Linux's MemAvailable); None
-    where the system does not say."""
-    try:
-        with open("/proc/meminfo", "rb") as f:
-            for line in f:
-                if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def flat_memory_limit() -> int | None:

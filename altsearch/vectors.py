@@ -436,25 +436,32 @@ def _belongs_to(index: VectorIndex, catalog: VectorSource) -> bool:
     )
 
 
-def _trusted_file(path: Path, catalog: VectorSource, device: str) -> tuple[VectorIndex | None, str]:
-    """(the index saved at `path`, "") if there is one that belongs to this catalogue (see
-    VectorIndex.open); else (None, why not), logged unless there simply is no file."""
+def _trusted_file(path: Path, catalog: VectorSource, device: str) -> tuple[VectorIndex | None, str, int]:
+    """(the index saved at `path`, "", 0) if there is one that belongs to this catalogue (see
+    VectorIndex.open); else (None, why not, the logging level to say it at: 0 when there simply is
+    no file)."""
     try:
         kind = saved_kind(path)
         if kind is None:
-            return None, f"there is no {path.name}"
+            return None, f"there is no {path.name}", 0
         if kind not in APPROXIMATE:
-            log.info("passing over %s, a %s index saved by an older altsearch (flat indexes are built from the "
-                     "catalogue; the next writer deletes it)", path, kind)
-            return None, f"{path.name} holds a {kind} index saved by an older altsearch"
+            return None, (f"{path} holds a {kind} index saved by an older altsearch, which is passed over (the "
+                          "next writer deletes it)"), logging.INFO
         index = VectorIndex.load(path, device=device)
     except IndexStoreError as err:
-        log.warning("%s; building a flat vector index from the catalogue", err)
-        return None, str(err)
+        return None, str(err), logging.WARNING
     if not _belongs_to(index, catalog):
-        log.warning("vector index %s does not match its catalogue; building a flat one from the catalogue", path)
-        return None, f"vector index {path} does not match its catalogue"
-    return index, ""
+        return None, f"vector index {path} does not match its catalogue", logging.WARNING
+    return index, "", 0
+
+
+def _flat_too_large(n: int, dim: int, max_bytes: int | None) -> IndexTooLargeError | None:
+    """The error for an exact index of n vectors that would hold more than `max_bytes`, else None."""
+    need = n * flat_bytes(dim)
+    if max_bytes is None or need <= max_bytes:
+        return None
+    return IndexTooLargeError(f"an exact index of its {n:,} vectors would take {need / 1e9:.1f} GB of memory, "
+                              f"more than the {max_bytes / 1e9:.1f} GB it may use")
 
 
 def _pad(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -750,13 +757,10 @@ class VectorIndex:
         if kind == "flat":  # rows written meanwhile may be read too: reconciling re-adds them
             index = cls.create(catalog.dimension, device=device)
             per_vector = flat_bytes(catalog.dimension)
-            for ids, vecs in catalog.iter_vectors(batch=_READ_BATCH):
+            for ids, vecs in catalog.iter_vectors(batch=_READ_BATCH):  # grown since a check, it stops here
                 if max_bytes is not None and (len(index) + len(ids)) * per_vector > max_bytes:
                     del index  # else the error's traceback keeps this frame, and the gigabytes read so far
-                    n = len(catalog.vector_ids())
-                    raise IndexTooLargeError(
-                        f"an exact index of its {n:,} vectors would take {n * per_vector / 1e9:.1f} GB of memory, "
-                        f"more than the {max_bytes / 1e9:.1f} GB it may use")
+                    raise _flat_too_large(len(catalog.vector_ids()), catalog.dimension, max_bytes)
                 index.add(ids, vecs)
             index.built_count = len(index)
         elif kind in APPROXIMATE:
@@ -787,8 +791,13 @@ class VectorIndex:
         IndexTooLargeError says why no file could be used and what the flat index would take.
         """
         path = Path(path)
-        index, why = _trusted_file(path, catalog, device)
+        index, why, level = _trusted_file(path, catalog, device)
         if index is None:
+            if catalog.dimension is not None and (
+                    err := _flat_too_large(len(catalog.vector_ids()), catalog.dimension, max_flat_bytes)):
+                raise IndexTooLargeError(f"{why}, and {err}")  # before a vector is read
+            if level:
+                log.log(level, "%s; building a flat vector index from the catalogue", why)
             try:
                 return cls.from_catalog(catalog, kind="flat", device=device, max_bytes=max_flat_bytes)
             except IndexTooLargeError as err:

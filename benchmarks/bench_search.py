@@ -68,6 +68,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_query import CLUSTER_SIZE, ClusteredVectors  # noqa: E402
 from benchlib import cpu_name  # noqa: E402
 
+from altsearch.sysmem import available_memory  # noqa: E402
+
 SPECTRUM_DECAY = 0.5  # per-dimension std (1 + j) ** -0.5: variance ~ 1 / (1 + j)
 OFFSET = 1.0  # norm of the common mean direction added to the (unit) centres
 SPREAD = 0.6  # noise scale around a centre (the noise has the centres' spectrum, unit norm at 1.0)
@@ -239,15 +241,11 @@ def latency(search, queries: np.ndarray, threads: int) -> tuple[float, float]:
     return float(np.percentile(times, 50)), float(np.percentile(times, 95))
 
 
-def available_bytes() -> int | None:
-    return _proc_bytes("/proc/meminfo", "MemAvailable")
-
-
 def bench_size(n: int, args: argparse.Namespace, threads: int) -> dict:
     from altsearch.vectors import VectorIndex, recall_at_k
 
     need = (n + args.queries) * args.dim  # the int8 data (the indexes are checked one by one below)
-    have = available_bytes()
+    have = available_memory()
     if have is not None and need > 0.8 * have:
         return {"n": n, "skipped": f"needs ~{need / 1e9:.0f} GB of memory, {have / 1e9:.0f} GB available"}
     start = time.perf_counter()
@@ -266,7 +264,7 @@ def bench_size(n: int, args: argparse.Namespace, threads: int) -> dict:
     rows = []
     exact = {}
     for kind in args.kinds:
-        need, have = index_bytes(kind, n, args.dim), available_bytes()
+        need, have = index_bytes(kind, n, args.dim), available_memory()
         if have is not None and need > 0.8 * have:
             rows.append({"kind": kind, "skipped": f"needs ~{need / 1e9:.0f} GB more memory, {have / 1e9:.0f} GB available"})
             continue

@@ -85,7 +85,7 @@ def test_on_a_gpu_each_index_searches_where_altsearch_would_put_it(bench, capsys
 
 
 def test_a_size_that_does_not_fit_is_skipped(bench, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "available_bytes", lambda: 10**9)
+    monkeypatch.setattr(bench, "available_memory", lambda: 10**9)
     results = bench.main(["--sizes", "10000000", "--store-size", "0"])
     assert "skipped" in results["sizes"][0]
     assert "10,000,000 vectors: skipped (needs ~8 GB of memory, 1 GB available)" in capsys.readouterr().out
@@ -97,7 +97,7 @@ def test_a_kind_that_does_not_fit_is_skipped_and_the_others_run(bench, capsys, m
     n, dim = 3000, 32
     room = (bench.index_bytes("ivfpq", n, dim) + bench.index_bytes("flat", n, dim)) / 2 / 0.8
     assert bench.index_bytes("ivfpq", n, dim) < 0.8 * room < bench.index_bytes("flat", n, dim)
-    monkeypatch.setattr(bench, "available_bytes", lambda: room)
+    monkeypatch.setattr(bench, "available_memory", lambda: room)
     results = bench.main(["--sizes", str(n), "--dim", str(dim), "--clusters", "40", "--queries", "30",
                           "--latency-queries", "5", "--store-size", "0"])
     rows = {r["kind"]: r for r in results["sizes"][0]["rows"]}
