@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -161,8 +162,22 @@ def index(
             raise typer.Exit(130)
 
 
+# what a rebuild of the vector index is doing (vectors.BuildProgress steps), and the unit it counts
+_BUILD_STEPS = {"load": ("reading vectors", "vectors"), "train": ("training the vector index", ""),
+                "add": ("adding vectors", "vectors"), "tune": ("tuning the vector index", "")}
+
+
+def _build_step(bar, step: str, done: int, total: int | None) -> None:
+    description, unit = _BUILD_STEPS[step]
+    if step == "train" and done == 0:
+        total = None  # one opaque k-means run (25 s at 1M): a pulsing bar, not an empty one with no ETA
+    bar(description, done, total, unit)
+
+
 @contextmanager
-def _progress(enabled: bool):
+def _bar(enabled: bool):
+    """A transient progress bar on stderr: yields update(description, done, total, unit), or None
+    when disabled. A new description starts the count (rate, ETA) afresh."""
     if not enabled:
         yield None
         return
@@ -172,18 +187,47 @@ def _progress(enabled: bool):
 
     class Rate(ProgressColumn):
         def render(self, task) -> Text:
-            return Text(f"{task.speed:.1f} img/s" if task.speed else "- img/s")
+            unit = task.fields.get("unit")
+            if not unit:
+                return Text("")
+            return Text(f"{task.speed:,.1f} {unit}/s" if task.speed else f"- {unit}/s")
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=True)
-    task = bar.add_task("scanning", total=None)
-    names = {"scan": "scanning", "embed": "embedding", "done": "done"}
+    task = bar.add_task("", total=None, unit="")
 
-    def update(p):
-        bar.update(task, description=names[p.phase], completed=p.done, total=p.total)
+    def update(description: str, done: int, total: int | None, unit: str) -> None:
+        if bar.tasks[0].description != description:
+            bar.reset(task, description=description, total=total, unit=unit)
+        bar.update(task, completed=done, total=total)
 
     with bar:
         yield update
+
+
+@contextmanager
+def _progress(enabled: bool):
+    """An indexing run's progress callback (ingest.Progress) drawing a bar, or None."""
+    names = {"scan": "scanning", "embed": "embedding", "done": "done"}
+    with _bar(enabled) as bar:
+        if bar is None:
+            yield None
+            return
+
+        def update(p) -> None:
+            if p.phase == "vectors":
+                _build_step(bar, p.step, p.done, p.total)
+            else:
+                bar(names[p.phase], p.done, p.total, "img")
+
+        yield update
+
+
+@contextmanager
+def _build_progress(enabled: bool):
+    """A vector index rebuild's progress callback (vectors.BuildProgress) drawing a bar, or None."""
+    with _bar(enabled) as bar:
+        yield None if bar is None else functools.partial(_build_step, bar)
 
 
 def _print_report(r) -> None:
@@ -306,7 +350,8 @@ def remove(
 ):
     """Drop files (or whole folders) from the index. The files themselves are not touched."""
     with _errors(), _engine(index) as engine:
-        n = engine.remove(paths)
+        with _build_progress(not as_json and err.is_terminal) as progress:
+            n = engine.remove(paths, progress=progress)
         _print_json({"removed": n}) if as_json else out.print(f"removed {n} images")
 
 
@@ -319,7 +364,8 @@ def optimize(
 ):
     """Rebuild the vector index from stored vectors (exact while small, approximate when large, or the kind chosen)."""
     with _errors(), _engine(index) as engine:
-        result = engine.optimize(kind)
+        with _build_progress(not as_json and err.is_terminal) as progress:
+            result = engine.optimize(kind, progress=progress)
         if as_json:
             _print_json(result)
         else:
@@ -334,7 +380,8 @@ def check(
 ):
     """Verify that catalogue and vector index agree (exit code 1 when they do not and --repair is off)."""
     with _errors(), _engine(index) as engine:
-        problems = engine.check(repair=repair)
+        with _build_progress(repair and not as_json and err.is_terminal) as progress:
+            problems = engine.check(repair=repair, progress=progress)
         ok = not problems or repair
         if as_json:
             _print_json({"problems": problems, "repaired": bool(problems and repair)})

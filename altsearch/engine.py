@@ -16,7 +16,7 @@ from .errors import AltsearchError, IndexTooLargeError, ModelMismatchError, Quer
 from .home import WriteLock, index_dir
 from .query import Query, Term, combine, parse_query
 from .store import HASH_META, IndexStore
-from .vectors import APPROXIMATE
+from .vectors import APPROXIMATE, BuildProgress
 
 if TYPE_CHECKING:  # the ingestion code is imported when indexing starts, not by every search
     from .ingest import IndexReport, Progress
@@ -158,8 +158,6 @@ class Engine:
             raise AltsearchError(f"folder not found: {folder}")
         with WriteLock(self.path):
             model = self.model
-            if self.store.dimension is not None:
-                self.store.writable_vectors()  # rebuilt first if only an approximate index fits in memory
             try:
                 ingestor = Ingestor(self.store, model, batch_size=batch_size, workers=workers, draft=draft,
                                     decode=decode, progress=progress)
@@ -167,34 +165,40 @@ class Engine:
                 raise AltsearchError(str(exc)) from None
             return ingestor.run(str(folder), include_hidden=include_hidden, follow_symlinks=follow_symlinks)
 
-    def remove(self, paths: Iterable[str | os.PathLike]) -> int:
-        """Drop these files (or every file under these folders) from the index; returns how many."""
+    def remove(self, paths: Iterable[str | os.PathLike], *, progress: BuildProgress | None = None) -> int:
+        """Drop these files (or every file under these folders) from the index; returns how many.
+        ``progress`` hears of a rebuild of the vector index this may need first (see ``optimize``)."""
         roots = [os.path.abspath(os.path.expanduser(p)) for p in paths]
         with WriteLock(self.path):
             ids = np.unique(np.concatenate([self.store.catalog.filter_ids(under=r) for r in roots]
                                            or [np.zeros(0, np.int64)]))
             if len(ids):
-                self.store.writable_vectors()
+                self.store.writable_vectors(progress)
                 self.store.commit(lambda tx: tx.remove(ids.tolist()), removed_ids=ids)
                 self.store.save_vectors()
             return len(ids)
 
-    def optimize(self, kind: str = "auto") -> dict:
+    def optimize(self, kind: str = "auto", *, progress: BuildProgress | None = None) -> dict:
         """Rebuild the vector index from stored vectors: ``kind="auto"`` chooses exact or approximate
         search by size; ``"flat"``, ``"ivfpq"`` or ``"ivf"`` is kept by later indexing runs and repairs
-        (recorded in the catalogue) until an ``optimize("auto")``."""
+        (recorded in the catalogue) until an ``optimize("auto")``.
+
+        ``progress(step, done, total)`` hears how the build goes: ``step`` is ``load`` (vectors read
+        into an exact index), ``train`` (an approximate index's clustering, 0 then 1 of 1), ``add``
+        (vectors added to it) or ``tune`` (its search settings measured); ``done`` counts within the
+        step, of ``total`` (None: not known)."""
         with WriteLock(self.path):
-            index = self.store.optimize(kind)
+            index = self.store.optimize(kind, progress)
             return {"kind": index.kind, "vectors": len(index)}
 
-    def check(self, *, repair: bool = False) -> list[str]:
+    def check(self, *, repair: bool = False, progress: BuildProgress | None = None) -> list[str]:
         """Problems in the catalogue or the vector file; with ``repair`` the vector index (and its file,
-        if its kind has one) is rebuilt from the catalogue's stored vectors. Returns the problems found
-        (before any repair)."""
+        if its kind has one) is rebuilt from the catalogue's stored vectors, reporting to ``progress``
+        as ``optimize`` does. Returns the problems found (before any repair)."""
         problems = self.store.check()
         if repair and problems:
             with WriteLock(self.path):
-                self.store.repair()
+                self.store.repair(progress)
         return problems
 
     # -- querying ---------------------------------------------------------------------------------

@@ -90,12 +90,19 @@ class IndexReport:
 
 @dataclass(frozen=True)
 class Progress:
-    """Handed to the ``progress`` callback: ``phase`` is ``scan``, ``embed`` or ``done``."""
+    """Handed to the ``progress`` callback: ``phase`` is ``scan``, ``embed``, ``vectors`` or ``done``.
+
+    ``vectors``: the vector index is being rebuilt from the stored vectors (the model does not run):
+    before the scan where its approximate file was lost and an exact stand-in would not fit in
+    memory, after the last commit where the index outgrew its kind. ``step`` says which part (see
+    vectors.BuildProgress: ``load``, ``train``, ``add``, ``tune``), ``done`` and ``total`` count
+    within it."""
 
     phase: str
     done: int
     total: int | None
     report: IndexReport
+    step: str = ""
 
 
 @dataclass
@@ -228,6 +235,9 @@ class Ingestor:
         report = IndexReport(folder=root)
         t0 = time.perf_counter()
         self.hash_kind = content_hash_kind(self.store.catalog)
+        rebuilding = self._rebuilding(report)
+        if self.store.dimension is not None:
+            self.store.writable_vectors(rebuilding)  # rebuilt first if only an approximate index fits in memory
         with _Stage("altsearch-writer", self.overlap) as self._writer:
             try:
                 work = self._plan(root, report, include_hidden, follow_symlinks)
@@ -239,11 +249,16 @@ class Ingestor:
                 self._settle_writing(report)
                 self._commit(report)  # here, not in the writer: a Ctrl-C rolls the transaction back
                 if not report.interrupted:
-                    self.store.maybe_rebuild()
+                    self.store.maybe_rebuild(rebuilding)
                 self.store.save_vectors()
                 report.seconds = time.perf_counter() - t0
                 self.progress(Progress("done", report.embedded, report.embedded, report))
         return report
+
+    def _rebuilding(self, report: IndexReport) -> Callable[[str, int, int | None], None]:
+        def progress(step: str, done: int, total: int | None) -> None:
+            self.progress(Progress("vectors", done, total, report, step))
+        return progress
 
     def _plan(self, root: str, report: IndexReport, include_hidden: bool, follow_symlinks: bool) -> list[_Work]:
         """Scan, then settle everything that needs no model: unchanged, touched, moved, removed."""

@@ -29,7 +29,8 @@ from .catalog import Catalog, as_stored
 from .errors import IndexStoreError, IndexTooLargeError, ModelMismatchError
 from .home import LOCK_FILE
 from .sysmem import available_memory
-from .vectors import APPROXIMATE, KINDS, VectorIndex, kind_for, read_vectors, remove_saved, saved_kind
+from .vectors import (APPROXIMATE, KINDS, BuildProgress, VectorIndex, kind_for, read_vectors, remove_saved,
+                      saved_kind)
 
 log = logging.getLogger(__name__)
 
@@ -176,15 +177,16 @@ class IndexStore:
                 self._vectors = index
             return self._vectors
 
-    def writable_vectors(self) -> VectorIndex:
+    def writable_vectors(self, progress: BuildProgress | None = None) -> VectorIndex:
         """The vector index, for a writer (under the index's write lock) about to change it. Where the
         exact index that stands in for an unusable approximate file would not fit in memory, the
-        approximate index is rebuilt from the catalogue first, as `check --repair` does."""
+        approximate index is rebuilt from the catalogue first, as `check --repair` does (its steps
+        reported to `progress`)."""
         try:
             return self.vectors
         except IndexTooLargeError as err:
             log.warning("%s: rebuilding it now", err)
-            return self.repair()
+            return self.repair(progress)
 
     def refresh(self) -> None:
         """Catch up with what another process committed since this index was read."""
@@ -254,16 +256,17 @@ class IndexStore:
             self._vectors.save(path, generation=generation, catalog_id=self.catalog.catalog_id)
         self._saved_generation = generation
 
-    def rebuild(self, kind: str = "auto") -> VectorIndex:
+    def rebuild(self, kind: str = "auto", progress: BuildProgress | None = None) -> VectorIndex:
         """A new vector index built from the vectors stored in the catalogue (the model never runs);
-        `kind` is auto or one of vectors.KINDS. The current index stays in use if the build fails."""
+        `kind` is auto or one of vectors.KINDS; its steps are reported to `progress` (see
+        vectors.BuildProgress). The current index stays in use if the build fails."""
         if kind != "auto" and kind not in KINDS:
             raise IndexStoreError(f"unknown vector index kind {kind!r} (use auto, {', '.join(KINDS)})")
         if self.dimension is None:
             raise IndexStoreError(f"index {self.folder} is empty (index a folder first)")
         try:
             index = VectorIndex.from_catalog(self.catalog, kind=kind, device=self.device,
-                                             max_bytes=flat_memory_limit())
+                                             max_bytes=flat_memory_limit(), progress=progress)
         except IndexTooLargeError as err:
             hint = "; an approximate index would fit: altsearch optimize --kind auto" if kind == "flat" else ""
             raise IndexTooLargeError(f"cannot build an exact vector index of {self.folder}: {err}{hint}") from None
@@ -285,18 +288,18 @@ class IndexStore:
             log.warning("index %s records an unknown vector index kind %r: the size picks it", self.folder, value)
         return None
 
-    def optimize(self, kind: str = "auto") -> VectorIndex:
+    def optimize(self, kind: str = "auto", progress: BuildProgress | None = None) -> VectorIndex:
         """Rebuild the vector index as `kind` (auto or one of vectors.KINDS), record the choice in the
         catalogue and save the index (a writer's call, under the index's write lock). A kind other
         than auto sticks: later writers and repairs build it again, whatever the size, until an
         optimize with auto lets the size pick again."""
-        index = self.rebuild(kind)  # refuses a kind it cannot build before anything is recorded
+        index = self.rebuild(kind, progress)  # refuses a kind it cannot build before anything is recorded
         if self.catalog.get_meta(KIND_META) != kind:
             self.commit(lambda tx: tx.set_meta(KIND_META, kind))
         self.save_vectors()  # after the record: the file states the catalogue's generation
         return index
 
-    def maybe_rebuild(self) -> bool:
+    def maybe_rebuild(self, progress: BuildProgress | None = None) -> bool:
         """Rebuild the vector index if it is not of the kind it should be (at the end of an indexing run).
 
         Without a chosen kind, when it has grown out of its kind (`VectorIndex.needs_rebuild`: exact
@@ -310,7 +313,7 @@ class IndexStore:
             return False
         log.info("rebuilding the %s vector index (%d vectors) as %s", index.kind, len(index), chosen or "auto")
         try:
-            self.rebuild(chosen or "auto")
+            self.rebuild(chosen or "auto", progress)
         except IndexStoreError as err:
             if chosen is None:
                 raise
@@ -372,11 +375,11 @@ class IndexStore:
             problems.append(f"{VECTORS_FILE} holds outdated vectors for {len(changed)} images")
         return problems
 
-    def repair(self) -> VectorIndex:
+    def repair(self, progress: BuildProgress | None = None) -> VectorIndex:
         """Rebuild the vector index from the catalogue's stored vectors and write its file: as the kind
         chosen with optimize; without one, an approximate index in use keeps its kind, and otherwise
         the size picks it ("auto")."""
         current = self._vectors.kind if self._vectors is not None else None
-        index = self.rebuild(kind=self.chosen_kind or (current if current in APPROXIMATE else "auto"))
+        index = self.rebuild(self.chosen_kind or (current if current in APPROXIMATE else "auto"), progress)
         self.save_vectors()
         return index

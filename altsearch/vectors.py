@@ -185,6 +185,15 @@ def remove_saved(path: Path) -> None:
 
 
 Refine = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+# What a build from the catalogue reports, as progress(step, done, total): "load" (vectors read into an
+# exact index, of total), "train" (an IVF's k-means on its sample: 0 then 1 of 1), "add" (vectors
+# added to an IVF, of total) and "tune" (nprobe steps searched, of at most total; the last call has
+# done == total). At 10M an ivfpq takes ~20 minutes on 2 cores, most of it adding.
+BuildProgress = Callable[[str, int, "int | None"], None]
+
+
+def _quiet(step: str, done: int, total: int | None) -> None:
+    pass
 """The true vectors of some ids: sorted unique int64 ids -> (the ids found, float32 (n, D) vectors);
 ids it does not find (deleted meanwhile) are left out. An ivfpq search re-ranks with one."""
 
@@ -558,12 +567,12 @@ def _new_ivf(dim: int, nlist: int, kind: str) -> faiss.IndexIVF:
     return index
 
 
-def _build_ivf(rows: _Rows, kind: str, seed: int) -> tuple[faiss.IndexIVF, int]:
+def _build_ivf(rows: _Rows, kind: str, seed: int, progress: BuildProgress = _quiet) -> tuple[faiss.IndexIVF, int]:
     """(index, re-rank width): an IVF of `kind` over `rows`, trained on a sample of them, filled batch
     by batch, with the nprobe (and for ivfpq the re-rank width) that reach TUNE_TARGET recall@10 on
     probe queries at the least cost (`_tune`). Memory: the training sample (TRAIN_PER_LIST vectors
     per list, at least PQ_TRAIN; ~780 MB at 10M x 768), one batch and the index itself, never every
-    vector at once."""
+    vector at once. Reports its steps to `progress` (see BuildProgress)."""
     n = len(rows.ids)
     least = TRAIN_PER_LIST if kind == "ivf" else 2**PQ_NBITS  # one training point per PQ code
     if n < least:
@@ -572,21 +581,26 @@ def _build_ivf(rows: _Rows, kind: str, seed: int) -> tuple[faiss.IndexIVF, int]:
     nlist = nlist_for(n)
     index = _new_ivf(rows.dim, nlist, kind)
     wanted = nlist * TRAIN_PER_LIST if kind == "ivf" else max(nlist * TRAIN_PER_LIST, PQ_TRAIN)
+    progress("train", 0, 1)
     _, sample = rows.read(np.sort(rng.choice(n, size=min(n, wanted), replace=False)))
     # spherical k-means: IVF with inner product normalises its centroids
     index.train(_as_vectors(sample, rows.dim, "vectors"))
     del sample
+    progress("train", 1, 1)
     _, picks = rows.read(np.sort(rng.choice(n, size=min(TUNE_QUERIES, n), replace=False)))
     queries = _probe_queries(picks, rng)
     k = min(10, n)
     truth = faiss.ResultHeap(len(queries), k, keep_max=True)  # the exact top k, gathered batch by batch
+    progress("add", 0, n)
     for ids, vecs in rows.batches():
         ids, vecs = _as_ids(ids), _as_vectors(vecs, rows.dim, "vectors")
         index.add_with_ids(vecs, ids)
         scores, positions = faiss.knn(queries, vecs, min(k, len(ids)), metric=faiss.METRIC_INNER_PRODUCT)
         truth.add_result(scores, ids[positions])
+        progress("add", min(int(index.ntotal), n), n)  # rows written since the listing may add a few more
     truth.finalize()
-    index.nprobe, width = _tune(index, truth.I, queries, rows.refine() if kind == "ivfpq" else None)
+    index.nprobe, width = _tune(index, truth.I, queries, rows.refine() if kind == "ivfpq" else None,
+                                progress=progress)
     return index, width
 
 
@@ -616,7 +630,7 @@ class _Tried:
 
 def _tune(
     index: faiss.IndexIVF, exact: np.ndarray, queries: np.ndarray, refine: Refine | None,
-    widths: tuple[int, ...] = RERANK_WIDTHS,
+    widths: tuple[int, ...] = RERANK_WIDTHS, progress: BuildProgress = _quiet,
 ) -> tuple[int, int]:
     """(nprobe, width): the cheapest pair whose recall@10 against `exact` (each query's true top
     ids) reaches TUNE_TARGET, an ivfpq's `width` candidates (one of `widths`) being re-ranked with
@@ -628,7 +642,8 @@ def _tune(
     every list would cost 1,000x more time (176 ms a query at 3M, against 5.6 ms) for no better
     recall. Every nprobe step is searched once with the widest width; a narrower width's candidates
     are the first ones of it (FAISS orders them by their PQ score), and a candidate's vector is read
-    only for the widths that could still beat the cheapest pair found."""
+    only for the widths that could still beat the cheapest pair found. `progress` hears of each
+    nprobe step ("tune", steps done, steps at most)."""
     k = exact.shape[1]
     per_list = index.ntotal / index.nlist
     widths = sorted({min(candidates_for(k, w), index.ntotal) for w in widths}) if refine is not None else [0]
@@ -638,7 +653,9 @@ def _tune(
     def cost(nprobe: int, width: int) -> float:
         return nprobe * per_list + READ_COST * width
 
-    for nprobe in _nprobe_steps(index.nlist):
+    steps = _nprobe_steps(index.nlist)
+    for step, nprobe in enumerate(steps):
+        progress("tune", step, len(steps))
         if cost(nprobe, widths[0]) >= cheapest:
             break  # every pair left costs more than one that reaches the target
         params = faiss.SearchParametersIVF(nprobe=nprobe)
@@ -658,6 +675,7 @@ def _tune(
             if tried[-1].recall >= TUNE_TARGET:
                 cheapest = tried[-1].cost
                 break  # a wider width at this nprobe costs more
+    progress("tune", len(steps), len(steps))
     reached = [t for t in tried if t.recall >= TUNE_TARGET]
     if reached:
         pick = min(reached, key=lambda t: t.cost)
@@ -742,29 +760,35 @@ class VectorIndex:
 
     @classmethod
     def from_catalog(
-        cls, catalog: VectorSource, *, kind: str = "auto", device: str = "auto", max_bytes: int | None = None
+        cls, catalog: VectorSource, *, kind: str = "auto", device: str = "auto", max_bytes: int | None = None,
+        progress: BuildProgress | None = None,
     ) -> VectorIndex:
         """A fresh index over every vector in the catalogue; its `generation` is the catalogue's when
         reading began. A flat index is filled batch by batch as the vectors are read. An IVF kind is
         built as `build` builds it, from a sample read by id (training) and then every vector, batch
         by batch: it never holds them all in memory (see `_build_ivf`). A flat index stops with
-        IndexTooLargeError as soon as it would hold more than `max_bytes` (None: no limit)."""
+        IndexTooLargeError as soon as it would hold more than `max_bytes` (None: no limit). The steps
+        are reported to `progress` (see BuildProgress)."""
         if catalog.dimension is None:
             raise IndexStoreError("the catalogue records no vector dimension yet (its 'dimension' meta value)")
         generation = catalog.generation
-        wanted = None if kind == "flat" else catalog.vector_ids()
+        wanted = None if kind == "flat" and progress is None else catalog.vector_ids()  # a total to report
+        progress = progress or _quiet
         kind = kind_for(len(wanted)) if kind == "auto" else kind
         if kind == "flat":  # rows written meanwhile may be read too: reconciling re-adds them
             index = cls.create(catalog.dimension, device=device)
             per_vector = flat_bytes(catalog.dimension)
+            total = None if wanted is None else len(wanted)
+            progress("load", 0, total)
             for ids, vecs in catalog.iter_vectors(batch=_READ_BATCH):  # grown since a check, it stops here
                 if max_bytes is not None and (len(index) + len(ids)) * per_vector > max_bytes:
                     del index  # else the error's traceback keeps this frame, and the gigabytes read so far
                     raise _flat_too_large(len(catalog.vector_ids()), catalog.dimension, max_bytes)
                 index.add(ids, vecs)
+                progress("load", len(index), None if total is None else max(total, len(index)))
             index.built_count = len(index)
         elif kind in APPROXIMATE:
-            ivf, width = _build_ivf(_CatalogRows(catalog, wanted), kind, seed=0)
+            ivf, width = _build_ivf(_CatalogRows(catalog, wanted), kind, seed=0, progress=progress)
             index = cls(ivf, kind, device=device, built_count=len(wanted), rerank=width)
         else:
             raise ValueError(f"unknown index kind {kind!r} (use auto or one of {KINDS})")

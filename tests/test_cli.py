@@ -173,6 +173,35 @@ def test_optimize_kind_flat_beyond_exact_max_sticks(indexed, run, monkeypatch):
     assert "approximate index" in run("check", "--index", index, code=1).stdout
 
 
+def test_a_rebuild_shows_a_progress_bar_on_a_terminal(indexed, run, monkeypatch):
+    """optimize (and check --repair, remove) draw what the rebuild is doing on stderr when it is a
+    terminal, as indexing does; with --json, or not on a terminal, nothing is drawn."""
+    import io
+
+    from rich.console import Console
+
+    from altsearch import cli
+
+    index, _ = indexed
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "err", Console(file=screen, force_terminal=True, width=150))
+    assert "vector index: flat, 8 vectors" in run("optimize", "--index", index, "--kind", "flat").stdout
+    assert "reading vectors" in screen.getvalue() and "8/8" in screen.getvalue()
+    screen.seek(0), screen.truncate()
+    run("optimize", "--index", index, "--kind", "flat", "--json")
+    assert screen.getvalue() == ""
+
+    # an indexing run's bar names the rebuild's steps too (its "vectors" phase)
+    from altsearch.ingest import Progress
+
+    report = IndexReport(folder=str(index))
+    for step, done, total, shown in (("train", 0, 1, "training the vector index"), ("add", 6, 8, "6/8"),
+                                     ("tune", 3, 3, "tuning the vector index")):
+        with cli._progress(True) as update:  # a bar draws its last state as it closes
+            update(Progress("vectors", done, total, report, step))
+        assert shown in screen.getvalue()
+
+
 def test_model_mismatch_is_one_line_error(indexed, run, tmp_path):
     index, _ = indexed
     other = write_checkpoint(tmp_path / "other", seed=5)

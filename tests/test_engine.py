@@ -399,10 +399,14 @@ def test_an_ivf_chosen_below_exact_max_is_kept_rebuilt_and_repaired(tmp_path, ti
             assert e.check() == ["vectors.faiss is missing: an ivf index was chosen with optimize (searched "
                                  "exactly, in memory, until it is built)"]
             assert e.stats()["vector_index"] == "flat"  # opened from the catalogue meanwhile
+            heard = []
             if rebuilt_by == "repair":
-                e.check(repair=True)
+                e.check(repair=True, progress=lambda *step: heard.append(step))
             else:
-                assert _index(e, photos).unchanged == 49
+                assert _index(e, photos, progress=heard.append).unchanged == 49
+                assert heard[-1].phase == "done"  # the rebuild comes after the last commit, before the end
+                heard = [(p.step, p.done, p.total) for p in heard if p.phase == "vectors"]
+            _assert_build_reported(heard, 49, ("train", "add", "tune"))
             assert e.stats()["vector_index"] == "ivf" and e.check() == []
         assert _vector_files(index) == ["vectors.faiss", "vectors.faiss.json"]
     shutil.rmtree(photos / "trips")
@@ -413,6 +417,43 @@ def test_an_ivf_chosen_below_exact_max_is_kept_rebuilt_and_repaired(tmp_path, ti
         assert "ivf index needs at least 40 vectors" in caplog.text and "keeping the ivf" in caplog.text
         assert e.stats()["vector_index"] == "ivf" and e.stats()["vectors"] == 12 and e.check() == []
         assert e.store.vectors.header.count == 12  # and saved
+
+
+def _assert_build_reported(heard, n, steps):
+    """`heard`: the (step, done, total) a rebuild of n vectors reported, each step in turn, counting up
+    to its total."""
+    names = [step for step, _, _ in heard]
+    assert [a for a, b in zip(names, names[1:] + [None]) if a != b] == list(steps)  # in turn, each once
+    for name in steps:
+        counts = [(done, total) for step, done, total in heard if step == name]
+        assert counts[0][0] == 0 and counts[-1][0] == counts[-1][1]  # from nothing to all of it
+        assert all(a[0] <= b[0] for a, b in zip(counts, counts[1:]))
+        if name in ("load", "add"):
+            assert counts[-1] == (n, n)
+
+
+def test_a_rebuild_reports_its_steps(tmp_path, monkeypatch):
+    """What `optimize`, `check --repair` and a writer's rebuild show while the vectors are read,
+    clustered, added and the search settings tuned (~20 minutes at 10M on 2 cores)."""
+    store, _ = _stored_vectors(tmp_path / "index", 300)
+    heard = []
+    assert store.optimize("ivfpq", progress=lambda *step: heard.append(step)).kind == "ivfpq"
+    _assert_build_reported(heard, 300, ("train", "add", "tune"))
+    heard.clear()
+    assert store.optimize("flat", progress=lambda *step: heard.append(step)).kind == "flat"
+    _assert_build_reported(heard, 300, ("load",))
+    store.close()
+
+    # a remove that must rebuild the approximate index first (lost, and too large to stand in exactly)
+    monkeypatch.setattr(vectors_module, "EXACT_MAX", 100)
+    with Engine.open(tmp_path / "index", device="cpu") as e:
+        e.optimize("auto")
+    (tmp_path / "index" / "vectors.faiss").unlink()
+    monkeypatch.setattr(store_module, "available_memory", lambda: 1000)
+    heard.clear()
+    with Engine.open(tmp_path / "index", device="cpu") as e:
+        assert e.remove(["/p/0.jpg"], progress=lambda *step: heard.append(step)) == 1
+    _assert_build_reported(heard, 300, ("train", "add", "tune"))
 
 
 def test_a_kind_chosen_with_optimize_is_retrained_as_itself(tmp_path):
