@@ -185,6 +185,9 @@ def remove_saved(path: Path) -> None:
 
 
 Refine = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+"""The true vectors of some ids: sorted unique int64 ids -> (the ids found, float32 (n, D) vectors);
+ids it does not find (deleted meanwhile) are left out. An ivfpq search re-ranks with one."""
+
 # What a build from the catalogue reports, as progress(step, done, total): "load" (vectors read into an
 # exact index, of total), "train" (an IVF's k-means on its sample: 0 then 1 of 1), "add" (vectors
 # added to an IVF, of total) and "tune" (nprobe steps searched, of at most total; the last call has
@@ -194,8 +197,6 @@ BuildProgress = Callable[[str, int, "int | None"], None]
 
 def _quiet(step: str, done: int, total: int | None) -> None:
     pass
-"""The true vectors of some ids: sorted unique int64 ids -> (the ids found, float32 (n, D) vectors);
-ids it does not find (deleted meanwhile) are left out. An ivfpq search re-ranks with one."""
 
 
 class VectorSource(Protocol):
@@ -817,9 +818,9 @@ class VectorIndex:
         path = Path(path)
         index, why, level = _trusted_file(path, catalog, device)
         if index is None:
-            if catalog.dimension is not None and (
+            if max_flat_bytes is not None and catalog.dimension is not None and (
                     err := _flat_too_large(len(catalog.vector_ids()), catalog.dimension, max_flat_bytes)):
-                raise IndexTooLargeError(f"{why}, and {err}")  # before a vector is read
+                raise IndexTooLargeError(f"{why}, and {err}")  # before a vector is read (listing 100k: ~20 ms)
             if level:
                 log.log(level, "%s; building a flat vector index from the catalogue", why)
             try:
