@@ -588,8 +588,7 @@ def _build_ivf(rows: _Rows, kind: str, seed: int, progress: BuildProgress = _qui
     index.train(_as_vectors(sample, rows.dim, "vectors"))
     del sample
     progress("train", 1, 1)
-    _, picks = rows.read(np.sort(rng.choice(n, size=min(TUNE_QUERIES, n), replace=False)))
-    queries = _probe_queries(picks, rng)
+    queries = _probe_queries(rows.read, n, rng)
     k = min(10, n)
     truth = faiss.ResultHeap(len(queries), k, keep_max=True)  # the exact top k, gathered batch by batch
     progress("add", 0, n)
@@ -605,8 +604,13 @@ def _build_ivf(rows: _Rows, kind: str, seed: int, progress: BuildProgress = _qui
     return index, width
 
 
-def _probe_queries(picks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Stand-ins for real queries: stored vectors blurred by isotropic noise of equal norm."""
+def _probe_queries(
+    read: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], n: int, rng: np.random.Generator
+) -> np.ndarray:
+    """TUNE_QUERIES stand-ins for real queries (fewer below that many vectors): stored vectors, picked
+    at random among positions 0..n-1 and read with `read(positions)`, blurred by isotropic noise of
+    equal norm."""
+    _, picks = read(np.sort(rng.choice(n, size=min(TUNE_QUERIES, n), replace=False)))
     noise = rng.standard_normal(picks.shape).astype(np.float32)
     noise *= np.linalg.norm(picks, axis=1, keepdims=True) / np.linalg.norm(noise, axis=1, keepdims=True)
     queries = picks + noise

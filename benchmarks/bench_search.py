@@ -310,8 +310,7 @@ def narrowest_width(index, source: Int8Vectors, queries: np.ndarray, truth: np.n
 
     rng = np.random.default_rng(1)
     n = len(source.codes)
-    _, picks = source.refine(np.sort(rng.choice(n, size=min(vectors.TUNE_QUERIES, n), replace=False)))
-    probe = vectors._probe_queries(picks, rng)
+    probe = vectors._probe_queries(source.refine, n, rng)  # ids are positions here
     start = time.perf_counter()
     tuned = index._cpu.nprobe, index.rerank
     nprobe, width = vectors._tune(index._cpu, exact_top(probe, source), probe, source.refine,
