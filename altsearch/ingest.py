@@ -45,6 +45,7 @@ from .decode import (
 from .errors import IndexStoreError
 from .scan import FileEntry, ScanProblem, scan
 from .store import HASH_META
+from .vectors import BuildProgress
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +256,7 @@ class Ingestor:
                 self.progress(Progress("done", report.embedded, report.embedded, report))
         return report
 
-    def _rebuilding(self, report: IndexReport) -> Callable[[str, int, int | None], None]:
+    def _rebuilding(self, report: IndexReport) -> BuildProgress:
         def progress(step: str, done: int, total: int | None) -> None:
             self.progress(Progress("vectors", done, total, report, step))
         return progress

@@ -771,19 +771,23 @@ class VectorIndex:
         """A fresh index over every vector in the catalogue; its `generation` is the catalogue's when
         reading began. A flat index is filled batch by batch as the vectors are read. An IVF kind is
         built as `build` builds it, from a sample read by id (training) and then every vector, batch
-        by batch: it never holds them all in memory (see `_build_ivf`). A flat index stops with
-        IndexTooLargeError as soon as it would hold more than `max_bytes` (None: no limit). The steps
-        are reported to `progress` (see BuildProgress)."""
+        by batch: it never holds them all in memory (see `_build_ivf`). A flat index that would hold
+        more than `max_bytes` (None: no limit) raises IndexTooLargeError before a vector is read (the
+        ids are counted first), or as soon as it would, if the catalogue grew meanwhile. The steps are
+        reported to `progress` (see BuildProgress): an exact index's "load" 0 once it is being built."""
         if catalog.dimension is None:
             raise IndexStoreError("the catalogue records no vector dimension yet (its 'dimension' meta value)")
         generation = catalog.generation
-        wanted = None if kind == "flat" and progress is None else catalog.vector_ids()  # a total to report
+        counted = kind != "flat" or progress is not None or max_bytes is not None  # listing 100k ids: ~20 ms
+        wanted = catalog.vector_ids() if counted else None
         progress = progress or _quiet
         kind = kind_for(len(wanted)) if kind == "auto" else kind
         if kind == "flat":  # rows written meanwhile may be read too: reconciling re-adds them
             index = cls.create(catalog.dimension, device=device)
             per_vector = flat_bytes(catalog.dimension)
             total = None if wanted is None else len(wanted)
+            if total is not None and (err := _flat_too_large(total, catalog.dimension, max_bytes)):
+                raise err
             progress("load", 0, total)
             for ids, vecs in catalog.iter_vectors(batch=_READ_BATCH):  # grown since a check, it stops here
                 if max_bytes is not None and (len(index) + len(ids)) * per_vector > max_bytes:
@@ -822,13 +826,14 @@ class VectorIndex:
         path = Path(path)
         index, why, level = _trusted_file(path, catalog, device)
         if index is None:
-            if max_flat_bytes is not None and catalog.dimension is not None and (
-                    err := _flat_too_large(len(catalog.vector_ids()), catalog.dimension, max_flat_bytes)):
-                raise IndexTooLargeError(f"{why}, and {err}")  # before a vector is read (listing 100k: ~20 ms)
-            if level:
-                log.log(level, "%s; building a flat vector index from the catalogue", why)
+
+            def building(step: str, done: int, total: int | None) -> None:
+                if done == 0:  # said once the size is known to fit, not before a refusal
+                    log.log(level, "%s; building a flat vector index from the catalogue", why)
+
             try:
-                return cls.from_catalog(catalog, kind="flat", device=device, max_bytes=max_flat_bytes)
+                return cls.from_catalog(catalog, kind="flat", device=device, max_bytes=max_flat_bytes,
+                                        progress=building if level else None)
             except IndexTooLargeError as err:
                 raise IndexTooLargeError(f"{why}, and {err}") from None
         if index.generation != catalog.generation:  # else saved for exactly this catalogue state

@@ -554,8 +554,12 @@ def test_an_exact_index_that_would_not_fit_in_memory_is_not_built(tmp_path, monk
 def test_flat_chosen_but_too_large_for_memory_is_refused(tmp_path, monkeypatch):
     store, _ = _stored_vectors(tmp_path / "index", 300)
     monkeypatch.setattr(store_module, "available_memory", lambda: 1000)
+    read = []
+    store.catalog.iter_vectors = lambda *a, **kw: read.append(1) or iter(())
     with pytest.raises(IndexTooLargeError, match="an approximate index would fit: altsearch optimize --kind auto"):
         store.optimize("flat")
+    assert read == []  # refused from the count, before a vector was read
+    del store.catalog.iter_vectors
     assert store.chosen_kind is None  # refused before anything was recorded
     store.close()
 
