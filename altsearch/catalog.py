@@ -97,6 +97,17 @@ meta = sa.Table(
     sa.Column("value", sa.Text, nullable=False),
 )
 
+# Every deleted vector row, logged by the trigger _LOG_TRIGGER (see REMOVAL_LOG_FROM): a FAISS index
+# reflecting generation G removes the ids logged after G instead of listing every id on both sides.
+# One B-tree (no rowid), ordered by generation: a reader's range is a seek.
+removed_vectors = sa.Table(
+    "removed_vectors",
+    metadata,
+    sa.Column("generation", sa.Integer, primary_key=True),  # the transaction that deleted the vector
+    sa.Column("image_id", sa.Integer, primary_key=True),
+    sqlite_with_rowid=False,
+)
+
 # Reads of many rows aggregate them inside SQLite, one result row per statement: ids as the
 # group_concat of their decimal text, vectors as the concatenation of their blobs (the CAST gives them
 # back as bytes; the two group_concat see the rows in one pass, so ids and vectors line up). The
@@ -131,7 +142,7 @@ _FIRST_VECTOR_ID = "SELECT min(image_id) FROM vectors WHERE image_id > ?"  # a s
 # the generation its transaction commits as (the stored one + 1: transactions bump it last). A trigger,
 # so that whoever deletes, an older altsearch included, leaves the mark: a FAISS index reflecting
 # generation G then knows without listing every id whether it can hold ids the catalogue lost
-# (`Catalog.removed_since`), which is what catching up with a commit cost at scale.
+# (`Catalog.removed_ids`), which is what catching up with a commit cost at scale.
 REMOVED_META = "vectors_removed_at"
 _REMOVAL_TRIGGER = "vectors_removal_mark"
 _NEXT_GENERATION = "SELECT CAST(value AS INTEGER) + 1 FROM meta WHERE key = 'generation'"
@@ -140,6 +151,22 @@ _CREATE_REMOVAL_TRIGGER = (  # the WHEN writes once per transaction: deleting 10
     f"WHEN (SELECT CAST(value AS INTEGER) FROM meta WHERE key = '{REMOVED_META}') IS NOT ({_NEXT_GENERATION}) "
     f"BEGIN INSERT OR REPLACE INTO meta (key, value) VALUES ('{REMOVED_META}', ({_NEXT_GENERATION})); END"
 )
+# The removal log: every vector row deleted by a transaction after the generation in the meta value
+# REMOVAL_LOG_FROM is in `removed_vectors`, written by a trigger as the removal mark is (any writer,
+# an older altsearch included, fills it once a writer of this version has added the trigger). A
+# writer whose transaction removed vectors prunes the log's oldest generations once it holds more than
+# REMOVAL_LOG_MAX rows, down to half that, and moves REMOVAL_LOG_FROM up: an index older than that
+# lists every id, once, as it did before the log.
+REMOVAL_LOG_FROM = "removal_log_from"
+REMOVAL_LOG_MAX = 1 << 20  # ~16 MB of log; reading it all costs what listing a million vector ids does
+_LOG_TRIGGER = "vectors_removal_log"
+_CREATE_LOG_TRIGGER = (  # INSERT OR IGNORE: a row deleted, put back and deleted again in one transaction
+    f"CREATE TRIGGER IF NOT EXISTS {_LOG_TRIGGER} AFTER DELETE ON vectors "
+    f"BEGIN INSERT OR IGNORE INTO removed_vectors (generation, image_id) "
+    f"VALUES (({_NEXT_GENERATION}), OLD.image_id); END"
+)
+_LOG_COUNT_SINCE = "SELECT count(*) FROM removed_vectors WHERE generation > ?"
+_LOG_IDS_SINCE = "SELECT group_concat(image_id) FROM removed_vectors WHERE generation > ?"
 _ID_SPAN = 1 << 25  # ids per listing statement: 33.5M, one statement up to that many images
 _RECORD_FIELDS = (
     "path", "size", "mtime", "content_hash", "width", "height", "format",
@@ -354,6 +381,7 @@ class Tx:
         self.dim = dim
         self.generation = generation  # the catalogue generation this transaction commits as
         self.changed = False
+        self.removed = 0  # images removed (with their vectors)
         self.open = True
 
     def add(self, records: Sequence[Mapping[str, object]], vecs: np.ndarray) -> list[int]:
@@ -403,6 +431,7 @@ class Tx:
         for chunk in _chunks([int(i) for i in ids]):
             removed += self._conn.execute(sa.delete(images).where(images.c.id.in_(chunk))).rowcount
         self.changed = self.changed or removed > 0
+        self.removed += removed
         return removed
 
     def record_failure(self, path: str, reason: str) -> None:
@@ -655,10 +684,12 @@ class Catalog:
                 "created_at": now,
                 "updated_at": now,
                 REMOVED_META: "0",  # nothing removed yet
+                REMOVAL_LOG_FROM: "0",  # every removal logged
             }
             for key, value in initial.items():
                 conn.execute(meta.insert().prefix_with("OR IGNORE"), {"key": key, "value": value})
             conn.exec_driver_sql(_CREATE_REMOVAL_TRIGGER)
+            conn.exec_driver_sql(_CREATE_LOG_TRIGGER)
         log.info("created catalogue %s", self.path)
 
     def _migrate(self, version: int) -> None:
@@ -736,13 +767,15 @@ class Catalog:
                 tx = Tx(conn, self._dim, _generation(conn) + 1)
                 try:
                     yield tx
+                    if tx.removed:
+                        _prune_removal_log(conn)
                     if tx.changed:
                         _put_meta(conn, "generation", str(tx.generation))
                         _put_meta(conn, "updated_at", str(time.time()))
                 finally:
                     tx.open = False
             self._dim = tx.dim  # only once committed
-            self._marked = True  # the trigger: there before, or added in what just committed
+            self._marked = True  # the triggers: there before, or added in what just committed
 
     # -- meta
 
@@ -790,12 +823,25 @@ class Catalog:
         file, then `vector_ids(changed_since=it)` names the vectors written after that save."""
         return int(self.get_meta("generation") or 0)
 
-    def removed_since(self, generation: int) -> bool:
-        """Whether vectors may have been deleted by transactions after `generation`: False only when
-        the removal mark (kept by a trigger, see REMOVED_META) says that none was. A catalogue no
-        writer of this altsearch has changed yet has no mark: True."""
-        mark = self.get_meta(REMOVED_META)
-        return mark is None or int(mark) > generation
+    def removed_ids(self, *, since: int) -> np.ndarray | None:
+        """Sorted int64 ids of the vectors deleted by transactions after generation `since`; None when
+        that is not known: the log (REMOVAL_LOG_FROM) starts later, holds more than REMOVAL_LOG_MAX
+        rows after it, or no writer of this version has changed the catalogue yet. Empty at once when
+        the removal mark (REMOVED_META) says nothing was deleted after `since`."""
+        keys = (REMOVED_META, REMOVAL_LOG_FROM)
+        with self._read("reading the removal log") as conn:  # one snapshot: the meta and the log agree
+            rows = conn.execute(sa.select(meta.c.key, meta.c.value).where(meta.c.key.in_(keys)))
+            found = {key: value for key, value in rows}
+            mark, start = found.get(REMOVED_META), found.get(REMOVAL_LOG_FROM)
+            if mark is not None and int(mark) <= since:
+                return np.empty(0, dtype=np.int64)
+            if start is None or int(start) > since:
+                return None
+            n = conn.exec_driver_sql(_LOG_COUNT_SINCE, (since,)).scalar_one()
+            if n > REMOVAL_LOG_MAX:  # one transaction removed that many: listing costs no more
+                return None
+            id_list = conn.exec_driver_sql(_LOG_IDS_SINCE, (since,)).scalar_one() if n else None
+        return np.unique(_parse_ids(id_list, n))
 
     @property
     def catalog_id(self) -> str:
@@ -965,13 +1011,34 @@ class Catalog:
 
 
 def _mark_removals(conn: Connection) -> None:
-    """Give a catalogue made before the removal mark its trigger, in a writer's transaction (readers
-    never write: they see no mark, and compare every id). What was removed before is unknown, so the
-    mark says "at the current generation": an index reflecting an older one compares every id once."""
+    """Give a catalogue made before the removal mark or the removal log its trigger (and table), in a
+    writer's transaction (readers never write: they see no mark or log, and compare every id). What
+    was removed before is unknown, so the mark says "at the current generation" and the log starts
+    there: an index reflecting an older one compares every id once."""
     find = "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = ?"
     if conn.exec_driver_sql(find, (_REMOVAL_TRIGGER,)).first() is None:
         conn.exec_driver_sql(_CREATE_REMOVAL_TRIGGER)
         _put_meta(conn, REMOVED_META, str(_generation(conn)))
+    if conn.exec_driver_sql(find, (_LOG_TRIGGER,)).first() is None:
+        removed_vectors.create(conn, checkfirst=True)
+        conn.exec_driver_sql("DELETE FROM removed_vectors")  # left by a trigger since dropped by hand
+        conn.exec_driver_sql(_CREATE_LOG_TRIGGER)
+        _put_meta(conn, REMOVAL_LOG_FROM, str(_generation(conn)))
+
+
+def _prune_removal_log(conn: Connection) -> None:
+    """Keep the removal log within REMOVAL_LOG_MAX rows: past it, drop its oldest generations down to
+    at most half that many rows (whole generations, so what is left is every removal after the new
+    REMOVAL_LOG_FROM)."""
+    if conn.exec_driver_sql("SELECT count(*) FROM removed_vectors").scalar_one() <= REMOVAL_LOG_MAX:
+        return
+    keep = REMOVAL_LOG_MAX // 2
+    cut = conn.exec_driver_sql(
+        "SELECT generation FROM removed_vectors ORDER BY generation DESC LIMIT 1 OFFSET ?", (keep,)
+    ).scalar_one()
+    conn.exec_driver_sql("DELETE FROM removed_vectors WHERE generation <= ?", (cut,))
+    _put_meta(conn, REMOVAL_LOG_FROM, str(cut))
+    log.info("removal log pruned: it now holds the removals after generation %d", cut)
 
 
 def _generation(conn: Connection) -> int:

@@ -19,11 +19,12 @@ or a checkpoint folder.
    step: parsing, tokenizing, the vector search, the catalogue join (``Catalog.get`` of the hits)
    and the check for changes made by other processes (``IndexStore.refresh``).
 2. Catching up with another process: each round, another connection commits a chunk of
-   CATCH_UP_CHUNK new images (rows and vectors in one transaction, as an indexing run's writer does),
-   then this process answers a query, which first brings its vector index up to date. Ours against
-   the same with every id listed on both sides (what altsearch did before catalogues marked their
-   removals: the baseline), the two alternating round by round; ratio = baseline p50 / ours. The
-   rows are removed afterwards and the vector file saved, so a cached folder stays as it was.
+   CATCH_UP_CHUNK new images (rows and vectors in one transaction, as an indexing run's writer does)
+   and removes CATCH_UP_REMOVED images of earlier chunks (deleted files), then this process answers a
+   query, which first brings its vector index up to date. Ours (the catalogue's removal log names
+   what went) against the same with every id listed on both sides (what altsearch did after a removal
+   before the log: the baseline), the two alternating round by round; ratio = baseline p50 / ours.
+   The rows are removed afterwards and the vector file saved, so a cached folder stays as it was.
 3. Cold, fresh processes, median of ``--cold-repeats`` with the kinds interleaved, wall and CPU
    seconds: ``python -c "import torch"`` (the floor of any PyTorch tool), ``python -m altsearch
    search TEXT --index DIR --json`` (ours) and a naive script (``transformers`` AltCLIPModel
@@ -83,6 +84,7 @@ INDEX_FORMAT = 1  # bump when the fill changes, so cached index folders are rebu
 T0 = 1_600_000_000.0  # fake capture times start here (2020-09-13)
 CATCH_UP_CHUNK = 512  # images per committed chunk, as altsearch.ingest.Indexer commits them
 CATCH_UP_FIRST = 10**9  # their fake records are numbered from here, past any folder's own
+CATCH_UP_REMOVED = 64  # images of earlier chunks each commit removes
 SHOWN_PACKAGES = 12  # the packages that took longest to import, in the import summary
 
 # The naive cold baseline: what a script built on transformers does for one query.
@@ -267,7 +269,8 @@ def measure_warm(folder: Path, model: dict, args: argparse.Namespace) -> dict:
 
 
 def measure_catch_up(folder: Path, model: dict, args: argparse.Namespace) -> dict:
-    """Queries answered right after another connection committed a chunk: ours against listing every id."""
+    """Queries answered right after another connection committed a chunk (images added, others removed):
+    ours against listing every id."""
     from altsearch import Engine
     from altsearch.catalog import Catalog
     from altsearch.store import CATALOG_FILE
@@ -279,20 +282,26 @@ def measure_catch_up(folder: Path, model: dict, args: argparse.Namespace) -> dic
         catalog = engine.store.catalog
         writer = Catalog(folder / CATALOG_FILE)
         before = len(engine.store.vectors)
-        added: list[int] = []
+        added: list[int] = []  # every id added, to remove at the end
+        live: list[int] = []  # those not removed yet
         try:
-            for i in range(2 * args.catch_up_rounds):
+            for i in range(-1, 2 * args.catch_up_rounds):  # -1: a first chunk, for the first round to remove from
                 way = ("ours", "listing")[i % 2]
                 with writer.transaction() as tx:
-                    added += tx.add(fake_records(CATCH_UP_FIRST + len(added), CATCH_UP_CHUNK),
-                                    source.sample(CATCH_UP_CHUNK))
-                if way == "listing":  # as if a removal could have happened: every id listed and compared
-                    catalog.removed_since = lambda generation: True  # type: ignore[method-assign]
+                    new = tx.add(fake_records(CATCH_UP_FIRST + len(added), CATCH_UP_CHUNK), source.sample(CATCH_UP_CHUNK))
+                    if i >= 0:
+                        tx.remove(live[:CATCH_UP_REMOVED])
+                        del live[:CATCH_UP_REMOVED]
+                added += new
+                live += new
+                if way == "listing" and i >= 0:  # as if the log did not reach back: every id listed and compared
+                    catalog.removed_ids = lambda *, since: None  # type: ignore[method-assign]
                 t0 = time.perf_counter()
                 hits = engine.search(QUERIES[i % len(QUERIES)], k=args.k)
-                times[way].append(time.perf_counter() - t0)
-                catalog.__dict__.pop("removed_since", None)
-                if len(engine.store.vectors) != before + len(added) or len(hits) != args.k:
+                if i >= 0:
+                    times[way].append(time.perf_counter() - t0)
+                catalog.__dict__.pop("removed_ids", None)
+                if len(engine.store.vectors) != before + len(live) or len(hits) != args.k:
                     raise SystemExit("a query after a commit did not see the catalogue's vectors")
         finally:
             with writer.transaction() as tx:
@@ -492,14 +501,16 @@ def render(report: dict) -> str:
     lines += ["", "ratio = search p50 / encoder p50 (target <= 1.2); CPU ratio the same in CPU time (less moved by "
                   "other processes); the last five columns are each step alone, p50",
               "", "a query right after another process committed a chunk of "
-                  f"{CATCH_UP_CHUNK} images (ms, p50 of {report['rows'][0]['catch_up']['rounds']} each)", "",
+                  f"{CATCH_UP_CHUNK} images and removed {CATCH_UP_REMOVED} (ms, p50 of "
+                  f"{report['rows'][0]['catch_up']['rounds']} each)", "",
               "| vectors | index | ours | baseline: every id listed | baseline / ours |", "|---:|---|---:|---:|---:|"]
     for r in report["rows"]:
         u = r["catch_up"]
         lines.append(f"| {r['n']:,} | {r['kind']} | {u['ours_p50_ms']:.1f} | {u['listing_p50_ms']:.1f} | "
                      f"{u['ratio']:.2f} |")
-    lines += ["", "ours lists only the vectors written since the index's generation, as no image was removed; the "
-                  "baseline compares every id on both sides, as altsearch did before catalogues marked removals",
+    lines += ["", "ours reads only the vectors written since the index's generation and the ids the catalogue's "
+                  "removal log names; the baseline compares every id on both sides, as altsearch did after a removal "
+                  "before the log",
               "", f"cold text query (fresh processes, median of {report['cold_repeats']}; seconds)", "",
               "| vectors | `import torch` | CPU s | ours: `altsearch search` | CPU s | naive (transformers + numpy) "
               "| CPU s | naive / ours | in CPU s | same top-k | `altsearch --help` |",

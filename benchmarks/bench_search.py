@@ -142,8 +142,8 @@ class Int8Vectors:
     def vector_ids(self, *, changed_since: int | None = None) -> np.ndarray:
         return np.arange(len(self.codes), dtype=np.int64)
 
-    def removed_since(self, generation: int) -> bool:
-        return False  # never changes
+    def removed_ids(self, *, since: int) -> np.ndarray:
+        return np.empty(0, dtype=np.int64)  # never changes
 
     def iter_vectors(self, batch: int = 65536, ids: np.ndarray | None = None):
         if ids is None:

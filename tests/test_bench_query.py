@@ -57,7 +57,7 @@ def test_catch_up_leaves_the_cached_folder_as_it_was(bench, tmp_path, tiny_check
     assert out["rounds"] == 2 and out["ours_p50_ms"] > 0 and out["listing_p50_ms"] > 0
     assert out["ratio"] == pytest.approx(out["listing_p50_ms"] / out["ours_p50_ms"])
     with Catalog(folder / "catalog.sqlite", readonly=True) as cat:
-        np.testing.assert_array_equal(cat.vector_ids(), ids)  # the 4 chunks removed again
+        np.testing.assert_array_equal(cat.vector_ids(), ids)  # the 5 chunks removed again
         saved = VectorIndex.load(folder / "vectors.faiss")
         assert saved.header.generation == cat.generation and len(saved) == 1200  # no catch-up on the next open
 

@@ -653,25 +653,46 @@ def test_vector_ids_changed_since(cat: Catalog) -> None:
     assert cat.vector_ids().tolist() == [a, b, c, d]
 
 
-def test_every_removal_leaves_its_generation_whoever_removes(cat: Catalog) -> None:
+def removed(cat: Catalog, since: int) -> list[int] | None:
+    ids = cat.removed_ids(since=since)
+    return None if ids is None else ids.tolist()
+
+
+def test_every_removal_is_logged_with_its_generation_whoever_removes(cat: Catalog) -> None:
     a, b, c, d = add(cat, ["/p/a.jpg", "/p/b.jpg", "/p/c.jpg", "/p/d.jpg"])
-    assert not cat.removed_since(0)  # nothing was ever removed
+    assert removed(cat, 0) == []  # nothing was ever removed
     with cat.transaction() as tx:  # new and rewritten vectors are no removal
         tx.update(a, {"size": 1}, unit(1, seed=5)[0])
         tx.add([record("/p/e.jpg")], unit(1, seed=6))
-    assert not cat.removed_since(0)
+    assert removed(cat, 0) == []
     with cat.transaction() as tx:
-        tx.remove([b])
+        tx.remove([d, b])
         removed_at = tx.generation
-    assert cat.removed_since(removed_at - 1) and not cat.removed_since(removed_at)
-    # a writer that knows nothing of the mark (an older altsearch): the cascade from images fires it too
+    assert removed(cat, removed_at - 1) == [b, d] and removed(cat, removed_at) == []
+    assert removed(cat, 0) == [b, d]
+    # a writer that knows nothing of the mark or the log (an older altsearch): the cascade from
+    # images fires both triggers too
     with sqlite3.connect(cat.path) as raw:
         raw.execute("PRAGMA foreign_keys = ON")
         raw.execute("DELETE FROM images WHERE id = ?", (c,))
         raw.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
     raw.close()
-    assert cat.vector_ids().tolist() == [a, d, d + 1]
-    assert cat.removed_since(cat.generation - 1) and not cat.removed_since(cat.generation)
+    assert cat.vector_ids().tolist() == [a, d + 1]
+    assert removed(cat, cat.generation - 1) == [c] and removed(cat, cat.generation) == []
+    assert removed(cat, removed_at - 1) == [b, c, d]
+
+
+def drop_removal_log(path: Path, *, mark: bool) -> None:
+    """Make the catalogue at `path` as altsearch made them before the removal log (and before the
+    removal mark too, with mark=True)."""
+    with sqlite3.connect(path) as raw:
+        raw.execute(f"DROP TRIGGER {catalog_module._LOG_TRIGGER}")
+        raw.execute("DROP TABLE removed_vectors")
+        raw.execute("DELETE FROM meta WHERE key = ?", (catalog_module.REMOVAL_LOG_FROM,))
+        if mark:
+            raw.execute(f"DROP TRIGGER {catalog_module._REMOVAL_TRIGGER}")
+            raw.execute("DELETE FROM meta WHERE key = ?", (catalog_module.REMOVED_META,))
+    raw.close()
 
 
 def test_a_catalogue_from_before_the_removal_mark_gets_it_when_opened_writable(tmp_path: Path) -> None:
@@ -681,25 +702,78 @@ def test_a_catalogue_from_before_the_removal_mark_gets_it_when_opened_writable(t
         with cat.transaction() as tx:
             tx.remove([1])
         generation = cat.generation
-    with sqlite3.connect(path) as raw:  # as altsearch made catalogues before the mark
-        raw.execute(f"DROP TRIGGER {catalog_module._REMOVAL_TRIGGER}")
-        raw.execute("DELETE FROM meta WHERE key = ?", (catalog_module.REMOVED_META,))
-    raw.close()
+    drop_removal_log(path, mark=True)
     with Catalog(path, readonly=True) as old:  # what was removed, and when, is unknown
-        assert old.removed_since(generation) and old.removed_since(10**9)
+        assert removed(old, generation) is None and removed(old, 10**9) is None
     with Catalog(path) as cat:  # opening writes nothing (a reader may not be able to write)
-        assert cat.removed_since(generation) and cat.get_meta(catalog_module.REMOVED_META) is None
+        assert removed(cat, generation) is None and cat.get_meta(catalog_module.REMOVED_META) is None
         with pytest.raises(ZeroDivisionError), cat.transaction() as tx:
             tx.set_meta("note", "x")
             1 / 0
         assert cat.get_meta(catalog_module.REMOVED_META) is None  # rolled back with the rest: tried again
-        with cat.transaction() as tx:  # a writer's first transaction adds the trigger; the mark: "now at the latest"
+        assert cat.get_meta(catalog_module.REMOVAL_LOG_FROM) is None
+        with cat.transaction() as tx:  # a writer's first transaction adds the triggers: "now at the latest"
             tx.set_meta("note", "x")
-        assert cat.removed_since(generation - 1) and not cat.removed_since(generation)
+        assert removed(cat, generation - 1) is None and removed(cat, generation) == []
         assert cat.generation == generation + 1  # set_meta changed something
         with cat.transaction() as tx:
             tx.remove([2])
-        assert cat.removed_since(generation + 1) and not cat.removed_since(cat.generation)
+        assert removed(cat, generation + 1) == [2] and removed(cat, cat.generation) == []
+        assert removed(cat, generation - 1) is None
+
+
+def test_a_catalogue_with_the_mark_but_no_log_gets_the_log_when_opened_writable(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.sqlite"
+    with Catalog(path) as cat:
+        add(cat, ["/p/a.jpg", "/p/b.jpg", "/p/c.jpg"])
+        with cat.transaction() as tx:
+            tx.remove([1])
+        removed_at = cat.generation
+        add(cat, ["/p/d.jpg"])
+    drop_removal_log(path, mark=False)
+    with Catalog(path, readonly=True) as old:
+        assert removed(old, removed_at) == []  # the mark: nothing removed since
+        assert removed(old, removed_at - 1) is None  # something was, but which is not logged
+    with Catalog(path) as cat:
+        with cat.transaction() as tx:
+            tx.remove([3])
+        assert removed(cat, cat.generation - 1) == [3]  # logged from the generation the log began at
+        assert removed(cat, removed_at) is None  # what came before it is not
+        assert cat.get_meta(catalog_module.REMOVAL_LOG_FROM) == str(cat.generation - 1)
+
+
+def test_the_removal_log_is_pruned_by_whole_generations(cat: Catalog, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(catalog_module, "REMOVAL_LOG_MAX", 4)
+    ids = add(cat, [f"/p/{i}.jpg" for i in range(12)])
+    gens = []
+    for chunk in ([ids[0], ids[1]], [ids[2]], [ids[3], ids[4]]):  # 5 rows: one over the limit
+        with cat.transaction() as tx:
+            tx.remove(chunk)
+        gens.append(cat.generation)
+    # the oldest generations go until at most 2 rows are left: the last removal's two
+    assert cat.get_meta(catalog_module.REMOVAL_LOG_FROM) == str(gens[1])
+    assert removed(cat, gens[1]) == [ids[3], ids[4]]
+    assert removed(cat, gens[0]) is None and removed(cat, gens[0] - 1) is None
+    with cat.transaction() as tx:  # more than the limit at once: nothing of it is kept
+        tx.remove(ids[5:10])
+    assert cat.get_meta(catalog_module.REMOVAL_LOG_FROM) == str(cat.generation)
+    assert removed(cat, cat.generation - 1) is None and removed(cat, cat.generation) == []
+    with sqlite3.connect(cat.path) as raw:
+        assert raw.execute("SELECT count(*) FROM removed_vectors").fetchone() == (0,)
+    raw.close()
+    with cat.transaction() as tx:
+        tx.remove([ids[10]])
+    assert removed(cat, cat.generation - 1) == [ids[10]]
+
+
+def test_a_log_longer_than_its_limit_is_not_read(cat: Catalog, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = add(cat, [f"/p/{i}.jpg" for i in range(6)])
+    since = cat.generation
+    with cat.transaction() as tx:
+        tx.remove(ids[:5])
+    assert removed(cat, since) == ids[:5]
+    monkeypatch.setattr(catalog_module, "REMOVAL_LOG_MAX", 4)  # as if written before a lower limit
+    assert removed(cat, since) is None  # listing every id costs no more than reading such a log
 
 
 def plain_vectors(cat: Catalog, where: str = "", params: tuple = ()) -> dict[int, np.ndarray]:
@@ -801,3 +875,25 @@ def test_lock_held_too_long_raises_index_locked(tmp_path: Path, monkeypatch: pyt
             other.execute("ROLLBACK")
             other.close()
         assert add(cat, ["/p/a.jpg"]) == [1]
+
+
+def test_format_md_documents_every_table_column_trigger_and_meta_key(cat: Catalog) -> None:
+    """docs/format.md is what other tools read a catalogue by: what a new catalogue holds is there."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "format.md").read_text(encoding="utf-8")
+    add(cat, ["/p/a.jpg"])  # a first write: the dimension and the triggers are in place
+    with sqlite3.connect(cat.path) as raw:
+        tables = [name for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                  if not name.startswith("sqlite_")]
+        columns = {t: [row[1] for row in raw.execute(f"PRAGMA table_info({t})")] for t in tables}
+        triggers = [name for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")]
+        keys = [key for (key,) in raw.execute("SELECT key FROM meta")]
+    raw.close()
+    assert {"images", "vectors", "failures", "meta", "removed_vectors"} <= set(tables)
+    assert {"vectors_removal_mark", "vectors_removal_log"} <= set(triggers)
+    named = {name for line in doc.splitlines() if line.startswith("| `")  # first cells of table rows
+             for name in line.split("|")[1].replace("`", "").replace(" ", "").split(",")}
+    missing = [f"table {t}" for t in tables if f"`{t}`:" not in doc]
+    missing += [f"column {t}.{c}" for t in tables if t != "meta" for c in columns[t] if c not in named]
+    missing += [f"trigger {t}" for t in triggers if f"`{t}`" not in doc]
+    missing += [f"meta key {k}" for k in keys if k not in named]
+    assert not missing, f"docs/format.md does not document: {missing}"

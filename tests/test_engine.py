@@ -288,6 +288,21 @@ def test_remove_and_check_repair(engine, photos):
     assert len(engine.search("a photo", k=12)) == 6
 
 
+def test_a_searching_engine_drops_what_another_removes_without_listing_every_id(engine, photos, tiny_checkpoint):
+    _index(engine, photos)
+    with Engine.open(engine.path, model=str(tiny_checkpoint), device="cpu", create=False) as reader:
+        assert len(reader.search("a photo", k=12)) == 12  # its vector index loaded
+        catalog = reader.store.catalog
+        listed = []
+        real = catalog.vector_ids
+        catalog.vector_ids = lambda *, changed_since=None: listed.append(changed_since) or real(changed_since=changed_since)
+        assert engine.remove([photos / "trips"]) == 6  # another engine, as another process would
+        hits = reader.search("a photo", k=12)
+        assert len(hits) == 6 and all("trips" not in h.path for h in hits)
+        assert listed and None not in listed  # caught up from the removal log, not by listing every id
+        assert reader.store.vectors.ids().tolist() == catalog.vector_ids().tolist()
+
+
 def test_current_vector_file_opens_without_reconciling(tmp_path, tiny_checkpoint, monkeypatch):
     from altsearch.vectors import VectorIndex
 

@@ -12,6 +12,7 @@ import faiss
 import numpy as np
 import pytest
 
+from altsearch import catalog as catalog_module
 from altsearch import vectors as vectors_module
 from altsearch.catalog import Catalog
 from altsearch.errors import IndexStoreError
@@ -940,8 +941,8 @@ def test_from_catalog_and_reconcile(tmp_path: Path) -> None:
 
 
 class ListingSpy:
-    """A catalogue that counts the listings of every vector id (what a reconcile without removals
-    must not need)."""
+    """A catalogue that counts the listings of every vector id (what a reconcile needs only where the
+    catalogue's removal log does not reach back to the index's generation)."""
 
     def __init__(self, cat: Catalog) -> None:
         self._cat, self.full_listings = cat, 0
@@ -954,8 +955,14 @@ class ListingSpy:
         return getattr(self._cat, name)
 
 
+def assert_holds_the_catalogue(index: VectorIndex, cat: Catalog) -> None:
+    ids, vecs = catalog_vectors(cat)
+    np.testing.assert_array_equal(index.ids(), ids)
+    np.testing.assert_array_equal(index.reconstruct(ids), vecs)
+
+
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
-def test_reconcile_lists_every_id_only_after_a_removal(tmp_path: Path, kind: str) -> None:
+def test_reconcile_reads_only_what_changed(tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     cat = catalog_with(tmp_path, 300)
     index = VectorIndex.from_catalog(cat, kind=kind, device="cpu")
     spy = ListingSpy(cat)
@@ -965,19 +972,30 @@ def test_reconcile_lists_every_id_only_after_a_removal(tmp_path: Path, kind: str
         tx.update(10, {"size": 2}, unit(1, seed=13)[0])  # same id, new vector
     assert index.reconcile(spy, since_generation=since) == (2, 0)
     assert spy.full_listings == 0 and len(index) == 301
-    ids, vecs = catalog_vectors(cat)
-    np.testing.assert_array_equal(index.ids(), ids)
-    np.testing.assert_array_equal(index.reconstruct(ids), vecs)  # id 10 replaced, not duplicated
+    assert_holds_the_catalogue(index, cat)  # id 10 replaced, not duplicated
 
     since = index.generation
-    with cat.transaction() as tx:
+    with cat.transaction() as tx:  # removed and added in one commit, and removed over two
         tx.remove([3, 301])
-    assert index.reconcile(spy, since_generation=since) == (0, 2)
+        tx.add([{"path": "/p/newer.jpg", "size": 1, "mtime": 1.0, "content_hash": "m"}], unit(1, seed=14))
+    with cat.transaction() as tx:
+        tx.remove([7])
+    assert index.reconcile(spy, since_generation=since) == (1, 3)
+    assert spy.full_listings == 0  # the removal log named them
+    assert_holds_the_catalogue(index, cat)
+    assert not np.isin([3, 7, 301], index.search(unit(5, seed=1), 300)[1]).any()
+    assert index.reconcile(spy, since_generation=index.generation) == (0, 0) and spy.full_listings == 0
+
+    since = index.generation  # the log pruned past this index's generation: every id listed, once
+    monkeypatch.setattr(catalog_module, "REMOVAL_LOG_MAX", 2)
+    for chunk in ([20, 21], [22, 23]):
+        with cat.transaction() as tx:
+            tx.remove(chunk)
+    assert cat.removed_ids(since=since) is None
+    assert index.reconcile(spy, since_generation=since) == (0, 4)
     assert spy.full_listings == 1
-    np.testing.assert_array_equal(index.ids(), cat.vector_ids())
-    assert not np.isin([3, 301], index.search(unit(5, seed=1), 300)[1]).any()
-    since = index.generation
-    assert index.reconcile(spy, since_generation=since) == (0, 0) and spy.full_listings == 1
+    assert_holds_the_catalogue(index, cat)
+    assert index.reconcile(spy, since_generation=index.generation) == (0, 0) and spy.full_listings == 1
     cat.close()
 
 
