@@ -29,6 +29,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import QueuePool
 
+from altsearch import ids as idset
 from altsearch.errors import IndexLockedError, IndexStoreError, ModelMismatchError, SchemaVersionError
 
 log = logging.getLogger(__name__)
@@ -841,7 +842,7 @@ class Catalog:
             if n > REMOVAL_LOG_MAX:  # one transaction removed that many: listing costs no more
                 return None
             id_list = conn.exec_driver_sql(_LOG_IDS_SINCE, (since,)).scalar_one() if n else None
-        return np.unique(_parse_ids(id_list, n))
+        return idset.unique(_parse_ids(id_list, n))
 
     @property
     def catalog_id(self) -> str:
@@ -943,7 +944,7 @@ class Catalog:
         if ids is None:
             yield from self._iter_all_vectors(batch)
             return
-        wanted = np.unique(np.asarray(ids, dtype=np.int64)).tolist()
+        wanted = idset.unique(ids).tolist()
         for start in range(0, len(wanted), batch):
             # every re-ranked search comes here for ~100 ids (through the quick connection),
             # reconciling for up to all of them (through SQLAlchemy, leaving the quick one free)

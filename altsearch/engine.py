@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import ids as idset
 from .errors import AltsearchError, IndexTooLargeError, ModelMismatchError, QueryError
 from .home import WriteLock, index_dir
 from .query import Query, Term, combine, parse_query
@@ -99,6 +100,8 @@ class Engine:
         self._dtype = dtype
         self._quantize = quantize
         self._bound = False
+        # the last filter's ids: (filter, the catalogue's data_version when read, ids); see _allowed
+        self._last_filter: tuple[tuple, int, np.ndarray] | None = None
 
     @classmethod
     def open(cls, index: str | os.PathLike | None = None, *, model=None, device: str = "auto",
@@ -170,8 +173,8 @@ class Engine:
         ``progress`` hears of a rebuild of the vector index this may need first (see ``optimize``)."""
         roots = [os.path.abspath(os.path.expanduser(p)) for p in paths]
         with WriteLock(self.path):
-            ids = np.unique(np.concatenate([self.store.catalog.filter_ids(under=r) for r in roots]
-                                           or [np.zeros(0, np.int64)]))
+            ids = idset.unique(np.concatenate([self.store.catalog.filter_ids(under=r) for r in roots]
+                                              or [np.zeros(0, np.int64)]))
             if len(ids):
                 self.store.writable_vectors(progress)
                 self.store.commit(lambda tx: tx.remove(ids.tolist()), removed_ids=ids)
@@ -254,6 +257,20 @@ class Engine:
             raise ModelMismatchError(f"query vectors have {vectors.shape[1]} dimensions, the index {dim}")
         return combine(vectors, weights)
 
+    def _allowed(self, **where) -> np.ndarray:
+        """The ids a filter allows (``Catalog.filter_ids``). The last filter's are kept until the
+        catalogue changes (its ``data_version``, which any commit moves, ours included): a search
+        that repeats its filter, as a user refining a query does, skips reading them again (at 1M
+        images, 0.2 s for a filter that matches them all)."""
+        key = tuple(sorted(where.items()))
+        version = self.store.catalog.data_version()  # first: a commit after this is seen next time
+        last = self._last_filter
+        if last is not None and last[0] == key and last[1] == version:
+            return last[2]
+        allowed = self.store.catalog.filter_ids(**where)
+        self._last_filter = (key, version, allowed)
+        return allowed
+
     def _nearest(self, vector: np.ndarray, k: int, *, under=None, taken_from=None, taken_to=None,
                  min_score: float | None = None, exclude: set[int] = frozenset()) -> list[Hit]:
         if k <= 0:
@@ -261,7 +278,7 @@ class Engine:
         cat = self.store.catalog
         allowed = None
         if under is not None or taken_from is not None or taken_to is not None:
-            allowed = cat.filter_ids(
+            allowed = self._allowed(
                 under=os.path.abspath(os.path.expanduser(os.fspath(under))) if under is not None else None,
                 taken_from=to_timestamp(taken_from), taken_to=to_timestamp(taken_to, end=True))
             if not len(allowed):

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import faults
+from . import ids as idset
 from .catalog import Catalog, as_stored
 from .errors import IndexStoreError, IndexTooLargeError, ModelMismatchError
 from .home import LOCK_FILE
@@ -365,13 +366,13 @@ class IndexStore:
             problems.append(f"{VECTORS_FILE} is newer than the catalogue (generation {header.generation} > "
                             f"{self.catalog.generation}): was the catalogue restored from a backup?")
         have, want = index.ids(), self.catalog.vector_ids()
-        missing, extra = np.setdiff1d(want, have), np.setdiff1d(have, want)
+        missing, extra = idset.difference(want, have), idset.difference(have, want)
         changed = self.catalog.vector_ids(changed_since=header.generation)
         if len(missing):
             problems.append(f"{VECTORS_FILE} lacks {len(missing)} of the catalogue's vectors")
         if len(extra):
             problems.append(f"{VECTORS_FILE} holds {len(extra)} vectors of images no longer in the catalogue")
-        if len(np.setdiff1d(changed, missing)):
+        if len(idset.difference(changed, missing)):
             problems.append(f"{VECTORS_FILE} holds outdated vectors for {len(changed)} images")
         return problems
 

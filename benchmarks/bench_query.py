@@ -25,7 +25,11 @@ or a checkpoint folder.
    what went) against the same with every id listed on both sides (what altsearch did after a removal
    before the log: the baseline), the two alternating round by round; ratio = baseline p50 / ours.
    The rows are removed afterwards and the vector file saved, so a cached folder stays as it was.
-3. Cold, fresh processes, median of ``--cold-repeats`` with the kinds interleaved, wall and CPU
+3. Filtered, in this process: a query whose date filter matches FILTER_SHARES of the images, the first
+   time with that filter (its ids read from the catalogue) and repeated (the engine keeps the last
+   filter's ids until the catalogue changes), against the same query unfiltered (the baseline),
+   interleaved; ratios = filtered p50 / unfiltered p50.
+4. Cold, fresh processes, median of ``--cold-repeats`` with the kinds interleaved, wall and CPU
    seconds: ``python -c "import torch"`` (the floor of any PyTorch tool), ``python -m altsearch
    search TEXT --index DIR --json`` (ours) and a naive script (``transformers`` AltCLIPModel
    .from_pretrained + XLMRobertaTokenizer.from_pretrained + get_text_features + numpy brute force
@@ -85,6 +89,7 @@ T0 = 1_600_000_000.0  # fake capture times start here (2020-09-13)
 CATCH_UP_CHUNK = 512  # images per committed chunk, as altsearch.ingest.Indexer commits them
 CATCH_UP_FIRST = 10**9  # their fake records are numbered from here, past any folder's own
 CATCH_UP_REMOVED = 64  # images of earlier chunks each commit removes
+FILTER_SHARES = (0.01, 0.5, 1.0)  # of the images a date filter matches, in the filtered table
 SHOWN_PACKAGES = 12  # the packages that took longest to import, in the import summary
 
 # The naive cold baseline: what a script built on transformers does for one query.
@@ -266,6 +271,35 @@ def measure_warm(folder: Path, model: dict, args: argparse.Namespace) -> dict:
     out["ratio"] = out["search_p50_ms"] / out["encoder_p50_ms"]
     out["cpu_ratio"] = out["search_cpu_p50_ms"] / out["encoder_cpu_p50_ms"]
     return out
+
+
+def measure_filtered(folder: Path, model: dict, args: argparse.Namespace) -> list[dict]:
+    """Queries with a date filter, the first time with it and repeated, against the same query unfiltered."""
+    from altsearch import Engine
+
+    rows = []
+    with Engine.open(folder, model=model["source"], device=args.device, create=False) as engine:
+        n = engine.stats()["images"]
+        engine.search(QUERIES[0], k=args.k)  # loaded and warm
+        for share in FILTER_SHARES:
+            times: dict[str, list[float]] = {"unfiltered": [], "first": [], "repeated": []}
+            matched = 0
+            for i in range(args.catch_up_rounds):
+                q = QUERIES[i % len(QUERIES)]
+                # fake image j was taken at T0 + 60 j; each round's filter ends a second later, so it is new
+                where = {"taken_from": T0, "taken_to": T0 + 60.0 * round(n * share) - 59.5 + i * 1e-3}
+                for way in ("unfiltered", "first", "repeated"):
+                    t0 = time.perf_counter()
+                    hits = engine.search(q, k=args.k, **({} if way == "unfiltered" else where))
+                    times[way].append(time.perf_counter() - t0)
+                    if way != "unfiltered" and any(not T0 <= h.taken_at < where["taken_to"] for h in hits):
+                        raise SystemExit("a filtered query returned an image outside its dates")
+                matched = len(engine.store.catalog.filter_ids(**where))
+            row = {"share": share, "matched": matched, **{f"{w}_p50_ms": _ms(v) for w, v in times.items()}}
+            row["first_ratio"] = row["first_p50_ms"] / row["unfiltered_p50_ms"]
+            row["repeated_ratio"] = row["repeated_p50_ms"] / row["unfiltered_p50_ms"]
+            rows.append(row)
+    return rows
 
 
 def measure_catch_up(folder: Path, model: dict, args: argparse.Namespace) -> dict:
@@ -511,7 +545,16 @@ def render(report: dict) -> str:
     lines += ["", "ours reads only the vectors written since the index's generation and the ids the catalogue's "
                   "removal log names; the baseline compares every id on both sides, as altsearch did after a removal "
                   "before the log",
-              "", f"cold text query (fresh processes, median of {report['cold_repeats']}; seconds)", "",
+              "", f"a query with a date filter (ms, p50 of {report['rows'][0]['catch_up']['rounds']} each, "
+                  "interleaved): the first time with the filter, and repeated", "",
+              "| vectors | index | filter matches | baseline: unfiltered | first | repeated | first / baseline | "
+              "repeated / baseline |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        for f in r["filtered"]:
+            lines.append(f"| {r['n']:,} | {r['kind']} | {f['matched']:,} ({f['share']:.0%}) | {f['unfiltered_p50_ms']:.1f} | "
+                         f"{f['first_p50_ms']:.1f} | {f['repeated_p50_ms']:.1f} | {f['first_ratio']:.2f} | "
+                         f"{f['repeated_ratio']:.2f} |")
+    lines += ["", f"cold text query (fresh processes, median of {report['cold_repeats']}; seconds)", "",
               "| vectors | `import torch` | CPU s | ours: `altsearch search` | CPU s | naive (transformers + numpy) "
               "| CPU s | naive / ours | in CPU s | same top-k | `altsearch --help` |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -558,7 +601,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="tiny", help="tiny, tiny768, full or a checkpoint folder (default: tiny)")
     p.add_argument("--queries", type=int, default=50, help="warm queries per index (default: 50)")
     p.add_argument("--catch-up-rounds", type=int, default=5,
-                   help="queries after another connection's commit, each way (default: 5)")
+                   help="queries after another connection's commit, each way, and filtered queries of "
+                        "each kind (default: 5)")
     p.add_argument("--cold-repeats", type=int, default=3, help="fresh processes of each kind (median; default 3)")
     p.add_argument("-k", type=int, default=10, help="results per query (default: 10)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
@@ -589,6 +633,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         report["rows"].append({"n": n, "kind": built["kind"], "built": built,
                                "warm": measure_warm(folder, model, args),
                                "catch_up": measure_catch_up(folder, model, args),
+                               "filtered": measure_filtered(folder, model, args),
                                "cold": measure_cold(folder, ckpt, args, work),
                                "breakdown": breakdown(folder, ckpt, args, work)})
     report["imports"] = import_times(folder, args, work)

@@ -92,6 +92,12 @@ def test_tiny_run_prints_warm_and_cold_tables_against_their_baselines(tmp_path):
     (row,) = report["rows"]
     warm, cold, steps = row["warm"], row["cold"], row["breakdown"]
     assert row["catch_up"]["rounds"] == 5 and row["catch_up"]["ours_p50_ms"] > 0
+    filtered = {f["share"]: f for f in row["filtered"]}
+    assert {s: f["matched"] for s, f in filtered.items()} == {0.01: 2, 0.5: 100, 1.0: 200}  # of the 200 images
+    for f in filtered.values():
+        assert f["repeated_ratio"] == pytest.approx(f["repeated_p50_ms"] / f["unfiltered_p50_ms"])
+        assert f["first_ratio"] == pytest.approx(f["first_p50_ms"] / f["unfiltered_p50_ms"])
+    assert "| 200 | flat | 100 (50%) |" in proc.stdout
     assert warm["ratio"] == pytest.approx(warm["search_p50_ms"] / warm["encoder_p50_ms"])
     assert 0 < warm["encoder_p50_ms"] and warm["search_p50_ms"] <= warm["search_p95_ms"]
     assert warm["towers_loaded"] == steps["towers_loaded"] == ["text"]  # a text query never reads the vision tower

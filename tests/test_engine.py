@@ -130,6 +130,30 @@ def test_filters(engine, photos):
     assert engine.search("a photo", k=5, under=photos / "nothing-here") == []
 
 
+def test_a_repeated_filter_is_read_once_until_the_catalogue_changes(engine, photos, tiny_checkpoint):
+    _index(engine, photos)
+    catalog = engine.store.catalog
+    reads = []
+    real = catalog.filter_ids
+    catalog.filter_ids = lambda **where: reads.append(where) or real(**where)
+
+    def trips():
+        return sorted(h.path for h in engine.search("a photo", k=50, under=photos / "trips"))
+
+    first = trips()
+    assert len(first) == 6 and trips() == first and len(reads) == 1  # the same filter: its ids kept
+    assert len(engine.search("a photo", k=50, under=photos / "home")) == 6 and len(reads) == 2
+    assert trips() == first and len(reads) == 3  # only the last filter is kept
+
+    make_folder(photos, 4, start=100)  # two more under trips, indexed by this engine
+    _index(engine, photos)
+    assert len(trips()) == 8 and len(reads) == 4
+    with Engine.open(engine.path, model=str(tiny_checkpoint), device="cpu", create=False) as other:
+        assert other.remove([photos / "trips" / "2022"]) == 4  # another engine, as another process would
+    assert len(trips()) == 4 and len(reads) == 5
+    assert not any("/trips/2022/" in p for p in trips())
+
+
 def test_query_combinations(engine, photos):
     _index(engine, photos)
     model = engine.model

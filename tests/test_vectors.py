@@ -228,6 +228,31 @@ def test_ivf_reaches_recall_target(clustered_50k, ivf_50k) -> None:  # noqa: ANN
     assert recall_at_k(exact[200:], approx[200:]) >= vectors_module.RECALL_TARGET
 
 
+@pytest.mark.parametrize("ids", [[0], [65, 5, 6, 7, 8, 9, 63, 64], list(range(0, 1000, 3))[::-1], [10**9, 3]])
+def test_id_selectors_select_exactly_their_ids(ids: list[int]) -> None:
+    ids = np.array(ids, dtype=np.int64)  # in any order: a replacing add passes its ids as they came
+    selector, bits = vectors_module.id_selector(ids)
+    assert (bits is not None) == (ids.max() < 4 * 8 * len(ids))  # a bitmap while it is small
+    probe = np.unique(np.concatenate([ids, ids + 1, np.maximum(ids - 1, 0), np.arange(80)]))
+    assert [i for i in probe.tolist() if selector.is_member(i)] == sorted(ids.tolist())
+
+
+@pytest.mark.parametrize("bitmap_bytes_per_id", [0, 10**6])  # every filter a hash set; a bitmap
+def test_a_filter_selects_the_same_as_a_bitmap_or_a_set(data, flat, ivf, bitmap_bytes_per_id, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setattr(vectors_module, "BITMAP_BYTES_PER_ID", bitmap_bytes_per_id)
+    ids, vecs = data
+    queries = unit(4, seed=6)
+    pick = np.sort(np.random.default_rng(2).choice(len(ids), 400, replace=False))
+    want = brute_force(queries, ids[pick], vecs[pick], 10)
+    assert_same_results(flat.search(queries, 10, allowed=ids[pick][::-1]), want)  # any order
+    _, found = ivf.search(queries, 10, allowed=ids[pick])
+    assert np.isin(found, ids[pick]).all()
+    assert ivf.remove(ids[pick]) == 400 and flat.remove(ids[pick]) == 400  # removal selects the same way
+    kept = np.setdiff1d(ids, ids[pick])
+    np.testing.assert_array_equal(flat.ids(), kept)
+    np.testing.assert_array_equal(ivf.ids(), kept)
+
+
 def test_ivf_allowed_subsets(clustered_50k, ivf_50k) -> None:  # noqa: ANN001
     ids, vecs, centres = clustered_50k
     queries = held_out_queries(vecs, centres, seed=8)[:50]
@@ -1137,3 +1162,15 @@ def test_an_ivf_build_skips_vectors_deleted_after_they_were_listed(tmp_path: Pat
     np.testing.assert_array_equal(index.ids(), ids)
     np.testing.assert_array_equal(index.reconstruct(ids), vecs)
     cat.close()
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_adding_known_ids_in_any_order_replaces_them(data, kind: str) -> None:  # noqa: ANN001
+    ids, vecs = data
+    index = VectorIndex.build(ids, vecs, kind=kind, device="cpu")
+    again = ids[[900, 3, 450, 0]]  # descending and not: the replaced ids form one selector
+    new = unit(4, seed=9)
+    index.add(again, new)
+    assert len(index) == len(ids)
+    np.testing.assert_array_equal(index.ids(), ids)
+    np.testing.assert_allclose(index.reconstruct(again), new, atol=1e-6)
