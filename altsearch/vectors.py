@@ -801,15 +801,15 @@ class VectorIndex:
         kind = kind_for(len(wanted)) if kind == "auto" else kind
         if kind == "flat":  # rows written meanwhile may be read too: reconciling re-adds them
             index = cls.create(catalog.dimension, device=device)
-            per_vector = flat_bytes(catalog.dimension)
             total = None if wanted is None else len(wanted)
             if total is not None and (err := _flat_too_large(total, catalog.dimension, max_bytes)):
                 raise err
             progress("load", 0, total)
             for ids, vecs in catalog.iter_vectors(batch=_READ_BATCH):  # grown since a check, it stops here
-                if max_bytes is not None and (len(index) + len(ids)) * per_vector > max_bytes:
+                if _flat_too_large(len(index) + len(ids), catalog.dimension, max_bytes):
+                    n = max(len(catalog.vector_ids()), len(index) + len(ids))  # at least what was too many
                     del index  # else the error's traceback keeps this frame, and the gigabytes read so far
-                    raise _flat_too_large(len(catalog.vector_ids()), catalog.dimension, max_bytes)
+                    raise _flat_too_large(n, catalog.dimension, max_bytes)
                 index.add(ids, vecs)
                 progress("load", len(index), None if total is None else max(total, len(index)))
             index.built_count = len(index)

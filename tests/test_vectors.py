@@ -15,7 +15,7 @@ import pytest
 from altsearch import catalog as catalog_module
 from altsearch import vectors as vectors_module
 from altsearch.catalog import Catalog
-from altsearch.errors import IndexStoreError
+from altsearch.errors import IndexStoreError, IndexTooLargeError
 from altsearch.store import IndexStore
 from altsearch.vectors import (
     TorchExact,
@@ -1174,3 +1174,18 @@ def test_adding_known_ids_in_any_order_replaces_them(data, kind: str) -> None:  
     assert len(index) == len(ids)
     np.testing.assert_array_equal(index.ids(), ids)
     np.testing.assert_allclose(index.reconstruct(again), new, atol=1e-6)
+
+
+def test_an_exact_build_stops_at_its_limit_when_the_catalogue_grew_after_the_count(tmp_path: Path) -> None:
+    cat = catalog_with(tmp_path, 300)
+
+    class CountedEarly(ListingSpy):  # the listing that sized the build saw 100 vectors; 300 are read
+        def vector_ids(self, *, changed_since: int | None = None) -> np.ndarray:
+            listed = super().vector_ids(changed_since=changed_since)
+            return listed[:100] if self.full_listings == 1 else listed
+
+    limit = 200 * vectors_module.flat_bytes(cat.dimension)
+    with pytest.raises(IndexTooLargeError, match=r"its 300 vectors would take"):
+        VectorIndex.from_catalog(CountedEarly(cat), kind="flat", device="cpu", max_bytes=limit)
+    assert len(VectorIndex.from_catalog(cat, kind="flat", device="cpu", max_bytes=limit * 2)) == 300
+    cat.close()
