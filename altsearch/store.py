@@ -30,7 +30,7 @@ from .catalog import Catalog, as_stored
 from .errors import IndexStoreError, IndexTooLargeError, ModelMismatchError
 from .home import LOCK_FILE
 from .sysmem import available_memory
-from .vectors import (APPROXIMATE, KINDS, BuildProgress, VectorIndex, kind_for, read_vectors, remove_saved,
+from .vectors import (APPROXIMATE, KINDS, Allowed, BuildProgress, VectorIndex, kind_for, read_vectors, remove_saved,
                       saved_kind)
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class IndexStore:
                 self._vectors.reconcile(self.catalog, since_generation=self._vectors.generation or 0)
         self._seen_version = version
 
-    def search(self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None):
+    def search(self, queries: np.ndarray, k: int, *, allowed: Allowed | np.ndarray | None = None):
         """(scores, ids), each (Q, min(k, vectors)): never wider than the index, as k is user input
         (``-k 1000000000`` must not allocate 12 GB of padding). The scores are exact inner products
         with the catalogue's vectors whatever the index kind (a compressed index's candidates are

@@ -130,7 +130,7 @@ def test_filters(engine, photos):
     assert engine.search("a photo", k=5, under=photos / "nothing-here") == []
 
 
-def test_a_repeated_filter_is_read_once_until_the_catalogue_changes(engine, photos, tiny_checkpoint):
+def test_a_repeated_filter_is_read_once_until_the_catalogue_changes(engine, photos, tiny_checkpoint, monkeypatch):
     _index(engine, photos)
     catalog = engine.store.catalog
     reads = []
@@ -140,17 +140,24 @@ def test_a_repeated_filter_is_read_once_until_the_catalogue_changes(engine, phot
     def trips():
         return sorted(h.path for h in engine.search("a photo", k=50, under=photos / "trips"))
 
+    selectors = []
+    real_selector = vectors_module.id_selector
+    monkeypatch.setattr(vectors_module, "id_selector", lambda ids: selectors.append(1) or real_selector(ids))
     first = trips()
     assert len(first) == 6 and trips() == first and len(reads) == 1  # the same filter: its ids kept
-    assert len(engine.search("a photo", k=50, under=photos / "home")) == 6 and len(reads) == 2
-    assert trips() == first and len(reads) == 3  # only the last filter is kept
+    assert len(selectors) == 1  # and its FAISS selector
+    everything = engine.search("a photo", k=50, under=photos)
+    assert everything == engine.search("a photo", k=50) and len(everything) == 12
+    assert len(selectors) == 1 and len(reads) == 2  # a filter that allows every image needs no selector
+    assert len(engine.search("a photo", k=50, under=photos / "home")) == 6 and len(reads) == 3
+    assert trips() == first and len(reads) == 4  # only the last filter is kept
 
     make_folder(photos, 4, start=100)  # two more under trips, indexed by this engine
     _index(engine, photos)
-    assert len(trips()) == 8 and len(reads) == 4
+    assert len(trips()) == 8 and len(reads) == 5
     with Engine.open(engine.path, model=str(tiny_checkpoint), device="cpu", create=False) as other:
         assert other.remove([photos / "trips" / "2022"]) == 4  # another engine, as another process would
-    assert len(trips()) == 4 and len(reads) == 5
+    assert len(trips()) == 4 and len(reads) == 6
     assert not any("/trips/2022/" in p for p in trips())
 
 

@@ -18,6 +18,7 @@ from altsearch.catalog import Catalog
 from altsearch.errors import IndexStoreError, IndexTooLargeError
 from altsearch.store import IndexStore
 from altsearch.vectors import (
+    Allowed,
     TorchExact,
     VectorIndex,
     exact_search,
@@ -251,6 +252,40 @@ def test_a_filter_selects_the_same_as_a_bitmap_or_a_set(data, flat, ivf, bitmap_
     kept = np.setdiff1d(ids, ids[pick])
     np.testing.assert_array_equal(flat.ids(), kept)
     np.testing.assert_array_equal(ivf.ids(), kept)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+@pytest.mark.parametrize("bitmap_bytes_per_id", [0, 10**6])  # sets and binary search; bitmaps and tables
+def test_an_allowed_set_is_prepared_once_and_no_filter_while_it_covers_the_index(
+    data, flat, ivf, kind, bitmap_bytes_per_id, monkeypatch  # noqa: ANN001
+) -> None:
+    monkeypatch.setattr(vectors_module, "BITMAP_BYTES_PER_ID", bitmap_bytes_per_id)
+    index = {"flat": flat, "ivf": ivf}[kind]
+    ids, vecs = data
+    queries = unit(4, seed=7)
+    built = []  # the selectors of more than one id: the searches' (an add or a remove below makes its own of one)
+    real = vectors_module.id_selector
+    monkeypatch.setattr(vectors_module, "id_selector", lambda i: (len(i) > 1 and built.append(len(i))) or real(i))
+
+    some = Allowed(ids[::3][::-1])  # any order
+    first = index.search(queries, 10, allowed=some)
+    assert_same_results(index.search(queries, 10, allowed=some), first)
+    assert np.isin(first[1], ids[::3]).all() and built == [len(ids[::3])]  # one selector for both searches
+    index.search(queries, 10, allowed=ids[::3])  # an array: prepared for this search alone
+    assert len(built) == 2
+
+    unfiltered = index.search(queries, 10)
+    everything = Allowed(np.concatenate([ids, [ids.max() + 5]]))  # and an id the index lacks
+    assert_same_results(index.search(queries, 10, allowed=everything), unfiltered)
+    assert len(built) == 2  # no selector: searched as if unfiltered
+    new = ids.max() + 1  # added after: the set no longer covers the index, and does not allow it
+    index.add(np.array([new]), queries[:1])
+    assert index.search(queries[:1], 1)[1][0, 0] == new
+    assert new not in index.search(queries, 10, allowed=everything)[1] and len(built) == 3
+    assert index.remove([new]) == 1  # covering again
+    assert_same_results(index.search(queries, 10, allowed=everything), unfiltered)
+    assert not Allowed(ids[1:]).covers(index) and not Allowed(np.r_[ids[1:], ids.max() + 5]).covers(index)
+    assert Allowed([]).covers(VectorIndex.create(DIM)) and len(built) == 3
 
 
 def test_ivf_allowed_subsets(clustered_50k, ivf_50k) -> None:  # noqa: ANN001
