@@ -224,7 +224,7 @@ def encode_vectors(vecs: np.ndarray) -> list[bytes]:
     divisor = np.where(scale > 0, scale, np.float32(1))[:, None]
     width = VECTOR_SCALE.itemsize + x.shape[1]
     rows = np.empty((len(x), width), dtype=np.uint8)
-    rows[:, : VECTOR_SCALE.itemsize] = scale.astype(VECTOR_SCALE).view(np.uint8).reshape(len(x), -1)
+    rows[:, : VECTOR_SCALE.itemsize] = scale.astype(VECTOR_SCALE).view(np.uint8).reshape(len(x), VECTOR_SCALE.itemsize)
     rows[:, VECTOR_SCALE.itemsize :] = np.clip(np.rint(x / divisor), -127, 127).astype(np.int8).view(np.uint8)
     joined = rows.tobytes()
     return [joined[i : i + width] for i in range(0, len(joined), width)]

@@ -129,6 +129,9 @@ class IndexStore:
         self._rw = ReadWriteLock()
         self._open_lock = threading.Lock()
         self._saved_generation: int | None = None
+        # the vector file as this store last read or wrote it (see _file_stamp): another writer's file
+        # (its optimize, repair or indexing run) is told apart from ours by it
+        self._file_seen: tuple[int, int, int] | None = None
 
     def close(self) -> None:
         self.catalog.close()
@@ -167,6 +170,7 @@ class IndexStore:
             if self._vectors is None:
                 if self.dimension is None:
                     raise IndexStoreError(f"index {self.folder} is empty (index a folder first)")
+                self._file_seen = self._file_stamp()  # before: a file saved meanwhile is seen as new next time
                 try:
                     index = VectorIndex.open(self.folder / VECTORS_FILE, self.catalog, device=self.device,
                                              max_flat_bytes=flat_memory_limit())
@@ -179,15 +183,34 @@ class IndexStore:
             return self._vectors
 
     def writable_vectors(self, progress: BuildProgress | None = None) -> VectorIndex:
-        """The vector index, for a writer (under the index's write lock) about to change it. Where the
-        exact index that stands in for an unusable approximate file would not fit in memory, the
-        approximate index is rebuilt from the catalogue first, as `check --repair` does (its steps
-        reported to `progress`)."""
+        """The vector index, for a writer (under the index's write lock) about to change it, up to date
+        with the catalogue: a store that searched before another process wrote (a long-lived engine)
+        catches up with that process's commits, and reopens the vector file if that process saved or
+        deleted it (an optimize to another kind, a repair), so that its own commit and save build on
+        the index as it now is, not on the one it read. Where the exact index that stands in for an
+        unusable approximate file would not fit in memory, the approximate index is rebuilt from the
+        catalogue first, as `check --repair` does (its steps reported to `progress`)."""
+        if self._vectors is not None and self._file_stamp() != self._file_seen:
+            log.info("%s was written by another process: reading it again", self.folder / VECTORS_FILE)
+            with self._open_lock, self._rw.writing():
+                self._vectors = None
+                self._seen_version = None
         try:
-            return self.vectors
+            index = self.vectors
         except IndexTooLargeError as err:
             log.warning("%s: rebuilding it now", err)
             return self.repair(progress)
+        self.refresh()
+        return index
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        """(inode, size, mtime in ns) of the vector file, None without one: every save replaces the
+        file by a rename, so a save by anyone gives a new stamp."""
+        try:
+            st = (self.folder / VECTORS_FILE).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
 
     def refresh(self) -> None:
         """Catch up with what another process committed since this index was read."""
@@ -223,7 +246,8 @@ class IndexStore:
         ``added`` is ``(ids, vectors)``; the ids may be filled in by ``fn``. Vectors go into FAISS as the
         catalogue stores them (`catalog.as_stored`: int8-rounded), so a rebuilt index scores exactly like this one.
         """
-        vectors = self.vectors  # opened (and caught up) before the catalogue moves on
+        vectors = self.vectors  # opened and caught up before the catalogue moves on: the generation
+        self.refresh()  # stamped below must not skip another process's commits
         with _writing(self.folder, "committing to the catalogue"):
             with self.catalog.transaction() as tx:
                 fn(tx)
@@ -248,6 +272,7 @@ class IndexStore:
             with _writing(self.folder, f"deleting the stale {VECTORS_FILE}"):
                 _remove_stale_temps(self.folder)
                 remove_saved(path)
+            self._file_seen = None
             return
         generation = self._vectors.generation
         if generation == self._saved_generation and path.is_file():
@@ -256,6 +281,7 @@ class IndexStore:
             _remove_stale_temps(self.folder)
             self._vectors.save(path, generation=generation, catalog_id=self.catalog.catalog_id)
         self._saved_generation = generation
+        self._file_seen = self._file_stamp()
 
     def rebuild(self, kind: str = "auto", progress: BuildProgress | None = None) -> VectorIndex:
         """A new vector index built from the vectors stored in the catalogue (the model never runs);

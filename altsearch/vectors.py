@@ -678,8 +678,10 @@ def _probe_queries(
 ) -> np.ndarray:
     """TUNE_QUERIES stand-ins for real queries (fewer below that many vectors): stored vectors, picked
     at random among positions 0..n-1 and read with `read(positions)`, blurred by isotropic noise of
-    equal norm."""
+    equal norm. A zero vector (the catalogue stores one as it is given) would make no query: it is
+    left out."""
     _, picks = read(np.sort(rng.choice(n, size=min(TUNE_QUERIES, n), replace=False)))
+    picks = picks[np.linalg.norm(picks, axis=1) > 0]
     noise = rng.standard_normal(picks.shape).astype(np.float32)
     noise *= np.linalg.norm(picks, axis=1, keepdims=True) / np.linalg.norm(noise, axis=1, keepdims=True)
     queries = picks + noise

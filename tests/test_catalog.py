@@ -344,6 +344,7 @@ def test_zero_and_extreme_vectors_round_trip() -> None:
     assert back[2, 0] == np.float32(-3e4) and np.isfinite(back).all()
     with pytest.raises(IndexStoreError, match="not 9-dimensional"):
         catalog_module.decode_vectors(catalog_module.encode_vectors(vecs), 9)
+    assert catalog_module.encode_vectors(vecs[:0]) == [] and as_stored(vecs[:0]).shape == (0, 8)  # no rows
 
 
 def test_iter_vectors_batches_and_selection(cat: Catalog) -> None:

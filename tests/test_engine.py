@@ -334,6 +334,44 @@ def test_a_searching_engine_drops_what_another_removes_without_listing_every_id(
         assert reader.store.vectors.ids().tolist() == catalog.vector_ids().tolist()
 
 
+@pytest.mark.parametrize("write", ["remove", "index"])
+def test_an_engine_that_searched_writes_on_what_another_committed_since(engine, photos, tiny_checkpoint, tmp_path, write):
+    """A long-lived engine searches; another indexes more photos; the first then removes or indexes:
+    its commit must build on the catalogue as it now is (the other's vectors kept), in memory and in
+    every later process."""
+    _index(engine, photos / "trips")
+    assert len(engine.search("a photo", k=50)) == 6  # its vector index loaded
+    with Engine.open(engine.path, model=str(tiny_checkpoint), device="cpu", create=False) as other:
+        assert _index(other, photos / "home").added == 6  # as another process would
+    if write == "remove":
+        assert engine.remove([sorted((photos / "trips").rglob("*.jpg"))[0]]) == 1
+    else:
+        make_folder(tmp_path / "more", 2, start=200)
+        assert _index(engine, tmp_path / "more").added == 2
+    want = 5 + 6 if write == "remove" else 6 + 6 + 2
+    catalog_ids = engine.store.catalog.vector_ids().tolist()
+    assert len(catalog_ids) == want and engine.store.vectors.ids().tolist() == catalog_ids
+    assert len(engine.search("a photo", k=50)) == want
+    with Engine.open(engine.path, model=str(tiny_checkpoint), device="cpu", create=False) as later:
+        assert later.check() == [] and len(later.search("a photo", k=50)) == want
+
+
+def test_an_engine_that_searched_keeps_the_kind_another_chose(engine, tiny_checkpoint, tmp_path):
+    """A long-lived engine searched its exact index; another process optimized the index to ivf (saving
+    its file); the first one's removal must change that ivf index, not delete its file as stale."""
+    photos = tmp_path / "many"
+    make_folder(photos, 40)  # an ivf needs 40 vectors
+    _index(engine, photos)
+    assert len(engine.search("a photo", k=50)) == 40 and engine.store.vectors.kind == "flat"
+    with Engine.open(engine.path, model=str(tiny_checkpoint), device="cpu", create=False) as other:
+        other.optimize("ivf")
+    assert engine.remove([sorted(photos.rglob("*.jpg"))[0]]) == 1
+    assert engine.store.vectors.kind == "ivf" and len(engine.store.vectors) == 39
+    with Engine.open(engine.path, model=str(tiny_checkpoint), device="cpu", create=False) as later:
+        assert later.check() == [] and later.stats()["vector_index"] == "ivf"
+        assert len(later.search("a photo", k=50)) == 39
+
+
 def test_current_vector_file_opens_without_reconciling(tmp_path, tiny_checkpoint, monkeypatch):
     from altsearch.vectors import VectorIndex
 

@@ -5,6 +5,7 @@ import json
 import logging
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -302,6 +303,22 @@ def test_ivf_allowed_subsets(clustered_50k, ivf_50k) -> None:  # noqa: ANN001
     assert np.isin(found, ids[large]).all()
     _, exact = exact_search(queries, ids[large], vecs[large], 10)
     assert recall_at_k(exact, found) >= vectors_module.RECALL_TARGET
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_zero_vectors_do_not_spoil_an_ivf_build(clustered_20k, kind) -> None:  # noqa: ANN001
+    """The catalogue stores a zero vector as given; the build's tuning queries, made from stored vectors,
+    leave them out instead of dividing by their zero norm (NaN queries, NaN recall)."""
+    ids, vecs, centres = clustered_20k
+    vecs = vecs[:2000].copy()
+    vecs[::2] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "invalid value encountered in divide"
+        index = VectorIndex.build(ids[:2000], vecs, kind=kind, device="cpu")
+    queries = held_out_queries(vecs[1::2], centres, seed=4)[:50]
+    _, exact = exact_search(queries, ids[:2000], vecs, 10)
+    refine = refine_from(ids[:2000], vecs) if kind == "ivfpq" else None
+    assert recall_at_k(exact, index.search(queries, 10, refine=refine)[1]) >= vectors_module.RECALL_TARGET
 
 
 def add_replace_remove(index: VectorIndex, ids: np.ndarray, vecs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
