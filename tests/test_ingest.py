@@ -188,7 +188,7 @@ def test_the_report_says_which_stage_the_run_waited_on(tmp_path, tiny_checkpoint
     """IndexReport.waited: the stage made slow is the one the run's own thread spent its time on."""
     from altsearch import ingest
 
-    delay = 0.05
+    delay = 0.1  # the slow stage must outweigh the others even on a busy machine (0.05 once did not)
     if slow == "decode":
         real = DecodePool.imap
 
