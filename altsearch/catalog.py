@@ -449,6 +449,16 @@ class Tx:
             self._conn.exec_driver_sql(_DELETE_FAILURE, [(encode_path(p),) for p in paths])
             self.changed = True
 
+    def clear_failures_under(self, folder: str) -> int:
+        """Forget the failures recorded for `folder` and every path under it (component-wise, as
+        `Catalog.filter_ids(under=)` matches); returns how many."""
+        self._check_open()
+        exact, low, high = _folder_range(folder)
+        in_folder = sa.and_(failures.c.path >= low, failures.c.path < high)
+        cleared = self._conn.execute(sa.delete(failures).where(sa.or_(failures.c.path == exact, in_folder))).rowcount
+        self.changed = self.changed or cleared > 0
+        return cleared
+
     def set_meta(self, key: str, value: str) -> None:
         self._check_open()
         _put_meta(self._conn, key, value)

@@ -10,7 +10,10 @@ they come back with ``error`` set to a one-line reason.
 Workers are started with the ``spawn`` method and import only numpy + Pillow (via
 :mod:`altsearch.model.preprocess`); the normalisation to model input happens in the parent, on the
 model's device (:class:`altsearch.model.preprocess.Normalizer`). Note that ``spawn`` re-imports the
-parent's ``__main__`` module in each worker, so entry-point modules should keep heavy imports lazy.
+parent's ``__main__`` module in each worker, so entry-point modules should keep heavy imports lazy,
+and a script's work must sit under ``if __name__ == "__main__":``. A pool checks that its first
+worker starts before it is given a file: workers that cannot start (such a script, re-run in them,
+fails) are :class:`WorkerStartError`, never a failure of the files.
 
 JPEGs are decoded at reduced DCT scale (:data:`DEFAULT_DRAFT`): libjpeg's 1/2, 1/4 or 1/8 scaling
 is chosen so that the shortest edge stays >= ``DRAFT_SCALE * 224`` = 448 px, then PIL's bicubic takes
@@ -38,7 +41,7 @@ from multiprocessing import get_context
 import numpy as np
 from PIL import ExifTags, Image
 
-from altsearch.errors import ImageError
+from altsearch.errors import AltsearchError, ImageError
 from altsearch.model.preprocess import (
     DEFAULT_MAX_PIXELS,
     DecodedImage,
@@ -273,6 +276,21 @@ def default_workers(*, model_on_cpu: bool = False) -> int:
     return max(1, cores - 1)
 
 
+class WorkerStartError(AltsearchError):
+    """Decode worker processes exit as they start."""
+
+
+WORKER_START_HINT = (
+    "decode worker processes could not start. Python starts them by running the program's main script "
+    "again in each: a script that indexes must keep its work under `if __name__ == \"__main__\":` "
+    "(see any error they printed above); or index with workers=0"
+)
+
+
+def _started() -> int:
+    return os.getpid()
+
+
 def _worker_init(parent: int) -> None:
     """Set up a decode worker of the process ``parent``.
 
@@ -341,6 +359,7 @@ class DecodePool:
         self.max_pixels = max_pixels
         self._executor: ProcessPoolExecutor | None = None
         self._generation = 0
+        self._started = False  # a worker of this pool has started (checked once, before the first file)
 
     def __enter__(self) -> DecodePool:
         return self
@@ -427,8 +446,16 @@ class DecodePool:
 
     def _running_executor(self) -> ProcessPoolExecutor:
         if self._executor is None:
-            self._executor = ProcessPoolExecutor(self.workers, mp_context=get_context(_START_METHOD),
-                                                 initializer=_worker_init, initargs=(os.getpid(),))
+            executor = ProcessPoolExecutor(self.workers, mp_context=get_context(_START_METHOD),
+                                           initializer=_worker_init, initargs=(os.getpid(),))
+            if not self._started:  # the first pool: a worker that cannot start is not a file's fault
+                try:
+                    executor.submit(_started).result()
+                except BrokenProcessPool:
+                    executor.shutdown(wait=False, cancel_futures=True)
+                    raise WorkerStartError(WORKER_START_HINT) from None
+                self._started = True
+            self._executor = executor
         return self._executor
 
     def _restart(self, broken_generation: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,6 +84,17 @@ def to_timestamp(value, *, end: bool = False) -> float | None:
     return to_timestamp(parsed)
 
 
+def _refuse_in_starting_worker() -> None:
+    """A decode worker process starts by running the parent's main script again (Python's spawn start
+    method); a script whose work is not under ``if __name__ == "__main__":`` would open the index in
+    each worker and wait on, or take, the parent's write lock. Say so there, in one line."""
+    mp = sys.modules.get("multiprocessing")  # a spawned process has imported it; no other need to
+    if mp is not None and getattr(mp.current_process(), "_inheriting", False):
+        raise AltsearchError("altsearch.Engine.open was called while a worker process was starting: Python "
+                             "starts one by running the main script again, so keep the script's work under "
+                             "`if __name__ == \"__main__\":`")
+
+
 class Engine:
     """An index of images and the AltCLIP model that embeds them.
 
@@ -112,6 +124,7 @@ class Engine:
         index was built with (``BAAI/AltCLIP`` for a new index). ``quantize="int8"`` loads it with
         int8 Linear layers (CPU only; see :func:`~altsearch.load_model`).
         """
+        _refuse_in_starting_worker()
         store = IndexStore(index_dir(index), create=create, device=device)
         return cls(store, model=model, device=device, dtype=dtype, quantize=quantize)
 
@@ -132,7 +145,8 @@ class Engine:
 
     @property
     def model(self):
-        """The model, loaded on first use and checked against the one that built the index."""
+        """The model, loaded on first use and checked against the one that built the index (an index
+        nothing was indexed into yet takes the model of its first indexing run, not of a search)."""
         if self._model is None:
             from .model import load_model
             from .model.resolve import DEFAULT_MODEL
@@ -140,8 +154,9 @@ class Engine:
             source = self._model_source or self.store.catalog.get_meta("model_id") or DEFAULT_MODEL
             self._model = load_model(source, device=self._device, dtype=self._dtype, quantize=self._quantize)
         if not self._bound:  # the recorded model never changes once set: check it once per engine
-            self.store.bind_model(self._model.source, self._model.fingerprint, self._model.dimension)
-            self._bound = True
+            m = self._model
+            self.store.bind_model(m.source, m.fingerprint, m.dimension, record=False)
+            self._bound = self.store.catalog.get_meta("model_fingerprint") is not None
         return self._model
 
     # -- building ---------------------------------------------------------------------------------
@@ -160,7 +175,7 @@ class Engine:
         if not folder.exists():
             raise AltsearchError(f"folder not found: {folder}")
         with WriteLock(self.path):
-            model = self.model
+            model = self.model  # recorded as the index's by the run, if it is new
             try:
                 ingestor = Ingestor(self.store, model, batch_size=batch_size, workers=workers, draft=draft,
                                     decode=decode, progress=progress)
@@ -168,16 +183,33 @@ class Engine:
                 raise AltsearchError(str(exc)) from None
             return ingestor.run(str(folder), include_hidden=include_hidden, follow_symlinks=follow_symlinks)
 
-    def remove(self, paths: Iterable[str | os.PathLike], *, progress: BuildProgress | None = None) -> int:
-        """Drop these files (or every file under these folders) from the index; returns how many.
-        ``progress`` hears of a rebuild of the vector index this may need first (see ``optimize``)."""
-        roots = [os.path.abspath(os.path.expanduser(p)) for p in paths]
+    def remove(self, paths: str | os.PathLike | Iterable[str | os.PathLike], *,
+               progress: BuildProgress | None = None) -> int:
+        """Drop a file, or every file under a folder, from the index, with the failures recorded
+        there (``altsearch errors``); ``paths`` is one path or several. Returns how many images were
+        dropped. ``progress`` hears of a rebuild of the vector index this may need first (see
+        ``optimize``)."""
+        if isinstance(paths, (str, bytes, os.PathLike)):
+            paths = [paths]  # one path, not its characters (the root "/" among them: every image)
+        roots = []
+        for p in paths:
+            p = os.fsdecode(p)
+            if not p:
+                raise AltsearchError("an empty path names no file or folder to remove")
+            roots.append(os.path.abspath(os.path.expanduser(p)))
         with WriteLock(self.path):
             ids = idset.unique(np.concatenate([self.store.catalog.filter_ids(under=r) for r in roots]
                                               or [np.zeros(0, np.int64)]))
+
+            def drop(tx) -> None:
+                tx.remove(ids.tolist())
+                for root in roots:
+                    tx.clear_failures_under(root)
+
             if len(ids):
                 self.store.writable_vectors(progress)
-                self.store.commit(lambda tx: tx.remove(ids.tolist()), removed_ids=ids)
+            self.store.commit(drop, removed_ids=ids)  # failures alone: the vector index is left unopened
+            if len(ids):
                 self.store.save_vectors()
             return len(ids)
 

@@ -236,6 +236,8 @@ class Ingestor:
         report = IndexReport(folder=root)
         t0 = time.perf_counter()
         self.hash_kind = content_hash_kind(self.store.catalog)
+        m = self.model  # a new index records the model of its first run (one that differs is refused)
+        self.store.bind_model(m.source, m.fingerprint, m.dimension)
         rebuilding = self._rebuilding(report)
         if self.store.dimension is not None:
             self.store.writable_vectors(rebuilding)  # rebuilt first if only an approximate index fits in memory

@@ -142,14 +142,16 @@ class IndexStore:
     def dimension(self) -> int | None:
         return self.catalog.dimension
 
-    def bind_model(self, model_id: str, fingerprint: str, dimension: int) -> None:
-        """Record the model of a new index, or refuse one that differs from the recorded model."""
+    def bind_model(self, model_id: str, fingerprint: str, dimension: int, *, record: bool = True) -> None:
+        """Record the model of a new index (a writer's call; with ``record=False``, as a reader's check,
+        a new index stays unbound), or refuse one that differs from the recorded model."""
         recorded = self.catalog.get_meta("model_fingerprint")
         if recorded is None:
-            with self.catalog.transaction() as tx:
-                tx.set_meta("model_id", model_id)
-                tx.set_meta("model_fingerprint", fingerprint)
-                tx.set_meta("dimension", str(dimension))
+            if record:
+                with self.catalog.transaction() as tx:
+                    tx.set_meta("model_id", model_id)
+                    tx.set_meta("model_fingerprint", fingerprint)
+                    tx.set_meta("dimension", str(dimension))
             return
         if recorded != fingerprint:
             raise ModelMismatchError(
@@ -245,14 +247,19 @@ class IndexStore:
 
         ``added`` is ``(ids, vectors)``; the ids may be filled in by ``fn``. Vectors go into FAISS as the
         catalogue stores them (`catalog.as_stored`: int8-rounded), so a rebuilt index scores exactly like this one.
+        A commit that changes no vector (metadata, failures) leaves a vector index not opened yet unopened.
         """
-        vectors = self.vectors  # opened and caught up before the catalogue moves on: the generation
-        self.refresh()  # stamped below must not skip another process's commits
+        vectors = None
+        if len(removed_ids) or added is not None or self._vectors is not None:
+            vectors = self.vectors  # opened and caught up before the catalogue moves on: the generation
+            self.refresh()  # stamped below must not skip another process's commits
         with _writing(self.folder, "committing to the catalogue"):
             with self.catalog.transaction() as tx:
                 fn(tx)
                 faults.point("commit")
             faults.point("committed")
+        if vectors is None:
+            return
         with self._rw.writing():
             if len(removed_ids):
                 vectors.remove(np.asarray(removed_ids, np.int64))

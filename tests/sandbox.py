@@ -44,3 +44,15 @@ def make_sandbox(root: Path) -> dict[str, str]:
     return env
 
 
+def as_if_cores(env: dict[str, str], root: Path, cores: int) -> dict[str, str]:
+    """``env`` for Python processes that count ``cores`` cores for altsearch's decode workers (which
+    ask ``os.sched_getaffinity``): with more than two, indexing on the CPU starts a decode worker, as
+    on most users' machines, where a script that does not guard its work with ``if __name__ ==
+    "__main__":`` fails. A ``sitecustomize`` module does it at start-up, workers included."""
+    site = root / f"site-{cores}-cores"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(
+        "import os\n"
+        f"os.sched_getaffinity = lambda pid: set(range({cores}))\n"
+    )
+    return {**env, "PYTHONPATH": os.pathsep.join([str(site), env["PYTHONPATH"]])}

@@ -6,6 +6,9 @@ import datetime as dt
 import logging
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,12 +17,14 @@ from PIL import Image
 from altsearch import Engine, faults, load_model
 from altsearch import vectors as vectors_module
 from altsearch import store as store_module
-from altsearch.errors import (IndexLockedError, IndexStoreError, IndexTooLargeError, ModelMismatchError,
-                              QueryError)
+from altsearch.errors import (AltsearchError, IndexLockedError, IndexStoreError, IndexTooLargeError,
+                              ModelMismatchError, QueryError)
 from altsearch.home import WriteLock
 from altsearch.store import IndexStore
 from tests.checkpoints import write_checkpoint
 from tests.photos import make_folder, photo, save_photo
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -317,6 +322,59 @@ def test_remove_and_check_repair(engine, photos):
     assert engine.check(repair=True) == problems
     assert engine.check() == [] and not (engine.path / "vectors.faiss").exists()
     assert len(engine.search("a photo", k=12)) == 6
+
+
+def test_remove_takes_one_path_as_one_path_and_forgets_its_failures(engine, photos):
+    (photos / "trips" / "broken.jpg").write_bytes(b"not a jpeg")
+    (photos / "home" / "broken.jpg").write_bytes(b"not a jpeg")
+    report = _index(engine, photos)
+    assert (report.added, report.failed) == (12, 2)
+    assert engine.remove(str(photos / "nowhere.jpg")) == 0  # a string is one path, not its characters
+    assert engine.remove(photos / "nowhere") == 0 and engine.stats()["images"] == 12
+    with pytest.raises(AltsearchError, match="empty path"):
+        engine.remove("")  # would be the current folder
+    assert engine.remove(str(photos / "trips")) == 6
+    assert [f["path"] for f in engine.failures()] == [str(photos / "home" / "broken.jpg")]
+    assert engine.remove([photos / "home" / "broken.jpg"]) == 0  # a failure alone
+    assert engine.failures() == [] and engine.stats()["images"] == 6
+
+
+def test_a_search_does_not_bind_an_empty_index_to_its_model(tmp_path, tiny_checkpoint, photos):
+    other = write_checkpoint(tmp_path / "other", seed=7)
+    with Engine.open(tmp_path / "typo", model=str(tiny_checkpoint), device="cpu") as e:
+        assert e.search("a cat") == []  # an index nothing was indexed into
+    with Engine.open(tmp_path / "typo", model=str(other), device="cpu") as e:
+        assert e.index(photos, workers=0).added == 12  # takes the model of its first indexing run
+        assert e.stats()["model_fingerprint"] == e.model.fingerprint
+    with Engine.open(tmp_path / "typo", model=str(tiny_checkpoint), device="cpu") as e:
+        with pytest.raises(ModelMismatchError):
+            e.search("a cat")
+
+
+def test_a_script_without_the_main_guard_is_told_why_its_workers_cannot_start(tmp_path, tiny_checkpoint, photos):
+    """Decode workers start by running the main script again (spawn): an unguarded script's index call
+    stops with WorkerStartError before a file is touched, and each worker says why in one line."""
+    from tests.sandbox import as_if_cores
+
+    script = tmp_path / "index_my_photos.py"
+    script.write_text(
+        "import altsearch\n"
+        f"with altsearch.Engine.open({str(tmp_path / 'idx')!r}, model={str(tiny_checkpoint)!r}, device='cpu') as e:\n"
+        f"    e.index({str(photos)!r}, workers=1)\n", encoding="utf-8")
+    env = as_if_cores({**os.environ, "PYTHONPATH": str(ROOT)}, tmp_path, 4)
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1].startswith("altsearch.decode.WorkerStartError: decode worker processes "
+                                                   "could not start")
+    assert "altsearch.Engine.open was called while a worker process was starting" in proc.stderr
+    with Engine.open(tmp_path / "idx", create=False, device="cpu") as e:
+        assert e.stats()["images"] == 0 and e.failures() == []  # no photo was blamed
+    guarded = script.read_text().replace("with ", "if __name__ == '__main__':\n  with ").replace("\n    e.", "\n      e.")
+    script.write_text(guarded, encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    with Engine.open(tmp_path / "idx", create=False, device="cpu") as e:
+        assert e.stats()["images"] == 12
 
 
 def test_a_searching_engine_drops_what_another_removes_without_listing_every_id(engine, photos, tiny_checkpoint):
