@@ -337,7 +337,8 @@ class Engine:
         except IndexTooLargeError as err:  # stats are how one finds out: they do not fail on it
             problem = str(err)
         if vectors is not None:
-            self.store.refresh()
+            self.store.refresh()  # which may read the vector file again: take the index after it
+            vectors = self.store.vectors
         approximate = vectors is not None and vectors.kind in APPROXIMATE
         return {
             "index": str(path),

@@ -205,6 +205,30 @@ class IndexStore:
         self.refresh()
         return index
 
+    def _take_up_another_kind(self) -> None:
+        stamp = self._file_stamp()
+        if stamp == self._file_seen:
+            return
+        path = self.folder / VECTORS_FILE
+        try:
+            saved = saved_kind(path) or "flat"  # no file: an exact index, built from the catalogue
+        except IndexStoreError:
+            return  # unreadable, or caught mid-save: this index goes on, caught up by reconciling
+        if saved == self._vectors.kind:
+            return
+        try:
+            index = VectorIndex.open(path, self.catalog, device=self.device, max_flat_bytes=flat_memory_limit())
+        except IndexTooLargeError as err:
+            log.warning("%s; searching with the %s index read before", err, self._vectors.kind)
+            return
+        if index.kind != saved:
+            return  # the file changed again, or could not be used: keep this one
+        log.info("%s is now a %s index: reading it in place of the %s one", path, saved, self._vectors.kind)
+        with self._open_lock, self._rw.writing():
+            self._vectors = index
+            self._saved_generation = index.header.generation if index.header else None
+            self._file_seen = stamp
+
     def _file_stamp(self) -> tuple[int, int, int] | None:
         """(inode, size, mtime in ns) of the vector file, None without one: every save replaces the
         file by a rename, so a save by anyone gives a new stamp."""
@@ -215,12 +239,17 @@ class IndexStore:
         return st.st_ino, st.st_size, st.st_mtime_ns
 
     def refresh(self) -> None:
-        """Catch up with what another process committed since this index was read."""
+        """Catch up with what another process committed since this index was read. A vector file of
+        another kind that it saved or deleted meanwhile (an indexing run that outgrew exact search and
+        rebuilt the index approximate, an optimize) is read in place of the index in memory, which
+        would otherwise stay as it was read for as long as this process lives (a long-lived engine
+        kept an exact index of millions of vectors); one of the same kind is caught up with instead."""
         if self._vectors is None:
             return
         version = self.catalog.data_version()  # first: a commit after this is caught next time
         if version == self._seen_version:
             return  # nobody committed since the last look (microseconds, against a catalogue read)
+        self._take_up_another_kind()
         if self._vectors.generation != self.catalog.generation:
             with self._rw.writing():
                 self._vectors.reconcile(self.catalog, since_generation=self._vectors.generation or 0)
@@ -233,8 +262,9 @@ class IndexStore:
         re-ranked against them)."""
         if self.dimension is None:  # nothing indexed yet
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        self.vectors  # opened on first use
+        self.refresh()  # which may read the vector file again: take the index after it
         index = self.vectors
-        self.refresh()
         with self._rw.reading():
             return index.search(queries, max(1, min(k, len(index))), allowed=allowed, refine=self.true_vectors)
 

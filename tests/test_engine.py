@@ -430,6 +430,34 @@ def test_an_engine_that_searched_keeps_the_kind_another_chose(engine, tiny_check
         assert len(later.search("a photo", k=50)) == 39
 
 
+def test_a_searching_engine_takes_up_the_kind_another_process_saved(engine, tiny_checkpoint, tmp_path, monkeypatch):
+    """A long-lived engine that only searches reads the vector file again when another process saved
+    one of another kind (an optimize; an indexing run that outgrew exact search), or deleted it, instead
+    of going on with the index it read; a file of its own kind it catches up with, without reading."""
+    from altsearch.vectors import VectorIndex
+
+    photos = tmp_path / "many"
+    make_folder(photos, 40)  # an ivf needs 40 vectors
+    _index(engine, photos)
+    want = [h.path for h in engine.search("a photo", k=40)]
+    assert len(want) == 40 and engine.store.vectors.kind == "flat"
+    opened = []
+    real_open = VectorIndex.open.__func__
+    monkeypatch.setattr(VectorIndex, "open", classmethod(lambda cls, *a, **k: opened.append(1) or real_open(cls, *a, **k)))
+    with Engine.open(engine.path, model=str(tiny_checkpoint), device="cpu", create=False) as other:
+        other.optimize("ivf")
+        opened.clear()
+        assert sorted(h.path for h in engine.search("a photo", k=40)) == sorted(want)
+        assert engine.store.vectors.kind == "ivf" and opened == [1]
+        make_folder(tmp_path / "more", 2, start=300)
+        _index(other, tmp_path / "more")  # saves an ivf file again
+        assert len(engine.search("a photo", k=50)) == 42 and opened == [1]  # caught up, not read again
+        assert engine.store.vectors.ids().tolist() == engine.store.catalog.vector_ids().tolist()
+        other.optimize("flat")  # deletes the file
+        assert engine.stats()["vector_index"] == "flat" and engine.stats()["vectors"] == 42
+        assert len(engine.search("a photo", k=50)) == 42 and engine.store.vectors.kind == "flat"
+
+
 def test_current_vector_file_opens_without_reconciling(tmp_path, tiny_checkpoint, monkeypatch):
     from altsearch.vectors import VectorIndex
 
