@@ -5,15 +5,18 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
+import shlex
 import threading
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperCommand
 
 from .errors import AltsearchError
 
@@ -45,12 +48,53 @@ def _print_json(obj) -> None:
     text = json.dumps(obj, ensure_ascii=False, indent=2)
     out.print(text.encode("utf-8", "backslashreplace").decode("utf-8"), markup=False, highlight=False)
 
+
+def _fail(message: str) -> NoReturn:
+    """One line on stderr and exit code 1: how the CLI answers bad input."""
+    err.print(f"[red]error:[/red] {escape(_printable(message))}")
+    raise typer.Exit(1)
+
+
+def _warn(message: str) -> None:
+    err.print(f"[yellow]warning:[/yellow] {escape(_printable(message))}")
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+# the device strings that both the model (torch) and the vector index (vectors.gpu_for) accept
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:(0|[1-9][0-9]*))?")
+
+
+def _device(value: str) -> str:
+    """--device, checked while the command line is parsed: before a thread opens the vector index
+    with it, or the model loads on it. A GPU number beyond those torch sees is refused here too
+    (torch is imported for it only then), as moving the model there fails with a traceback."""
+    if not _DEVICE.fullmatch(value):
+        _fail(f"unknown device {value!r} (use auto, cpu, cuda, cuda:N or mps)")
+    if value.startswith("cuda:") and value != "cuda:0":
+        import torch
+
+        if torch.cuda.is_available() and int(value[5:]) >= torch.cuda.device_count():
+            _fail(f"device {value!r} asked for, but torch sees {_plural(torch.cuda.device_count(), 'CUDA GPU')}")
+    return value
+
+
+def _given(paths):
+    """A path argument (or several), refused when empty: the shell passes "" for an unset variable,
+    which as a path would mean the current folder."""
+    if any(not p for p in ([paths] if isinstance(paths, str) else paths)):
+        _fail("an empty path was given (an unset shell variable?); name a file or folder")
+    return paths
+
+
 IndexOpt = Annotated[Optional[str], typer.Option(
     "--index", "-i", envvar="ALTSEARCH_INDEX", show_default="default",
     help="Index name (under $ALTSEARCH_HOME/indexes) or folder.")]
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", show_default="the index's model, else BAAI/AltCLIP", help="Hub id or model folder.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", callback=_device)]
 DtypeOpt = Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16.")]
 QuantizeOpt = Annotated[Optional[str], typer.Option(
     help="int8: quantise the model's Linear layers (CPU, fp32 only; vectors close to, not equal to, fp32).")]
@@ -77,8 +121,7 @@ def _errors():
     try:
         yield
     except AltsearchError as e:
-        err.print(f"[red]error:[/red] {escape(_printable(str(e)))}")
-        raise typer.Exit(1) from None
+        _fail(str(e))
 
 
 def _engine(index, model=None, device="auto", dtype="auto", create=False, quantize=None):
@@ -122,7 +165,7 @@ def _table(**kwargs):
 
 @app.command()
 def index(
-    folder: Annotated[Path, typer.Argument(help="Folder (or single image) to index.")],
+    folder: Annotated[str, typer.Argument(help="Folder (or single image) to index.", callback=_given)],
     index: IndexOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
@@ -130,8 +173,9 @@ def index(
     quantize: QuantizeOpt = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per model batch.")] = None,
     workers: Annotated[Optional[int], typer.Option(
-        min=0, show_default="cores - 1",
-        help="Decode processes (0 = decode in this process); reader threads when JPEGs decode on the GPU.")] = None,
+        min=0, show_default="cores - 1 with the model on CUDA; on the CPU 1, or 0 on 2 cores or fewer",
+        help="Decode processes (0 = decode in this process); reader threads (by default at most 8) when "
+             "JPEGs decode on the GPU.")] = None,
     full_decode: Annotated[bool, typer.Option(
         "--full-decode", help="Decode JPEGs at full size (slower; no reduced-size decoding).")] = False,
     decode: Annotated[DecodeChoice, typer.Option(
@@ -237,7 +281,7 @@ def _print_report(r) -> None:
               f"({r.embedded} embedded, {r.images_per_second:.1f} images/s{where})")
     out.print(f"  added {r.added}, updated {r.updated}, moved {r.moved}, removed {r.removed}, "
               f"unchanged {r.unchanged}, failed {r.failed}"
-              + (f" ({r.duplicates} duplicates reused a stored vector)" if r.duplicates else ""))
+              + (f" ({_plural(r.duplicates, 'duplicate')} reused a stored vector)" if r.duplicates else ""))
     if r.failed:
         out.print("  see the failures with: altsearch errors")
 
@@ -245,10 +289,33 @@ def _print_report(r) -> None:
 # -- search / similar ----------------------------------------------------------------------------
 
 
-@app.command()
+# click's UsageError as typer raises it: typer's own copy of click from 0.2x, click's before; no public name
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class _QueryCommand(TyperCommand):
+    """A command taking a query: one that starts with an operator ("-dog + cat") reads as options to
+    the parser, and the error it gets then says to put the query after --."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        given = list(args)  # the parser consumes args
+        try:
+            return super().parse_args(ctx, args)
+        except _USAGE_ERROR as e:  # "No such option: -d", ...
+            options = {name for p in self.params for name in p.opts}
+            before = given[:given.index("--")] if "--" in given else given
+            query = next((a for a in before if a[:1] == "-" and a[:2] != "--" and a not in options), None)
+            if query is not None:
+                e.message += (f"\nA query that starts with - goes after -- (and the options before it): "
+                              f"altsearch search -- {shlex.quote(query)}")
+            raise
+
+
+@app.command(cls=_QueryCommand)
 def search(
     query: Annotated[str, typer.Argument(help='Text, image paths and #ids, combined with + and -, '
-                                               'e.g. "海边的日落", "beach + sunset - people".')],
+                                               'e.g. "海边的日落", "beach + sunset - people". One that '
+                                               'starts with - goes after --: altsearch search -- "-dog + cat".')],
     index: IndexOpt = None, model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = None, k: KOpt = 10, under: UnderOpt = None, date_from: FromOpt = None,
     date_to: ToOpt = None, min_score: MinScoreOpt = None, as_json: JsonOpt = False,
@@ -262,7 +329,7 @@ def search(
             _vectors_opened_meanwhile(engine):
         hits = engine.search(parsed, k=k, under=under, taken_from=date_from, taken_to=date_to,
                              min_score=min_score)
-        _print_hits(hits, as_json)
+        _print_hits(hits, as_json, under)
 
 
 @app.command()
@@ -278,10 +345,12 @@ def similar(
             _vectors_opened_meanwhile(engine):
         hits = engine.similar(target, k=k, under=under, taken_from=date_from, taken_to=date_to,
                               min_score=min_score)
-        _print_hits(hits, as_json)
+        _print_hits(hits, as_json, under)
 
 
-def _print_hits(hits, as_json: bool) -> None:
+def _print_hits(hits, as_json: bool, under: Path | None = None) -> None:
+    if not hits and under is not None and not under.expanduser().exists():
+        _warn(f"--under {under}: no such folder")
     if as_json:
         _print_json([h.to_dict() for h in hits])
         return
@@ -289,12 +358,14 @@ def _print_hits(hits, as_json: bool) -> None:
         out.print("no results")
         return
     table = _table()
-    for col, justify in (("#", "right"), ("score", "right"), ("date", "left"), ("size", "right"),
-                         ("path", "left")):
+    # the catalogue id, as #ID names an image in queries (similar "#12", search "#12 + snow"); the
+    # rank is not written #, which would read as one
+    for col, justify in (("rank", "right"), ("id", "right"), ("score", "right"), ("date", "left"),
+                         ("size", "right"), ("path", "left")):
         table.add_column(col, justify=justify, overflow="fold" if col == "path" else "ellipsis")
     for rank, h in enumerate(hits, 1):
         link = Path(h.path).as_uri() if Path(h.path).is_absolute() else h.path
-        table.add_row(str(rank), f"{h.score:.3f}", h.date.strftime("%Y-%m-%d"), _human(h.size),
+        table.add_row(str(rank), f"#{h.id}", f"{h.score:.3f}", h.date.strftime("%Y-%m-%d"), _human(h.size),
                       f"[link={escape(link)}]{escape(_printable(h.path))}[/link]")
     out.print(table)
 
@@ -345,14 +416,20 @@ def errors(index: IndexOpt = None, as_json: JsonOpt = False):
 
 @app.command()
 def remove(
-    paths: Annotated[list[Path], typer.Argument(help="Files or folders to drop from the index.")],
+    paths: Annotated[list[str], typer.Argument(help="Files or folders to drop from the index.", callback=_given)],
     index: IndexOpt = None, as_json: JsonOpt = False,
 ):
     """Drop files (or whole folders) from the index. The files themselves are not touched."""
     with _errors(), _engine(index) as engine:
+        # a path that is neither on disk nor in the index is likely mistyped (one that is only in the
+        # index names the deleted files whose records this drops)
+        unknown = [p for p in paths if not os.path.lexists(os.path.expanduser(p))
+                   and not len(engine.store.catalog.filter_ids(under=os.path.abspath(os.path.expanduser(p))))]
         with _build_progress(not as_json and err.is_terminal) as progress:
             n = engine.remove(paths, progress=progress)
-        _print_json({"removed": n}) if as_json else out.print(f"removed {n} images")
+        for p in unknown:
+            _warn(f"{p}: no such file or folder, on disk or in the index")
+        _print_json({"removed": n}) if as_json else out.print(f"removed {_plural(n, 'image')}")
 
 
 @app.command()
@@ -369,7 +446,7 @@ def optimize(
         if as_json:
             _print_json(result)
         else:
-            out.print(f"vector index: {result['kind']}, {result['vectors']} vectors")
+            out.print(f"vector index: {result['kind']}, {_plural(result['vectors'], 'vector')}")
 
 
 @app.command()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -290,3 +292,102 @@ def test_the_summary_names_where_and_with_what_jpegs_were_decoded(monkeypatch):
     cli._print_report(IndexReport(folder="/photos", embedded=3))
     first, _, second, _ = printed.getvalue().splitlines()
     assert "JPEGs decoded on the GPU by nvimgcodec" in first and "GPU" not in second
+
+
+@pytest.mark.parametrize("command", [["search", "a cat"], ["similar", "#1"], ["index", "{photos}"]])
+@pytest.mark.parametrize("device", ["foo", "cuda:01", "gpu"])
+def test_a_bad_device_is_one_line_error(indexed, command, device):
+    """Refused as the command line is parsed: not by the thread that opens the vector index meanwhile
+    (its traceback printed first) nor by the search (a traceback instead of the error). A subprocess,
+    as the thread's traceback bypasses CliRunner's stderr."""
+    index, photos = indexed
+    args = [a.replace("{photos}", str(photos)) for a in command]
+    proc = subprocess.run([sys.executable, "-m", "altsearch", *args, "--index", str(index), "--device", device],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1
+    assert proc.stderr == f"error: unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)\n"
+
+
+def test_a_gpu_torch_does_not_see_is_one_line_error(indexed, run, monkeypatch):
+    index, _ = indexed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    r = run("similar", "#1", "--index", index, "--device", "cuda:1", code=1)
+    assert r.stderr == "error: device 'cuda:1' asked for, but torch sees 1 CUDA GPU\n"
+
+
+def test_the_table_shows_the_ids_a_query_names_images_by(indexed, run):
+    """The text table's ids are those of --json (and rank is not written #, which names an id)."""
+    index, _ = indexed
+    table = run("search", "a photo", "--index", index, "-k", "3").stdout.splitlines()
+    assert table[0].split()[:5] == ["rank", "┃", "id", "┃", "score"]
+    rows = [line.split() for line in table[2:]]
+    hits = json.loads(run("search", "a photo", "--index", index, "-k", "3", "--json").stdout)
+    assert [(r[0], r[2]) for r in rows] == [(str(n), f"#{h['id']}") for n, h in enumerate(hits, 1)]
+    second = rows[1][2]
+    assert json.loads(run("similar", second, "--index", index, "--json", "-k", "1").stdout)[0]["id"] != hits[1]["id"]
+    assert json.loads(run("search", second, "--index", index, "--json", "-k", "1").stdout)[0]["id"] != hits[1]["id"]
+
+
+def test_the_workers_help_states_the_real_default(run):
+    """decode.default_workers: cores - 1 beside a CUDA model; with the model on the CPU 1, or 0 on 2 cores or fewer."""
+    assert "[default: (cores - 1 with the model on CUDA; on the CPU 1, or 0 on 2 cores or fewer)]" in \
+        run("index", "--help").stdout
+
+
+def test_a_query_that_starts_with_an_operator_goes_after_double_dash(indexed, run, monkeypatch):
+    index, _ = indexed
+    for query in ("-dog + cat", "- cat + dog"):
+        r = run("search", query, "--index", index, code=2)
+        assert "No such option" in r.output and f"altsearch search -- '{query}'" in r.output
+    mistyped = run("search", "a cat", "--index", index, "--jsn", code=2)  # still an error, with no hint
+    assert "No such option: --jsn" in mistyped.output and "goes after --" not in mistyped.output
+    # the example in the search command's help, as docs/cli.md shows it
+    example = re.search(r'altsearch search -- "[^"]+"', (ROOT / "docs" / "cli.md").read_text(encoding="utf-8"))
+    monkeypatch.setenv("ALTSEARCH_INDEX", str(index))
+    assert "│" in run(*shlex.split(example.group(0))[1:]).stdout
+    hits = json.loads(run("search", "--json", "-k", "3", "--", "-dog + cat").stdout)
+    assert len(hits) == 3
+
+
+def test_one_is_singular(indexed, run, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from altsearch import cli
+
+    index, photos = indexed
+    assert run("remove", photos / "home" / "2021" / "img_000.jpg", "--index", index).stdout == "removed 1 image\n"
+    assert run("remove", photos / "trips", "--index", index).stdout == "removed 4 images\n"
+    printed = io.StringIO()
+    monkeypatch.setattr(cli, "out", Console(file=printed, width=200))
+    cli._print_report(IndexReport(folder="/photos", embedded=3, duplicates=1))
+    assert "(1 duplicate reused a stored vector)" in printed.getvalue()
+
+
+@pytest.mark.parametrize("command", [["index", ""], ["remove", ""], ["remove", "{photos}", ""]])
+def test_an_empty_path_is_refused(indexed, run, command, tmp_path, monkeypatch):
+    """As the shell passes an unset variable: not the current folder."""
+    index, photos = indexed
+    (tmp_path / "cwd").mkdir()
+    make_folder(tmp_path / "cwd", 2, start=50)
+    monkeypatch.chdir(tmp_path / "cwd")
+    r = run(*[a.replace("{photos}", str(photos)) for a in command], "--index", index, code=1)
+    assert r.stderr.startswith("error: an empty path") and r.stderr.count("\n") == 1
+    assert json.loads(run("info", "--index", index, "--json").stdout)["images"] == 8
+
+
+def test_a_path_neither_on_disk_nor_in_the_index_is_warned_of(indexed, run, tmp_path):
+    index, photos = indexed
+    typo = tmp_path / "phtos"
+    r = run("remove", typo, "--index", index)
+    assert r.stdout == "removed 0 images\n"
+    assert r.stderr == f"warning: {typo}: no such file or folder, on disk or in the index\n"
+    # the records of deleted files are what remove is for; a folder that exists is no typo
+    (photos / "home" / "2021" / "img_000.jpg").unlink()
+    (tmp_path / "empty").mkdir()
+    r = run("remove", photos / "home" / "2021" / "img_000.jpg", tmp_path / "empty", "--index", index, "--json")
+    assert json.loads(r.stdout) == {"removed": 1} and r.stderr == ""
+    r = run("search", "a photo", "--index", index, "--under", typo)
+    assert r.stdout == "no results\n" and r.stderr == f"warning: --under {typo}: no such folder\n"

@@ -86,3 +86,18 @@ def test_every_extra_the_docs_name_exists():
             named.update(group.split(","))
     assert {"gpu", "nvimgcodec-cu13", "dev"} <= named
     assert named <= defined, named - defined
+
+
+def test_python_api_names_every_field_of_its_results():
+    """`IndexReport` and `Hit` as python-api.md describes them: every field, and what to_dict() adds."""
+    import dataclasses
+
+    from altsearch import Hit, IndexReport
+
+    text = (ROOT / "docs" / "python-api.md").read_text(encoding="utf-8")
+    for cls in (IndexReport, Hit):
+        section = text[text.index(f"`{cls.__name__}` has"):]
+        section = section[: section.index("\n\n")]
+        names = {f.name for f in dataclasses.fields(cls)} | {n for n in vars(cls) if isinstance(vars(cls)[n], property)}
+        missing = sorted(n for n in names if not n.startswith("_") and f"`{n}`" not in section)
+        assert missing == [], f"{cls.__name__}: {missing}"
