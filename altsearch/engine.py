@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import ids as idset
-from .errors import AltsearchError, IndexTooLargeError, ModelMismatchError, QueryError
+from .errors import AltsearchError, IndexTooLargeError, ModelMismatchError, ModelNotFoundError, QueryError
 from .home import WriteLock, index_dir
 from .query import Query, Term, combine, parse_query
 from .store import HASH_META, IndexStore
@@ -151,8 +151,16 @@ class Engine:
             from .model import load_model
             from .model.resolve import DEFAULT_MODEL
 
-            source = self._model_source or self.store.catalog.get_meta("model_id") or DEFAULT_MODEL
-            self._model = load_model(source, device=self._device, dtype=self._dtype, quantize=self._quantize)
+            recorded = self.store.catalog.get_meta("model_id")
+            source = self._model_source or recorded or DEFAULT_MODEL
+            try:
+                self._model = load_model(source, device=self._device, dtype=self._dtype, quantize=self._quantize)
+            except ModelNotFoundError as err:
+                if self._model_source is None and recorded is not None:  # the index's own record led here
+                    raise ModelNotFoundError(f"{err} (the model this index was built with; if its files are "
+                                             f"elsewhere now, pass their folder as the model: --model "
+                                             f"FOLDER, or Engine.open(..., model=FOLDER))") from None
+                raise
         if not self._bound:  # the recorded model never changes once set: check it once per engine
             m = self._model
             self.store.bind_model(m.source, m.fingerprint, m.dimension, record=False)

@@ -18,7 +18,7 @@ from altsearch import Engine, faults, load_model
 from altsearch import vectors as vectors_module
 from altsearch import store as store_module
 from altsearch.errors import (AltsearchError, IndexLockedError, IndexStoreError, IndexTooLargeError,
-                              ModelMismatchError, QueryError)
+                              ModelMismatchError, ModelNotFoundError, QueryError)
 from altsearch.home import WriteLock
 from altsearch.store import IndexStore
 from tests.checkpoints import write_checkpoint
@@ -349,6 +349,20 @@ def test_a_search_does_not_bind_an_empty_index_to_its_model(tmp_path, tiny_check
     with Engine.open(tmp_path / "typo", model=str(tiny_checkpoint), device="cpu") as e:
         with pytest.raises(ModelMismatchError):
             e.search("a cat")
+
+
+def test_a_model_moved_since_indexing_is_named_with_the_way_to_pass_it(tmp_path, tiny_checkpoint, photos):
+    model = tmp_path / "models" / "mine"
+    shutil.copytree(tiny_checkpoint, model)
+    with Engine.open(tmp_path / "idx", model=str(model), device="cpu") as e:
+        assert _index(e, photos).added == 12
+    moved = model.rename(tmp_path / "models" / "moved")
+    with Engine.open(tmp_path / "idx", device="cpu") as e:  # the index's record names the old folder
+        with pytest.raises(ModelNotFoundError, match=r"model folder not found: .*mine \(the model this index was "
+                                                     r"built with; .* --model FOLDER"):
+            e.search("a cat")
+    with Engine.open(tmp_path / "idx", model=str(moved), device="cpu") as e:
+        assert len(e.search("a cat", k=3)) == 3
 
 
 def test_a_script_without_the_main_guard_is_told_why_its_workers_cannot_start(tmp_path, tiny_checkpoint, photos):
