@@ -339,6 +339,7 @@ class IndexStore:
         with self._rw.writing():
             self._vectors = index
         self._saved_generation = None
+        self._file_seen = self._file_stamp()  # this index supersedes the file as it stands
         return index
 
     @property

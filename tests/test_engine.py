@@ -472,6 +472,26 @@ def test_a_searching_engine_takes_up_the_kind_another_process_saved(engine, tiny
         assert len(engine.search("a photo", k=50)) == 42 and engine.store.vectors.kind == "flat"
 
 
+@pytest.mark.parametrize("first", ["optimize", "check --repair"])
+def test_a_rebuild_in_a_fresh_engine_replaces_the_file_it_supersedes(tmp_path, tiny_checkpoint, first):
+    """An engine whose first act is a rebuild (`altsearch optimize`, `check --repair`) writes the index
+    it built, not the file it found there (which it never read)."""
+    photos = tmp_path / "many"
+    make_folder(photos, 40)
+    with Engine.open(tmp_path / "idx", model=str(tiny_checkpoint), device="cpu") as e:
+        _index(e, photos)
+        e.optimize("ivf")
+    with Engine.open(tmp_path / "idx", device="cpu") as e:
+        if first == "optimize":
+            assert e.optimize("flat") == {"kind": "flat", "vectors": 40}
+        else:
+            e.store.catalog.set_meta("vector_kind", "flat")  # as if chosen, then repaired
+            e.check(repair=True)
+        assert not (tmp_path / "idx" / "vectors.faiss").exists() and e.store.vectors.kind == "flat"
+    with Engine.open(tmp_path / "idx", device="cpu") as e:
+        assert e.stats()["vector_index"] == "flat" and e.check() == []
+
+
 def test_current_vector_file_opens_without_reconciling(tmp_path, tiny_checkpoint, monkeypatch):
     from altsearch.vectors import VectorIndex
 
