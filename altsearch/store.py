@@ -30,8 +30,8 @@ from .catalog import Catalog, as_stored
 from .errors import IndexStoreError, IndexTooLargeError, ModelMismatchError
 from .home import LOCK_FILE
 from .sysmem import available_memory
-from .vectors import (APPROXIMATE, KINDS, Allowed, BuildProgress, VectorIndex, kind_for, read_vectors, remove_saved,
-                      saved_kind)
+from .vectors import (APPROXIMATE, KINDS, Allowed, BuildProgress, VectorIndex, kind_for, read_header, read_vectors,
+                      remove_saved, saved_kind)
 
 log = logging.getLogger(__name__)
 
@@ -211,9 +211,12 @@ class IndexStore:
             return
         path = self.folder / VECTORS_FILE
         try:
-            saved = saved_kind(path) or "flat"  # no file: an exact index, built from the catalogue
+            header = read_header(path) if stamp is not None else None
         except IndexStoreError:
-            return  # unreadable, or caught mid-save: this index goes on, caught up by reconciling
+            return  # unreadable: this index goes on, caught up by reconciling
+        if header is not None and header.size_bytes != stamp[1]:
+            return  # a save caught between renaming the file and its header: look again next time
+        saved = header.kind if header is not None else "flat"  # no file: exact, built from the catalogue
         if saved == self._vectors.kind:
             return
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import shutil
@@ -460,7 +461,15 @@ def test_a_searching_engine_takes_up_the_kind_another_process_saved(engine, tiny
     monkeypatch.setattr(VectorIndex, "open", classmethod(lambda cls, *a, **k: opened.append(1) or real_open(cls, *a, **k)))
     with Engine.open(engine.path, model=str(tiny_checkpoint), device="cpu", create=False) as other:
         other.optimize("ivf")
+        header = engine.path / "vectors.faiss.json"
+        saved = header.read_text()
+        fields = json.loads(saved)
+        header.write_text(json.dumps({**fields, "size_bytes": fields["size_bytes"] + 1}))  # as if mid-save
         opened.clear()
+        assert len(engine.search("a photo", k=40)) == 40 and engine.store.vectors.kind == "flat" and not opened
+        header.write_text(saved)  # the save done
+        with engine.store.catalog.transaction() as tx:  # and a commit, which makes the engine look again
+            tx.set_meta("a note", "x")
         assert sorted(h.path for h in engine.search("a photo", k=40)) == sorted(want)
         assert engine.store.vectors.kind == "ivf" and opened == [1]
         make_folder(tmp_path / "more", 2, start=300)
