@@ -340,10 +340,9 @@ def similar(
     date_to: ToOpt = None, min_score: MinScoreOpt = None, as_json: JsonOpt = False,
 ):
     """Find images that look like IMAGE."""
-    target = int(image[1:]) if image.startswith("#") and image[1:].isdigit() else image
     with _errors(), _engine(index, model, device, dtype, quantize=quantize) as engine, \
             _vectors_opened_meanwhile(engine):
-        hits = engine.similar(target, k=k, under=under, taken_from=date_from, taken_to=date_to,
+        hits = engine.similar(image, k=k, under=under, taken_from=date_from, taken_to=date_to,
                               min_score=min_score)
         _print_hits(hits, as_json, under)
 

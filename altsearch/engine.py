@@ -257,7 +257,10 @@ class Engine:
                              min_score=min_score, exclude=exclude)
 
     def similar(self, image: str | os.PathLike | int, k: int = 10, **filters) -> list[Hit]:
-        """Images that look like ``image``: a file (indexed or not) or a catalogue id."""
+        """Images that look like ``image``: a file (indexed or not), or an indexed image by its catalogue
+        id (``42``, or ``"#42"`` as queries and the CLI name it)."""
+        if isinstance(image, str) and image.startswith("#") and image[1:].isdigit():
+            image = int(image[1:])
         if isinstance(image, (int, np.integer)):
             term = Term("id", int(image), 1.0)
             exclude = {int(image)}

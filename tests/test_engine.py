@@ -81,6 +81,7 @@ def test_similar_by_id_excludes_itself(engine, photos):
     first = engine.search("a photo", k=1)[0]
     hits = engine.similar(first.id, k=20)
     assert first.id not in [h.id for h in hits] and len(hits) == 11
+    assert engine.similar(f"#{first.id}", k=20) == hits  # as queries and the CLI name it
 
 
 def test_reindex_counts_every_kind_of_change(engine, photos, tmp_path):
