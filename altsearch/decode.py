@@ -36,7 +36,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from multiprocessing import get_context
+from multiprocessing.context import SpawnContext, SpawnProcess
 
 import numpy as np
 from PIL import ExifTags, Image
@@ -72,7 +72,21 @@ _HASH_BYTES = 16
 _CHUNK = 1 << 20
 _WORKERS_PER_IN_FLIGHT = 4
 _CPU_MODEL_CORES_FOR_A_WORKER = 2  # with a model on the CPU, a decode worker only on more cores than this
-_START_METHOD = "spawn"  # fork is unsafe once torch (threads, CUDA) is loaded in the parent
+WORKER_NAME = "altsearch-decode"  # the name of each worker process, set before it runs anything
+
+
+class _WorkerProcess(SpawnProcess):
+    """A decode worker, started with spawn (fork is unsafe once torch, with its threads and CUDA, is
+    loaded in the parent) and named so that code running while it starts (the parent's main script,
+    which spawn runs again) can tell that it runs in one (see Engine.open)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.name = f"{WORKER_NAME}-{self.name.rpartition('-')[2]}"
+
+
+class _WorkerContext(SpawnContext):
+    Process = _WorkerProcess
 # Test hook: a worker process exits abruptly when this variable is set and the file name contains
 # its value (see tests/test_decode.py). Read only in worker processes, never in-process.
 CRASH_HOOK_ENV = "ALTSEARCH_TEST_DECODER_CRASH_ON"
@@ -446,7 +460,7 @@ class DecodePool:
 
     def _running_executor(self) -> ProcessPoolExecutor:
         if self._executor is None:
-            executor = ProcessPoolExecutor(self.workers, mp_context=get_context(_START_METHOD),
+            executor = ProcessPoolExecutor(self.workers, mp_context=_WorkerContext(),
                                            initializer=_worker_init, initargs=(os.getpid(),))
             if not self._started:  # the first pool: a worker that cannot start is not a file's fault
                 try:

@@ -87,9 +87,17 @@ def to_timestamp(value, *, end: bool = False) -> float | None:
 def _refuse_in_starting_worker() -> None:
     """A decode worker process starts by running the parent's main script again (Python's spawn start
     method); a script whose work is not under ``if __name__ == "__main__":`` would open the index in
-    each worker and wait on, or take, the parent's write lock. Say so there, in one line."""
+    each worker and wait on, or take, the parent's write lock. Say so there, in one line. (Processes
+    a program starts for its own work are left alone.)"""
     mp = sys.modules.get("multiprocessing")  # a spawned process has imported it; no other need to
-    if mp is not None and getattr(mp.current_process(), "_inheriting", False):
+    if mp is None:
+        return
+    me = mp.current_process()
+    if not getattr(me, "_inheriting", False):
+        return
+    from .decode import WORKER_NAME
+
+    if me.name.startswith(WORKER_NAME + "-"):
         raise AltsearchError("altsearch.Engine.open was called while a worker process was starting: Python "
                              "starts one by running the main script again, so keep the script's work under "
                              "`if __name__ == \"__main__\":`")

@@ -391,6 +391,18 @@ def test_a_script_without_the_main_guard_is_told_why_its_workers_cannot_start(tm
     assert proc.returncode == 0, proc.stderr
     with Engine.open(tmp_path / "idx", create=False, device="cpu") as e:
         assert e.stats()["images"] == 12
+    # processes a program starts for its own work may open an engine as they start: not refused
+    own = tmp_path / "own_pool.py"
+    own.write_text(
+        "import multiprocessing, altsearch\n"
+        f"engine = altsearch.Engine.open({str(tmp_path / 'idx')!r}, device='cpu', create=False)\n"
+        "def double(x):\n"
+        "    return 2 * x\n"
+        "if __name__ == '__main__':\n"
+        "    with multiprocessing.get_context('spawn').Pool(1) as pool:\n"
+        "        print(pool.map(double, [1, 2]))\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(own)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[2, 4]", proc.stderr
 
 
 def test_a_searching_engine_drops_what_another_removes_without_listing_every_id(engine, photos, tiny_checkpoint):
