@@ -27,11 +27,11 @@ import numpy as np
 from . import faults
 from . import ids as idset
 from .catalog import Catalog, as_stored
-from .errors import IndexStoreError, IndexTooLargeError, ModelMismatchError
+from .errors import AltsearchError, IndexStoreError, IndexTooLargeError, ModelMismatchError
 from .home import LOCK_FILE
 from .sysmem import available_memory
-from .vectors import (APPROXIMATE, KINDS, Allowed, BuildProgress, VectorIndex, kind_for, read_header, read_vectors,
-                      remove_saved, saved_kind)
+from .vectors import (APPROXIMATE, KINDS, Allowed, BuildProgress, VectorIndex, header_path, kind_for, read_header,
+                      read_vectors, remove_saved, saved_kind)
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class IndexStore:
         self._saved_generation: int | None = None
         # the vector file as this store last read or wrote it (see _file_stamp): another writer's file
         # (its optimize, repair or indexing run) is told apart from ours by it
-        self._file_seen: tuple[int, int, int] | None = None
+        self._file_seen: tuple | None = None
 
     def close(self) -> None:
         self.catalog.close()
@@ -192,11 +192,7 @@ class IndexStore:
         the index as it now is, not on the one it read. Where the exact index that stands in for an
         unusable approximate file would not fit in memory, the approximate index is rebuilt from the
         catalogue first, as `check --repair` does (its steps reported to `progress`)."""
-        if self._vectors is not None and self._file_stamp() != self._file_seen:
-            log.info("%s was written by another process: reading it again", self.folder / VECTORS_FILE)
-            with self._open_lock, self._rw.writing():
-                self._vectors = None
-                self._seen_version = None
+        self._forget_if_replaced()
         try:
             index = self.vectors
         except IndexTooLargeError as err:
@@ -214,7 +210,7 @@ class IndexStore:
             header = read_header(path) if stamp is not None else None
         except IndexStoreError:
             return  # unreadable: this index goes on, caught up by reconciling
-        if header is not None and header.size_bytes != stamp[1]:
+        if header is not None and (stamp[0] is None or header.size_bytes != stamp[0][1]):
             return  # a save caught between renaming the file and its header: look again next time
         saved = header.kind if header is not None else "flat"  # no file: exact, built from the catalogue
         if saved == self._vectors.kind:
@@ -232,14 +228,28 @@ class IndexStore:
             self._saved_generation = index.header.generation if index.header else None
             self._file_seen = stamp
 
-    def _file_stamp(self) -> tuple[int, int, int] | None:
-        """(inode, size, mtime in ns) of the vector file, None without one: every save replaces the
-        file by a rename, so a save by anyone gives a new stamp."""
-        try:
-            st = (self.folder / VECTORS_FILE).stat()
-        except FileNotFoundError:
-            return None
-        return st.st_ino, st.st_size, st.st_mtime_ns
+    def _forget_if_replaced(self) -> None:
+        """Drop the index in memory if another process saved or deleted the vector file since this
+        store read it (a writer's call: the next use reads the file as it now is)."""
+        if self._vectors is not None and self._file_stamp() != self._file_seen:
+            log.info("%s was written by another process: reading it again", self.folder / VECTORS_FILE)
+            with self._open_lock, self._rw.writing():
+                self._vectors = None
+                self._seen_version = None
+
+    def _file_stamp(self) -> tuple | None:
+        """(inode, size, mtime in ns) of the vector file and of its header, None without either:
+        every save replaces each by a rename, so a save by anyone, or one that was half done when
+        this store looked, gives a new stamp."""
+        stamp = []
+        for path in (self.folder / VECTORS_FILE, header_path(self.folder / VECTORS_FILE)):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                stamp.append(None)
+                continue
+            stamp.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(stamp) if any(stamp) else None
 
     def refresh(self) -> None:
         """Catch up with what another process committed since this index was read. A vector file of
@@ -361,11 +371,25 @@ class IndexStore:
         catalogue and save the index (a writer's call, under the index's write lock). A kind other
         than auto sticks: later writers and repairs build it again, whatever the size, until an
         optimize with auto lets the size pick again."""
+        before = (self._vectors, self._saved_generation, self._file_seen)
         index = self.rebuild(kind, progress)  # refuses a kind it cannot build before anything is recorded
         if self.catalog.get_meta(KIND_META) != kind:
-            self.commit(lambda tx: tx.set_meta(KIND_META, kind))
+            try:
+                self.commit(lambda tx: tx.set_meta(KIND_META, kind))
+            except BaseException:
+                if not self._recorded(kind):  # (a full disk): the index stays the one the record names
+                    with self._rw.writing():
+                        self._vectors, self._saved_generation, self._file_seen = before
+                raise
         self.save_vectors()  # after the record: the file states the catalogue's generation
         return index
+
+    def _recorded(self, kind: str) -> bool:
+        """Whether the catalogue records `kind` as the chosen one (False when it cannot be read)."""
+        try:
+            return self.catalog.get_meta(KIND_META) == kind
+        except AltsearchError:
+            return False
 
     def maybe_rebuild(self, progress: BuildProgress | None = None) -> bool:
         """Rebuild the vector index if it is not of the kind it should be (at the end of an indexing run).
@@ -446,7 +470,9 @@ class IndexStore:
     def repair(self, progress: BuildProgress | None = None) -> VectorIndex:
         """Rebuild the vector index from the catalogue's stored vectors and write its file: as the kind
         chosen with optimize; without one, an approximate index in use keeps its kind, and otherwise
-        the size picks it ("auto")."""
+        the size picks it ("auto"). An index in memory that another process's save or deletion of the
+        file has outdated is not "in use": the size picks then too, as in a fresh process."""
+        self._forget_if_replaced()
         current = self._vectors.kind if self._vectors is not None else None
         index = self.rebuild(self.chosen_kind or (current if current in APPROXIMATE else "auto"), progress)
         self.save_vectors()

@@ -79,3 +79,18 @@ def real_tokenizer_json() -> str:
     if not REAL_TOKENIZER.is_file():
         pytest.skip("../shared/data/xlm-roberta/tokenizer.json not present")
     return REAL_TOKENIZER.read_text(encoding="utf-8")
+
+
+@pytest.fixture
+def armed(monkeypatch):
+    """Arm ALTSEARCH_FAULTS for in-process runs (the variable is read once, so re-read it): armed(spec),
+    and armed("") to disarm before the test goes on; disarmed at the end in any case."""
+    from altsearch import faults
+
+    def arm(spec: str) -> None:
+        monkeypatch.setenv(faults.ENV, spec)
+        faults.reset()
+
+    yield arm
+    monkeypatch.delenv(faults.ENV, raising=False)
+    faults.reset()

@@ -22,6 +22,7 @@ from altsearch.errors import (AltsearchError, IndexLockedError, IndexStoreError,
                               ModelMismatchError, ModelNotFoundError, QueryError)
 from altsearch.home import WriteLock
 from altsearch.store import IndexStore
+from altsearch.vectors import saved_kind
 from tests.checkpoints import write_checkpoint
 from tests.photos import make_folder, photo, save_photo
 
@@ -471,7 +472,12 @@ def test_a_searching_engine_takes_up_the_kind_another_process_saved(engine, tiny
     assert len(want) == 40 and engine.store.vectors.kind == "flat"
     opened = []
     real_open = VectorIndex.open.__func__
-    monkeypatch.setattr(VectorIndex, "open", classmethod(lambda cls, *a, **k: opened.append(1) or real_open(cls, *a, **k)))
+    def counted_open(cls, path, catalog, **kw):  # the files this engine reads
+        if catalog is engine.store.catalog:
+            opened.append(1)
+        return real_open(cls, path, catalog, **kw)
+
+    monkeypatch.setattr(VectorIndex, "open", classmethod(counted_open))
     with Engine.open(engine.path, model=str(tiny_checkpoint), device="cpu", create=False) as other:
         other.optimize("ivf")
         header = engine.path / "vectors.faiss.json"
@@ -512,6 +518,77 @@ def test_a_rebuild_in_a_fresh_engine_replaces_the_file_it_supersedes(tmp_path, t
         assert not (tmp_path / "idx" / "vectors.faiss").exists() and e.store.vectors.kind == "flat"
     with Engine.open(tmp_path / "idx", device="cpu") as e:
         assert e.stats()["vector_index"] == "flat" and e.check() == []
+
+
+def _store_with_ivf(folder: Path, n: int = 100, dim: int = 16):
+    """An IndexStore of n random vectors whose kind was chosen ivf (its file saved), its ids and vectors."""
+    store = IndexStore(folder, device="cpu")
+    store.bind_model("m", "fp", dim)
+    vecs = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+    records = [{"path": f"/p/{i}.jpg", "size": 1, "mtime": 1.0, "content_hash": str(i)} for i in range(n)]
+    ids: list[int] = []
+    store.commit(lambda tx: ids.extend(tx.add(records, vecs)), added=(ids, vecs))
+    store.optimize("ivf")
+    return store, ids, vecs
+
+
+def _remove_as_engine_does(store: IndexStore, ids: list[int]) -> None:
+    store.writable_vectors()
+    store.commit(lambda tx: tx.remove(ids), removed_ids=ids)
+    store.save_vectors()
+
+
+def test_a_store_opened_during_another_save_takes_up_the_file_once_it_is_whole(tmp_path, monkeypatch):
+    """Opened between the two renames of another process's save (file and header disagree), a store
+    stands in with an exact index; once the save is whole it reads the file, and its own write keeps it."""
+    folder = tmp_path / "idx"
+    writer, ids, vecs = _store_with_ivf(folder)
+    reader = IndexStore(folder, create=False, device="cpu")
+    kinds = []
+    real_point = faults.point
+
+    def point(name: str) -> None:
+        if name == "save-replace":
+            kinds.append(reader.vectors.kind)
+        real_point(name)
+
+    monkeypatch.setattr(faults, "point", point)
+    _remove_as_engine_does(writer, [ids[0]])
+    monkeypatch.setattr(faults, "point", real_point)
+    assert kinds == ["flat"]
+    writer.commit(lambda tx: tx.set_meta("note", "x"))  # any later commit makes the reader look again
+    assert len(reader.search(vecs[:1], 200)[1][0]) == 99 and reader.vectors.kind == "ivf"
+    _remove_as_engine_does(reader, [ids[1]])
+    assert saved_kind(folder / "vectors.faiss") == "ivf" and IndexStore(folder, create=False, device="cpu").check() == []
+
+
+def test_an_optimize_that_could_not_record_its_choice_leaves_the_index_as_it_was(tmp_path, armed):
+    folder = tmp_path / "idx"
+    store, ids, _ = _store_with_ivf(folder)
+    armed("commit=raise")  # a full disk: the transaction rolls back
+    with pytest.raises(IndexStoreError, match="No space left"):
+        store.optimize("flat")
+    armed("")
+    assert store.chosen_kind == "ivf" and store.vectors.kind == "ivf"
+    _remove_as_engine_does(store, [ids[0]])  # the same store writes on: the chosen ivf stays
+    assert saved_kind(folder / "vectors.faiss") == "ivf" and IndexStore(folder, create=False, device="cpu").check() == []
+
+
+def test_a_repair_in_a_long_lived_store_builds_the_kind_the_index_has_now(tmp_path):
+    """A store searched the ivf index; another process went back to auto (exact, no file), and a crash
+    there left the header: the first store's repair builds what the size picks, not the ivf it read."""
+    folder = tmp_path / "idx"
+    other, _, vecs = _store_with_ivf(folder)
+    header = (folder / "vectors.faiss.json").read_text()
+    store = IndexStore(folder, create=False, device="cpu")
+    store.search(vecs[:1], 5)
+    assert store.vectors.kind == "ivf"
+    other.optimize("auto")
+    (folder / "vectors.faiss.json").write_text(header)
+    assert store.check() == ["vectors.faiss is missing (its header vectors.faiss.json is there)"]
+    store.repair()
+    assert saved_kind(folder / "vectors.faiss") is None and store.vectors.kind == "flat"
+    assert IndexStore(folder, create=False, device="cpu").check() == []
 
 
 def test_current_vector_file_opens_without_reconciling(tmp_path, tiny_checkpoint, monkeypatch):
@@ -790,7 +867,7 @@ def test_flat_chosen_but_too_large_for_memory_is_refused(tmp_path, monkeypatch):
     store.close()
 
 
-def test_optimize_stopped_after_recording_its_kind(tmp_path, tiny_checkpoint, monkeypatch):
+def test_optimize_stopped_after_recording_its_kind(tmp_path, tiny_checkpoint, armed):
     """optimize("flat") over an ivf, stopped (by a full disk, here) after it recorded the choice and
     before it deleted the ivf's file: readers still use the file, check reports its other kind, and a
     repair builds the chosen one."""
@@ -800,14 +877,10 @@ def test_optimize_stopped_after_recording_its_kind(tmp_path, tiny_checkpoint, mo
     with Engine.open(index, model=str(tiny_checkpoint), device="cpu") as e:
         _index(e, photos)
         e.optimize("ivf")
-        monkeypatch.setenv(faults.ENV, "committed=raise")
-        faults.reset()
-        try:
-            with pytest.raises(IndexStoreError, match="No space left"):
-                e.optimize("flat")
-        finally:
-            monkeypatch.delenv(faults.ENV)
-            faults.reset()
+        armed("committed=raise")
+        with pytest.raises(IndexStoreError, match="No space left"):
+            e.optimize("flat")
+        armed("")
     with Engine.open(index, device="cpu") as e:
         assert e.stats()["vector_index"] == "ivf"
         assert e.check() == ["vectors.faiss holds an ivf index, but flat was chosen with optimize"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from altsearch import Engine, faults
+from altsearch import Engine
 from altsearch.decode import DecodePool
 from altsearch.errors import IndexStoreError
 from altsearch.ingest import CPU_BATCH_SIZE, HASH_META, Ingestor, default_batch_size
@@ -76,19 +76,15 @@ def test_overlapped_run_indexes_exactly_what_the_serial_one_does(tmp_path, tiny_
 
 
 def test_an_error_in_the_writer_thread_stops_the_run_and_keeps_what_was_committed(tmp_path, tiny_checkpoint,
-                                                                                   photos, monkeypatch):
-    monkeypatch.setenv(faults.ENV, "commit:3=raise")  # 1: the run's bookkeeping, 2: the first chunk
-    faults.reset()
-    try:
-        with Engine.open(tmp_path / "index", model=str(tiny_checkpoint), device="cpu") as engine:
-            ingestor = Ingestor(engine.store, engine.model, workers=0, batch_size=2, chunk_size=3, overlap=True)
-            with pytest.raises(IndexStoreError, match="No space left on device"):
-                ingestor.run(str(photos))
-            kept = engine.store.catalog.count()
-            assert 3 <= kept < 14 and engine.check() == []
-    finally:
-        monkeypatch.delenv(faults.ENV)
-        faults.reset()
+                                                                                   photos, armed):
+    armed("commit:3=raise")  # 1: the run's bookkeeping, 2: the first chunk
+    with Engine.open(tmp_path / "index", model=str(tiny_checkpoint), device="cpu") as engine:
+        ingestor = Ingestor(engine.store, engine.model, workers=0, batch_size=2, chunk_size=3, overlap=True)
+        with pytest.raises(IndexStoreError, match="No space left on device"):
+            ingestor.run(str(photos))
+        kept = engine.store.catalog.count()
+        assert 3 <= kept < 14 and engine.check() == []
+    armed("")
     report, _ = _run(tmp_path, "index", tiny_checkpoint, photos, overlap=True)
     assert (report.added, report.unchanged) == (14 - kept, kept)
 

@@ -61,19 +61,6 @@ def _kind(index: Path) -> str:
         return engine.stats()["vector_index"]
 
 
-@pytest.fixture
-def armed(monkeypatch):
-    """Arm ALTSEARCH_FAULTS for in-process runs (the variable is read once, so re-read it)."""
-
-    def arm(spec: str) -> None:
-        monkeypatch.setenv(faults.ENV, spec)
-        faults.reset()
-
-    yield arm
-    monkeypatch.delenv(faults.ENV, raising=False)
-    faults.reset()
-
-
 def _image_files(folder: Path) -> dict[str, Path]:
     return {os.path.abspath(p): p for p in folder.rglob("*") if p.suffix in (".jpg", ".png")}
 
