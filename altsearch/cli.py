@@ -108,7 +108,13 @@ class DecodeChoice(str, Enum):
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 KOpt = Annotated[int, typer.Option("-k", "--top", min=1, help="Number of results.")]
-UnderOpt = Annotated[Optional[Path], typer.Option("--under", help="Only images under this folder.")]
+def _folder(value: str | None) -> Path | None:
+    """--under, refused when empty (as a path, "" would mean the current folder)."""
+    return None if value is None else Path(_given(value))
+
+
+UnderOpt = Annotated[Optional[str], typer.Option("--under", help="Only images under this folder.", callback=_folder,
+                                                 metavar="<path>")]
 FromOpt = Annotated[Optional[str], typer.Option(
     "--from", help="Taken on or after this date (YYYY, YYYY-MM, YYYY-MM-DD); file time when no EXIF date.")]
 ToOpt = Annotated[Optional[str], typer.Option("--to", help="Taken on or before this date.")]

@@ -115,6 +115,11 @@ class IndexStore:
         db = self.folder / CATALOG_FILE
         if not db.is_file():
             if not create:
+                if self.folder.is_dir() and any(self.folder.iterdir()):  # photos named as the index?
+                    raise IndexStoreError(
+                        f"no index at {self.folder}: the folder holds no altsearch catalogue. --index names "
+                        f"where an index is stored (a name, or its own folder), not the photos; to index "
+                        f"this folder: altsearch index {self.folder}")
                 raise IndexStoreError(f"no index at {self.folder} (create one with: altsearch index FOLDER "
                                       f"--index {self.folder})")
             self.folder.mkdir(parents=True, exist_ok=True)

@@ -213,6 +213,7 @@ def test_model_mismatch_is_one_line_error(indexed, run, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["search", "x", "--index", "nowhere"], "no index at"),
+    (["search", "x", "--index", "{photos}"], "holds no altsearch catalogue. --index names where an index is stored"),
     (["search", "beach + +", "--index", "nowhere"], "missing term"),  # the query is checked first
     (["search", "   ", "--index", "{index}"], "empty"),
     (["similar", "/no/such/file.jpg", "--index", "{index}"], "file"),
@@ -220,8 +221,8 @@ def test_model_mismatch_is_one_line_error(indexed, run, tmp_path):
     (["model", "info", "/no/such/model"], "not found"),
 ])
 def test_bad_input_is_one_line_error(indexed, run, args, message):
-    index, _ = indexed
-    r = run(*[a.replace("{index}", str(index)) for a in args], code=1)
+    index, photos = indexed
+    r = run(*[a.replace("{index}", str(index)).replace("{photos}", str(photos)) for a in args], code=1)
     assert r.stderr.startswith("error:") and r.stderr.count("\n") == 1
     assert message in r.stderr.lower()
 
@@ -366,7 +367,8 @@ def test_one_is_singular(indexed, run, monkeypatch):
     assert "(1 duplicate reused a stored vector)" in printed.getvalue()
 
 
-@pytest.mark.parametrize("command", [["index", ""], ["remove", ""], ["remove", "{photos}", ""]])
+@pytest.mark.parametrize("command", [["index", ""], ["remove", ""], ["remove", "{photos}", ""],
+                                     ["search", "a cat", "--under", ""]])
 def test_an_empty_path_is_refused(indexed, run, command, tmp_path, monkeypatch):
     """As the shell passes an unset variable: not the current folder."""
     index, photos = indexed
