@@ -352,12 +352,9 @@ class Engine:
         sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}
         vectors, problem = None, None
         try:
-            vectors = self.store.vectors if self.store.dimension is not None else None
+            vectors = self.store.current_vectors() if self.store.dimension is not None else None
         except IndexTooLargeError as err:  # stats are how one finds out: they do not fail on it
             problem = str(err)
-        if vectors is not None:
-            self.store.refresh()  # which may read the vector file again: take the index after it
-            vectors = self.store.vectors
         approximate = vectors is not None and vectors.kind in APPROXIMATE
         return {
             "index": str(path),

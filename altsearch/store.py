@@ -199,12 +199,17 @@ class IndexStore:
         catalogue first, as `check --repair` does (its steps reported to `progress`)."""
         self._forget_if_replaced()
         try:
-            index = self.vectors
+            return self.current_vectors()
         except IndexTooLargeError as err:
             log.warning("%s: rebuilding it now", err)
             return self.repair(progress)
+
+    def current_vectors(self) -> VectorIndex:
+        """The vector index, opened on first use and caught up with other processes (`refresh`, which
+        may read the vector file again in place of the index it had: the index is taken after it)."""
+        self.vectors
         self.refresh()
-        return index
+        return self.vectors
 
     def _take_up_another_kind(self) -> None:
         stamp = self._file_stamp()
@@ -280,9 +285,7 @@ class IndexStore:
         re-ranked against them)."""
         if self.dimension is None:  # nothing indexed yet
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-        self.vectors  # opened on first use
-        self.refresh()  # which may read the vector file again: take the index after it
-        index = self.vectors
+        index = self.current_vectors()
         with self._rw.reading():
             return index.search(queries, max(1, min(k, len(index))), allowed=allowed, refine=self.true_vectors)
 
@@ -299,8 +302,8 @@ class IndexStore:
         """
         vectors = None
         if len(removed_ids) or added is not None or self._vectors is not None:
-            vectors = self.vectors  # opened and caught up before the catalogue moves on: the generation
-            self.refresh()  # stamped below must not skip another process's commits
+            vectors = self.current_vectors()  # before the catalogue moves on: the generation stamped
+            # below must not skip another process's commits
         with _writing(self.folder, "committing to the catalogue"):
             with self.catalog.transaction() as tx:
                 fn(tx)

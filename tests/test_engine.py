@@ -562,6 +562,19 @@ def test_a_store_opened_during_another_save_takes_up_the_file_once_it_is_whole(t
     assert saved_kind(folder / "vectors.faiss") == "ivf" and IndexStore(folder, create=False, device="cpu").check() == []
 
 
+def test_a_commit_changes_the_index_it_catches_up_to(tmp_path):
+    """A store's commit catches up first, which may read another kind's file in place of its index:
+    the commit's own changes then go into that index, not the one it replaced."""
+    folder = tmp_path / "idx"
+    other, ids, vecs = _store_with_ivf(folder)
+    other.optimize("flat")
+    store = IndexStore(folder, create=False, device="cpu")
+    assert store.vectors.kind == "flat"
+    other.optimize("ivf")
+    store.commit(lambda tx: tx.remove([ids[0]]), removed_ids=[ids[0]])
+    assert store.vectors.kind == "ivf" and store.vectors.ids().tolist() == store.catalog.vector_ids().tolist()
+
+
 def test_an_optimize_that_could_not_record_its_choice_leaves_the_index_as_it_was(tmp_path, armed):
     folder = tmp_path / "idx"
     store, ids, _ = _store_with_ivf(folder)
