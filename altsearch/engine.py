@@ -171,8 +171,7 @@ class Engine:
                 raise
         if not self._bound:  # the recorded model never changes once set: check it once per engine
             m = self._model
-            self.store.bind_model(m.source, m.fingerprint, m.dimension, record=False)
-            self._bound = self.store.catalog.get_meta("model_fingerprint") is not None
+            self._bound = self.store.bind_model(m.source, m.fingerprint, m.dimension, record=False)
         return self._model
 
     # -- building ---------------------------------------------------------------------------------

@@ -147,9 +147,10 @@ class IndexStore:
     def dimension(self) -> int | None:
         return self.catalog.dimension
 
-    def bind_model(self, model_id: str, fingerprint: str, dimension: int, *, record: bool = True) -> None:
+    def bind_model(self, model_id: str, fingerprint: str, dimension: int, *, record: bool = True) -> bool:
         """Record the model of a new index (a writer's call; with ``record=False``, as a reader's check,
-        a new index stays unbound), or refuse one that differs from the recorded model."""
+        a new index stays unbound), or refuse one that differs from the recorded model. Returns whether
+        the index is bound to this model now."""
         recorded = self.catalog.get_meta("model_fingerprint")
         if recorded is None:
             if record:
@@ -157,11 +158,12 @@ class IndexStore:
                     tx.set_meta("model_id", model_id)
                     tx.set_meta("model_fingerprint", fingerprint)
                     tx.set_meta("dimension", str(dimension))
-            return
+            return record
         if recorded != fingerprint:
             raise ModelMismatchError(
                 f"index {self.folder} was built with model {self.catalog.get_meta('model_id')} "
                 f"(fingerprint {recorded}), not {model_id} ({fingerprint}); use that model, or another index")
+        return True
 
     @property
     def generation(self) -> int:
