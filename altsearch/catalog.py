@@ -270,6 +270,12 @@ def _folder_range(under: str) -> tuple[bytes, bytes, bytes]:
     return folder, folder + sep, folder + bytes([sep[0] + 1])
 
 
+def _under(column: sa.Column, folder: str) -> sa.ColumnElement[bool]:
+    """`column` (an encoded path) is `folder` or lies under it (see _folder_range)."""
+    exact, low, high = _folder_range(folder)
+    return sa.or_(column == exact, sa.and_(column >= low, column < high))
+
+
 # --- migrations --------------------------------------------------------------------------
 
 
@@ -453,9 +459,7 @@ class Tx:
         """Forget the failures recorded for `folder` and every path under it (component-wise, as
         `Catalog.filter_ids(under=)` matches); returns how many."""
         self._check_open()
-        exact, low, high = _folder_range(folder)
-        in_folder = sa.and_(failures.c.path >= low, failures.c.path < high)
-        cleared = self._conn.execute(sa.delete(failures).where(sa.or_(failures.c.path == exact, in_folder))).rowcount
+        cleared = self._conn.execute(sa.delete(failures).where(_under(failures.c.path, folder))).rowcount
         self.changed = self.changed or cleared > 0
         return cleared
 
@@ -915,9 +919,7 @@ class Catalog:
         """
         stmt = sa.select(images.c.id)  # unordered: lets SQLite answer from a covering index
         if under is not None:
-            exact, low, high = _folder_range(under)
-            in_folder = sa.and_(images.c.path >= low, images.c.path < high)
-            stmt = stmt.where(sa.or_(images.c.path == exact, in_folder))
+            stmt = stmt.where(_under(images.c.path, under))
         if taken_from is not None:
             stmt = stmt.where(_when >= taken_from)
         if taken_to is not None:
