@@ -15,6 +15,12 @@ Every command exits 0 on success and non-zero with a one-line `error: ...` on st
 (`index` exits 130 when interrupted, after committing the finished work). `--json` prints
 machine-readable output on stdout. The index is chosen with `--index NAME_OR_FOLDER` or the
 `ALTSEARCH_INDEX` variable; `ALTSEARCH_HOME` moves the home of named indexes.
+
+`search` and `similar` print a table of `rank`, `id` (`#12`: the form a query names an indexed
+image by, as in `altsearch similar "#12"`), `score`, `date`, `size` and `path`. A path that names
+nothing is warned of on stderr (`warning: ...`, exit 0): one given to `remove` that is neither on
+disk nor in the index, and an `--under` folder that does not exist when nothing was found. An empty
+path (`""`, as an unset shell variable gives) is an error.
 """
 
 COMMANDS = [[], ["index"], ["search"], ["similar"], ["info"], ["errors"], ["remove"], ["optimize"],
