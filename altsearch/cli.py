@@ -288,6 +288,9 @@ def _print_report(r) -> None:
     out.print(f"  added {r.added}, updated {r.updated}, moved {r.moved}, removed {r.removed}, "
               f"unchanged {r.unchanged}, failed {r.failed}"
               + (f" ({_plural(r.duplicates, 'duplicate')} reused a stored vector)" if r.duplicates else ""))
+    if r.dropped:
+        were = "1 of them was" if r.dropped == 1 else f"{r.dropped} of them were"
+        out.print(f"  {were} indexed before, changed since and can no longer be read: dropped from the index")
     if r.failed:
         out.print("  see the failures with: altsearch errors")
 

@@ -16,6 +16,11 @@ Every command exits 0 on success and non-zero with a one-line `error: ...` on st
 machine-readable output on stdout. The index is chosen with `--index NAME_OR_FOLDER` or the
 `ALTSEARCH_INDEX` variable; `ALTSEARCH_HOME` moves the home of named indexes.
 
+`index` ends with what the run did: files added, updated, moved, removed (gone from the folder),
+unchanged and failed. A failed file that was indexed before (changed since into something that
+cannot be read) is named as dropped from the index (`dropped` in `--json`); `altsearch errors` lists
+every failure with its reason.
+
 `search` and `similar` print a table of `rank`, `id` (`#12`: the form a query names an indexed
 image by, as in `altsearch similar "#12"`), `score`, `date`, `size` and `path`. A path that names
 nothing is warned of on stderr (`warning: ...`, exit 0): one given to `remove` that is neither on

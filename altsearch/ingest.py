@@ -64,6 +64,7 @@ class IndexReport:
     removed: int = 0
     unchanged: int = 0
     failed: int = 0
+    dropped: int = 0  # of the failed: files indexed before that changed and can no longer be read (entry removed)
     duplicates: int = 0  # added or updated files whose content was already embedded (no model run)
     embedded: int = 0  # images that went through the model
     decoder: str = "cpu"  # where JPEGs were decoded: "cpu", or "gpu" (JPEGs; other formats on the CPU)
@@ -188,6 +189,7 @@ class _Written:
     added: int
     updated: int
     failures: list[tuple[str, str]]
+    dropped: int = 0
 
 
 class Ingestor:
@@ -471,7 +473,7 @@ class Ingestor:
     def _write(self, rows: list[tuple[_Work, Decoded, np.ndarray]], failures: list[tuple[str, str, int | None]],
                save: bool) -> _Written:
         """One transaction: the rows with their vectors, the failures; then the vector file if ``save``."""
-        written = _Written(0, 0, [(p, r) for p, r, _ in failures])
+        written = _Written(0, 0, [(p, r) for p, r, _ in failures], sum(r is not None for _, _, r in failures))
         if rows or failures:
             replaced = [w.replaces for w, _, _ in rows if w.replaces is not None]
             replaced += [r for _, _, r in failures if r is not None]
@@ -541,6 +543,7 @@ def _count(report: IndexReport, written: _Written) -> None:
     report.added += written.added
     report.updated += written.updated
     report.failed += len(written.failures)
+    report.dropped += written.dropped
     report.failures.extend(written.failures)
 
 

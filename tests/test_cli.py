@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import json
 import re
 import shlex
@@ -136,6 +137,14 @@ def test_errors_lists_failures(indexed, run):
     failures = json.loads(run("errors", "--index", index, "--json").stdout)
     assert [Path(f["path"]).name for f in failures] == ["broken.jpg"] and failures[0]["reason"]
     assert "broken.jpg" in run("errors", "--index", index).stdout
+    # an indexed photo rewritten into something unreadable: the summary says it left the index
+    indexed_photo = next(p for p in sorted(photos.rglob("*.jpg")) if p.name != "broken.jpg")
+    indexed_photo.write_bytes(indexed_photo.read_bytes()[:100])
+    os.utime(indexed_photo, (1_700_000_000, 1_700_000_000))
+    text = run("index", photos, "--index", index, "--workers", "0").stdout
+    assert "failed 2" in text and "1 of them was indexed before" in text and "dropped from the index" in text
+    assert json.loads(run("info", "--index", index, "--json").stdout)["images"] == 7
+    assert "indexed before" not in run("index", photos, "--index", index, "--workers", "0").stdout
 
 
 def test_remove_optimize_check(indexed, run):

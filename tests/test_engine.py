@@ -103,14 +103,19 @@ def test_reindex_counts_every_kind_of_change(engine, photos, tmp_path):
     shutil.move(files[3], photos / "moved" / "renamed.jpg")
     # byte-identical duplicate of an indexed file
     shutil.copy2(files[4], photos / "new" / "dup.jpg")
+    # indexed, then rewritten into something unreadable: its entry goes, and the report says so
+    files[5].write_bytes(files[5].read_bytes()[:200])
+    os.utime(files[5], (1_700_000_100, 1_700_000_100))
+    (photos / "new" / "junk.jpg").write_bytes(b"never an image")  # a new failure: nothing dropped
 
     report = _index(engine, photos)
     assert (report.added, report.updated, report.moved, report.removed) == (3, 1, 1, 1)
-    assert report.unchanged == 12 - 1 - 1 - 1  # all but changed, deleted, moved
+    assert report.unchanged == 12 - 1 - 1 - 1 - 1  # all but changed, deleted, moved, now unreadable
     assert report.duplicates == 1 and report.embedded == 3  # dup reused the stored vector
-    assert report.failed == 0
+    assert (report.failed, report.dropped) == (2, 1)
+    assert engine.store.catalog.get_by_path(str(files[5])) is None
     stats = engine.stats()
-    assert stats["images"] == stats["vectors"] == 12 + 3 - 1
+    assert stats["images"] == stats["vectors"] == 12 + 3 - 1 - 1
     assert engine.check() == []
     # the moved file kept its catalogue entry (and vector) under the new path
     assert engine.store.catalog.get_by_path(str(photos / "moved" / "renamed.jpg")).id == moved_id
@@ -120,7 +125,7 @@ def test_reindex_counts_every_kind_of_change(engine, photos, tmp_path):
 
     again = _index(engine, photos)
     assert (again.added, again.updated, again.moved, again.removed, again.embedded) == (0, 0, 0, 0, 0)
-    assert again.unchanged == 14
+    assert again.unchanged == 13 and (again.failed, again.dropped) == (2, 0)
 
 
 def test_filters(engine, photos):
