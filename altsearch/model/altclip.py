@@ -8,7 +8,6 @@ import threading
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,8 +18,9 @@ from . import layers as L
 from . import quantize as Q
 from . import weights as W
 from .config import AltCLIPConfig
+from .files import ModelFiles, locate
 from .heap import reuse_heap
-from .resolve import DEFAULT_MODEL, resolve
+from .resolve import DEFAULT_MODEL
 from .runtime import pick_device, pick_dtype, suggest_batch_size, vision_activation_bytes
 from .text import TextTransformer
 from .vision import VisionTransformer
@@ -86,22 +86,22 @@ class Model:
     float32 weights are loaded (:mod:`.quantize`); the projections stay float32.
     """
 
-    def __init__(self, path: Path, *, source: str, device: torch.device, dtype: torch.dtype,
+    def __init__(self, files: ModelFiles, *, device: torch.device, dtype: torch.dtype,
                  max_length: int | None = None, quantize: str | None = None):
-        from .preprocess import PreprocessConfig
         from .tokenizer import DEFAULT_MAX_LENGTH
 
-        self.path = path
-        self.source = source
+        self.files = files
+        self.path = files.path
+        self.source = files.source
         self.device = device
         self.dtype = dtype
         Q.check_mode(quantize, device, dtype)
         self.quantize = quantize
         self.quantized_layers: dict[str, int] = {}
-        self.config = AltCLIPConfig.from_file(path / "config.json")
-        self.preprocess_config = PreprocessConfig.from_dir(path)
+        self.config = files.config
+        self.preprocess_config = files.preprocess_config
         self.max_length = min(max_length or DEFAULT_MAX_LENGTH, self.config.text.max_tokens)
-        self._files = W.weight_files(path)
+        self._files = files.tensors
         with torch.device("meta"):
             self.module = AltCLIP(self.config).eval()
         self.module.requires_grad_(False)
@@ -111,7 +111,6 @@ class Model:
         self._tokenizer = None
         self._normalizer = None
         self._text_graphs = None  # CUDA graphs of the text tower (graphs.TextGraphs), made on first use
-        self._fingerprint: str | None = None
         self.load_seconds: dict[str, float] = {}
         self._load_parts(["scale"])
 
@@ -124,9 +123,7 @@ class Model:
     @property
     def fingerprint(self) -> str:
         """Content hash of this model's weights, recorded by indexes built with it."""
-        if self._fingerprint is None:
-            self._fingerprint = W.fingerprint(self._files)
-        return self._fingerprint
+        return self.files.fingerprint
 
     @property
     def loaded_towers(self) -> tuple[str, ...]:
@@ -301,10 +298,11 @@ class Model:
                 f"loaded={list(self.loaded_towers)})")
 
 
-def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto",
+def load_model(source: str | os.PathLike | ModelFiles = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto",
                towers: Sequence[str] = (), max_length: int | None = None, download: bool = True,
                quantize: str | None = None) -> Model:
-    """Load an AltCLIP checkpoint from a local folder or a Hugging Face hub id.
+    """Load an AltCLIP checkpoint from a local folder or a Hugging Face hub id (or files already
+    located, :func:`.files.locate`).
 
     ``towers`` loads ``"text"`` and/or ``"vision"`` now; by default each loads on first use.
     ``max_length`` caps text tokens (default 77, as BAAI's own inference).
@@ -315,8 +313,6 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, device: str = "auto
     dev = pick_device(device)
     dt = torch.float32 if quantize and dtype == "auto" else pick_dtype(dtype, dev)
     Q.check_mode(quantize, dev, dt)  # before any download
-    path = resolve(source, download=download)
-    # A local folder is recorded by its absolute path, so an index built from it works from any folder.
-    name = str(path.absolute()) if Path(source).expanduser().exists() else str(source)
-    model = Model(path, source=name, device=dev, dtype=dt, max_length=max_length, quantize=quantize)
+    files = source if isinstance(source, ModelFiles) else locate(source, download=download)
+    model = Model(files, device=dev, dtype=dt, max_length=max_length, quantize=quantize)
     return model.load(towers) if towers else model

@@ -6,10 +6,7 @@ is read solely by :func:`convert_checkpoint`, with ``torch.load(weights_only=Tru
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,73 +16,23 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import CheckpointError
+from .files import (  # noqa: F401  (re-exported: the key layouts and file names live there, free of torch)
+    PYTORCH_BIN,
+    SAFETENSORS,
+    SAFETENSORS_INDEX,
+    canonical_key,
+    fingerprint,
+    is_ignored,
+    weight_files,
+)
 
 log = logging.getLogger(__name__)
-
-SAFETENSORS = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PYTORCH_BIN = "pytorch_model.bin"
 
 TOWER_PREFIXES = {
     "text": ("text_model.", "text_projection."),
     "vision": ("vision_model.", "visual_projection."),
     "scale": ("logit_scale",),
 }
-
-# Present in some files, harmless, never loaded: 4.x position/token-type buffers and the RoBERTa
-# pooler that AltCLIP does not use.
-_IGNORED = re.compile(r"(\.position_ids|\.token_type_ids)$|^text_model\.roberta\.pooler\.")
-_LAYER = re.compile(r"\.encoder\.layer\.(\d+)\.")
-
-
-def canonical_key(key: str) -> str:
-    """Map any known on-disk key to our module's key (the one pure renaming function).
-
-    Hub files (transformers 4) say ``text_model.roberta.encoder.layer.N.``; files written by
-    transformers 5 say ``encoder.layer.N.`` in both towers; our modules say ``encoder.layers.N.``.
-    """
-    key = _LAYER.sub(r".encoder.layers.\1.", key)
-    if key.endswith(".gamma"):
-        key = key[: -len("gamma")] + "weight"
-    elif key.endswith(".beta"):
-        key = key[: -len("beta")] + "bias"
-    return key
-
-
-def is_ignored(key: str) -> bool:
-    return bool(_IGNORED.search(key))
-
-
-def weight_files(folder: Path) -> dict[str, Path]:
-    """Map every tensor name (as stored) to the safetensors file holding it."""
-    folder = Path(folder)
-    index = folder / SAFETENSORS_INDEX
-    single = folder / SAFETENSORS
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        files = {k: folder / v for k, v in weight_map.items()}
-        missing = sorted({str(p.name) for p in files.values() if not p.is_file()})
-        if missing:
-            raise CheckpointError(f"{index}: shard files missing: {', '.join(missing)}")
-        return files
-    if single.is_file():
-        return {k: single for k in _keys(single)}
-    if (folder / PYTORCH_BIN).is_file():
-        raise CheckpointError(
-            f"{folder} has only {PYTORCH_BIN} (a pickle, not read at run time); convert it once with: "
-            f"altsearch model convert {folder} <new folder>")
-    raise CheckpointError(f"{folder}: no weights found (looked for {SAFETENSORS} and {SAFETENSORS_INDEX})")
-
-
-def _keys(path: Path) -> list[str]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def read_tensors(files: dict[str, Path], prefixes: Iterable[str], dtype: torch.dtype | None = None,
@@ -139,21 +86,6 @@ def load_into(module: nn.Module, tensors: dict[str, torch.Tensor], prefixes: Ite
     leftovers = [n for n, p in module.named_parameters() if p.is_meta and n.startswith(prefixes)]
     if leftovers:  # a tower that was asked for must be complete
         raise CheckpointError(f"parameters left unloaded: {', '.join(leftovers[:4])}")
-
-
-def fingerprint(files: dict[str, Path]) -> str:
-    """A short content hash identifying the model, stable across file formats and fp32/fp16 copies.
-
-    Hashes the two projection matrices and ``logit_scale`` (a few MB), rounded to fp16.
-    """
-    keys = [k for k in ("text_projection.weight", "visual_projection.weight", "logit_scale") if k in files]
-    if len(keys) < 2:
-        raise CheckpointError("cannot fingerprint the model: projection weights not found")
-    h = hashlib.sha256()
-    for key, t in sorted(read_tensors({k: files[k] for k in keys}, keys).items()):
-        h.update(key.encode())
-        h.update(t.to(torch.float16).reshape(-1).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def convert_checkpoint(src: Path, dst: Path) -> list[str]:

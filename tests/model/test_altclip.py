@@ -171,6 +171,43 @@ def test_fingerprint_tells_models_apart_but_not_layouts(tmp_path):
     assert a.fingerprint == b.fingerprint != c.fingerprint
 
 
+def _fingerprint_with_torch(folder):
+    """The fingerprint as torch computes it (how altsearch did before it read the files without torch):
+    indexes record it, so the torch-free reading must give the same bytes."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        for key in sorted(k for k in f.keys() if k in ("text_projection.weight", "visual_projection.weight",
+                                                       "logit_scale")):
+            h.update(key.encode())
+            h.update(f.get_tensor(key).to(torch.float16).reshape(-1).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_the_fingerprint_read_without_torch_is_the_one_torch_gives(tmp_path, dtype):
+    from safetensors.torch import load_file, save_file
+
+    from altsearch.model.files import locate
+
+    folder = write_checkpoint(tmp_path / "m", seed=4)
+    tensors = load_file(folder / "model.safetensors")
+    edge = torch.tensor([65504.0, 65520.0, 1e6, -1e6, 6e-8, 2.9e-8, 3e-8, 1e-40, -0.0, 1 + 2 ** -11,
+                         1 + 3 * 2 ** -11, float("inf"), -float("inf")], dtype=torch.float64)
+    flat = tensors["text_projection.weight"].reshape(-1).clone()
+    flat[: len(edge)] = edge.to(flat.dtype)  # overflow, subnormals and ties to even, in float16's rounding
+    tensors["text_projection.weight"] = flat.reshape(tensors["text_projection.weight"].shape)
+    save_file({k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()},
+              folder / "model.safetensors")
+    files = locate(folder)
+    assert files.fingerprint == _fingerprint_with_torch(folder)
+    assert load_model(folder, device="cpu").fingerprint == files.fingerprint
+    assert files.dimension == 24 and files.source == str(folder.absolute())
+
+
 # --- bad input: one-line errors naming the problem --------------------------------------------
 
 
