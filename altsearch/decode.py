@@ -63,6 +63,7 @@ _PARENT_POLL_S = 0.5  # how often a worker checks that its parent is still alive
 
 HASH_KINDS = ("sha256-128", "blake2b-128")
 """The content hashes a catalogue can use (its meta ``content_hash``), each 128 bits in hex."""
+DECODE_CHOICES = ("auto", "cpu", "gpu")  # where an indexing run decodes JPEGs (see altsearch.gpudecode)
 DEFAULT_HASH = "sha256-128"
 """What new catalogues use: SHA-256 runs on the SHA extensions of x86 CPUs (AMD since Zen, Intel since
 Ice Lake / Goldmont) and ARMv8 through OpenSSL, 2.2x BLAKE2b's speed here (1.21 against 0.54 GB/s)."""

@@ -6,7 +6,8 @@ import datetime as dt
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -119,6 +120,7 @@ class Engine:
         self._device = device
         self._dtype = dtype
         self._quantize = quantize
+        self._files = None  # the model's files and identity (model.files.ModelFiles), located without torch
         self._bound = False
         # the last filter: (its terms, the catalogue's data_version when read, its ids); see _allowed
         self._last_filter: tuple[tuple, int, Allowed] | None = None
@@ -157,22 +159,44 @@ class Engine:
         nothing was indexed into yet takes the model of its first indexing run, not of a search)."""
         if self._model is None:
             from .model import load_model
-            from .model.resolve import DEFAULT_MODEL
 
-            recorded = self.store.catalog.get_meta("model_id")
-            source = self._model_source or recorded or DEFAULT_MODEL
-            try:
-                self._model = load_model(source, device=self._device, dtype=self._dtype, quantize=self._quantize)
-            except ModelNotFoundError as err:
-                if self._model_source is None and recorded is not None:  # the index's own record led here
-                    raise ModelNotFoundError(f"{err} (the model this index was built with; if its files are "
-                                             f"elsewhere now, pass their folder as the model: --model "
-                                             f"FOLDER, or Engine.open(..., model=FOLDER))") from None
-                raise
-        if not self._bound:  # the recorded model never changes once set: check it once per engine
-            m = self._model
-            self._bound = self.store.bind_model(m.source, m.fingerprint, m.dimension, record=False)
+            with self._locating() as source:
+                # located files are reused; else load_model checks device and dtype before any download
+                self._model = load_model(self._files or source, device=self._device, dtype=self._dtype,
+                                         quantize=self._quantize)
+        self._check_model(self._model)
         return self._model
+
+    def _model_files(self):
+        """The model's files and identity (`model.files.ModelFiles`), found without importing torch or
+        loading a tower, and checked against the index's model as ``model`` is."""
+        if self._files is None:
+            from .model.files import locate
+
+            with self._locating() as source:
+                self._files = locate(source)
+        self._check_model(self._files)
+        return self._files
+
+    @contextmanager
+    def _locating(self) -> Iterator[str]:
+        """The source of the model to use; a model that cannot be found, where the index's own record
+        named it, is said to be the index's, with how to point at where it is now."""
+        from .model.resolve import DEFAULT_MODEL
+
+        recorded = self.store.catalog.get_meta("model_id")
+        try:
+            yield self._model_source or recorded or DEFAULT_MODEL
+        except ModelNotFoundError as err:
+            if self._model_source is None and recorded is not None:  # the index's own record led here
+                raise ModelNotFoundError(f"{err} (the model this index was built with; if its files are "
+                                         f"elsewhere now, pass their folder as the model: --model "
+                                         f"FOLDER, or Engine.open(..., model=FOLDER))") from None
+            raise
+
+    def _check_model(self, m) -> None:
+        if not self._bound:  # the recorded model never changes once set: check it once per engine
+            self._bound = self.store.bind_model(m.source, m.fingerprint, m.dimension, record=False)
 
     # -- building ---------------------------------------------------------------------------------
 
@@ -190,10 +214,12 @@ class Engine:
         if not folder.exists():
             raise AltsearchError(f"folder not found: {folder}")
         with WriteLock(self.path):
-            model = self.model  # recorded as the index's by the run, if it is new
+            # checked against the index's model now, loaded only if the run finds files to embed (and
+            # recorded as the index's by the run, if it is new)
+            model, load = (self.model, None) if self._model is not None else (self._model_files(), lambda: self.model)
             try:
-                ingestor = Ingestor(self.store, model, batch_size=batch_size, workers=workers, draft=draft,
-                                    decode=decode, progress=progress)
+                ingestor = Ingestor(self.store, model, load=load, batch_size=batch_size, workers=workers,
+                                    draft=draft, decode=decode, progress=progress)
             except ValueError as exc:
                 raise AltsearchError(str(exc)) from None
             return ingestor.run(str(folder), include_hidden=include_hidden, follow_symlinks=follow_symlinks)

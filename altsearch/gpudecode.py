@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from altsearch.decode import (
+    DECODE_CHOICES,
     DEFAULT_HASH,
     DRAFT_SCALE,
     Decoded,
@@ -70,7 +71,6 @@ from altsearch.model.preprocess import (
 
 log = logging.getLogger(__name__)
 
-DECODE_CHOICES = ("auto", "cpu", "gpu")
 GROUP = 32
 """JPEGs per decoding call with one decoding thread. On an H100 the whole GPU decoder (readers, decoding,
 resizing) went through 950 12 Mpx JPEGs/s in groups of 32 with nvImageCodec's hardware decoding, and

@@ -33,6 +33,7 @@ import numpy as np
 
 from . import faults
 from .decode import (
+    DECODE_CHOICES,
     DEFAULT_DRAFT,
     DEFAULT_HASH,
     HASH_KINDS,
@@ -161,11 +162,14 @@ def default_batch_size(model) -> int:
 
 
 class _Stage:
-    """Runs calls in a thread of its own (``threaded``), one after the other, or at once in the caller's
-    thread; either way the caller gets a :class:`Future`."""
+    """Runs calls in a thread of its own (``threaded``, which may be decided after the stage is entered:
+    the thread starts with the first call), one after the other, or at once in the caller's thread;
+    either way the caller gets a :class:`Future`."""
 
     def __init__(self, name: str, threaded: bool):
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name) if threaded else None
+        self.name = name
+        self.threaded = threaded
+        self._pool: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> _Stage:
         return self
@@ -175,7 +179,9 @@ class _Stage:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
     def submit(self, fn: Callable, *args) -> Future:
-        if self._pool is not None:
+        if self.threaded:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix=self.name)
             return self._pool.submit(fn, *args)
         future: Future = Future()
         future.set_result(fn(*args))  # an error raises here, in the caller's thread
@@ -201,28 +207,35 @@ class Ingestor:
     ``decode``: "auto" (JPEGs on the GPU when the model runs on CUDA, nvImageCodec or torchvision is
     installed and at least :data:`GPU_DECODE_MIN` files need embedding; else the CPU), "cpu" or "gpu"
     (:mod:`altsearch.gpudecode`); on the GPU, ``workers`` is the number of reader threads.
+
+    ``model`` is the loaded :class:`~altsearch.Model`, or, with ``load``, what identifies one without
+    loading it (:class:`~altsearch.model.files.ModelFiles`): ``load()`` then gives the model once the
+    run has files to embed, so a run that finds nothing new never imports torch. The settings that
+    follow from the model's device (``workers``, ``batch_size``, ``overlap``, where JPEGs decode) are
+    settled then.
     """
 
-    def __init__(self, store, model, *, batch_size: int | None = None, workers: int | None = None,
-                 draft: bool = True, chunk_size: int = 512, commit_seconds: float = 5.0,
-                 save_seconds: float = 60.0, overlap: bool | None = None, decode: str = "auto",
-                 progress: Callable[[Progress], None] | None = None):
-        from .gpudecode import choose_decoder
-
-        on_cuda = model.device.type == "cuda"
+    def __init__(self, store, model, *, load: Callable[[], object] | None = None, batch_size: int | None = None,
+                 workers: int | None = None, draft: bool = True, chunk_size: int = 512,
+                 commit_seconds: float = 5.0, save_seconds: float = 60.0, overlap: bool | None = None,
+                 decode: str = "auto", progress: Callable[[Progress], None] | None = None):
+        if decode not in DECODE_CHOICES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_CHOICES)}, got {decode!r}")
         self.decode = decode
-        # whether JPEGs may go to the GPU; a "gpu" that cannot be honoured is refused here, before the scan
-        self._gpu_decode = choose_decoder(decode, model.device, model.preprocess_config) == "gpu"
         self.store = store
-        self.model = model
-        self.batch_size = batch_size or default_batch_size(model)
-        self.workers = default_workers(model_on_cpu=not on_cuda) if workers is None else workers
+        self.identity = model  # source, fingerprint, dimension: what the index records
+        self.model = model if load is None else None
+        self._load = load
+        self._asked = {"batch_size": batch_size, "workers": workers, "overlap": overlap}
+        self.batch_size: int | None = None
+        self.workers: int | None = None
+        self.overlap: bool | None = None
+        self._gpu_decode = False
         self._readers = workers  # for the GPU decoder: None is its own default
         self.draft = DEFAULT_DRAFT if draft else None
         self.chunk_size = chunk_size
         self.commit_seconds = commit_seconds
         self.save_seconds = save_seconds
-        self.overlap = on_cuda if overlap is None else overlap
         self.progress = progress or (lambda p: None)
         self._rows: list[tuple[_Work, Decoded, np.ndarray]] = []
         self._failures: list[tuple[str, str, int | None]] = []
@@ -230,6 +243,25 @@ class Ingestor:
         self._writing: Future | None = None  # the chunk the writer has, not yet in the report
         self._last_commit = self._last_save = time.monotonic()
         self.hash_kind = DEFAULT_HASH  # the catalogue's, read when a run starts
+        if self.model is not None or decode == "gpu":
+            self._take_model()  # a "gpu" that cannot be honoured is refused here, before the scan
+
+    def _take_model(self) -> None:
+        """Load the model if it is not yet, and settle what follows from its device (once)."""
+        if self.batch_size is not None:
+            return
+        from .gpudecode import choose_decoder
+
+        if self.model is None:
+            self.model = self._load()
+        model, asked = self.model, self._asked
+        on_cuda = model.device.type == "cuda"
+        # whether JPEGs may go to the GPU ("gpu" that cannot be honoured raises)
+        self._gpu_decode = choose_decoder(self.decode, model.device, model.preprocess_config) == "gpu"
+        self.workers = default_workers(model_on_cpu=not on_cuda) if asked["workers"] is None else asked["workers"]
+        self.overlap = on_cuda if asked["overlap"] is None else asked["overlap"]
+        self._writer.threaded = self.overlap
+        self.batch_size = asked["batch_size"] or default_batch_size(model)
 
     # -- the run ---------------------------------------------------------------------------------
 
@@ -238,14 +270,16 @@ class Ingestor:
         report = IndexReport(folder=root)
         t0 = time.perf_counter()
         self.hash_kind = content_hash_kind(self.store.catalog)
-        m = self.model  # a new index records the model of its first run (one that differs is refused)
+        m = self.identity  # a new index records the model of its first run (one that differs is refused)
         self.store.bind_model(m.source, m.fingerprint, m.dimension)
         rebuilding = self._rebuilding(report)
-        if self.store.dimension is not None:
+        if self.store.dimension is not None and not self.store.built_when_needed():
             self.store.writable_vectors(rebuilding)  # rebuilt first if only an approximate index fits in memory
-        with _Stage("altsearch-writer", self.overlap) as self._writer:
+        with _Stage("altsearch-writer", bool(self.overlap)) as self._writer:
             try:
                 work = self._plan(root, report, include_hidden, follow_symlinks)
+                if work:
+                    self._take_model()
                 self._embed(work, report)
             except KeyboardInterrupt:
                 report.interrupted = True
@@ -268,35 +302,45 @@ class Ingestor:
     def _plan(self, root: str, report: IndexReport, include_hidden: bool, follow_symlinks: bool) -> list[_Work]:
         """Scan, then settle everything that needs no model: unchanged, touched, moved, removed."""
         cat = self.store.catalog
-        known = cat.file_states(under=root)
-        seen: set[str] = set()
+        # Each file the scan meets is taken out of `known`, which ends with the catalogued files not
+        # met. Hashes are read later, for the files that changed or vanished: a run over millions of
+        # unchanged files holds path, id, size and mtime of each, and nothing else.
+        known = cat.file_states(under=root, hashes=False)
+        failed_before = {p for p, _, _ in cat.failures() if _under(p, root)}
+        failed_seen: set[str] = set()
         new: list[FileEntry] = []
-        changed: list[tuple[FileEntry, tuple]] = []
+        changed: list[tuple[FileEntry, int]] = []
         for n, item in enumerate(scan(root, include_hidden=include_hidden, follow_symlinks=follow_symlinks), 1):
             if isinstance(item, ScanProblem):
                 self._failures.append((item.path, item.reason, None))
                 continue
-            seen.add(item.path)
-            state = known.get(item.path)
+            if item.path in failed_before:
+                failed_seen.add(item.path)
+            state = known.pop(item.path, None)
             if state is None:
                 new.append(item)
             elif state[1] == item.size and state[2] == item.mtime:
                 report.unchanged += 1
             else:
-                changed.append((item, state))
+                changed.append((item, state[0]))
             if n % 1000 == 0:
                 self.progress(Progress("scan", n, None, report))
         # A folder that could not be listed this time (permissions, an unmounted disk behind a link) hides
         # its files; they are kept, not taken for deleted.
         unseen = {p for p, _, _ in self._failures}
-        hidden = {p for p in known if p not in seen and _inside_any(p, unseen)}
+        hidden = {p for p in known if _inside_any(p, unseen)} if unseen else set()
         report.unchanged += len(hidden)
-        missing = {p: s for p, s in known.items() if p not in seen and p not in hidden}
+        missing = {p: s for p, s in known.items() if p not in hidden}
+        del known
+        # the old hashes: of changed files (same bytes again is a touch), and of vanished ones where a
+        # new file may be one of them moved
+        old_hashes = cat.content_hashes([i for _, i in changed] + ([s[0] for s in missing.values()] if new else []))
 
         work: list[_Work] = []
         touched: list[tuple[int, FileEntry]] = []
-        for entry, (image_id, _, _, old_hash) in changed:
-            if self._hash(entry) == old_hash:
+        for entry, image_id in changed:
+            old_hash = old_hashes.get(image_id)
+            if old_hash is not None and self._hash(entry) == old_hash:
                 touched.append((image_id, entry))  # same bytes, new mtime: nothing to embed
                 report.unchanged += 1
             else:
@@ -304,20 +348,20 @@ class Ingestor:
 
         # A new file is a moved one when a vanished file had the same size and content.
         by_size: dict[int, list[str]] = defaultdict(list)
-        for path, (_, size, _, _) in missing.items():
+        for path, (_, size, _) in missing.items():
             by_size[size].append(path)
         moves: list[tuple[int, FileEntry]] = []
         for entry in new:
             candidates = [p for p in by_size.get(entry.size, ()) if p in missing]
             digest = self._hash(entry) if candidates else None
-            match = next((p for p in candidates if missing[p][3] == digest), None)
+            match = next((p for p in candidates if old_hashes.get(missing[p][0]) == digest), None)
             if match is None:
                 work.append(_Work(entry, replaces=None))
             else:
                 moves.append((missing.pop(match)[0], entry))
 
         removed = [s[0] for s in missing.values()]
-        gone_failures = [p for p, _, _ in cat.failures() if _under(p, root) and p not in seen]
+        gone_failures = sorted(failed_before - failed_seen)
 
         def bookkeeping(tx):
             for image_id, e in touched:

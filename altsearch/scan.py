@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import operator
 import os
 import stat
 from collections.abc import Iterator
@@ -176,7 +177,12 @@ def sniff_image(path: str | os.PathLike[str]) -> str | None:
 
 
 def _extension(name: str) -> str:
-    return os.path.splitext(name)[1].lower()
+    """``os.path.splitext(name)[1].lower()`` (leading dots start no extension: ".jpg" has none), at a
+    third of its cost: the scan asks it of every file."""
+    dot = name.rfind(".")
+    if dot <= 0 or (name[0] == "." and not name[:dot].lstrip(".")):
+        return ""
+    return name[dot:].lower()
 
 
 def _file_kind(mode: int) -> str:
@@ -188,14 +194,12 @@ def _file_kind(mode: int) -> str:
     return "unknown file type"
 
 
-def _could_be_candidate(name: str, opts: _Options) -> bool:
-    """Whether a regular file of this name is worth a stat: image extension, or sniffable."""
-    ext = _extension(name)
+def _could_be_candidate(ext: str, opts: _Options) -> bool:
+    """Whether a regular file with this extension is worth a stat: image extension, or sniffable."""
     return ext in IMAGE_EXTENSIONS or (opts.sniff and ext not in NEVER_SNIFFED_EXTENSIONS)
 
 
-def _is_candidate(path: str, name: str, size: int, opts: _Options) -> bool:
-    ext = _extension(name)
+def _is_candidate(path: str, ext: str, size: int, opts: _Options) -> bool:
     if ext in IMAGE_EXTENSIONS:
         return True
     if not opts.sniff or ext in NEVER_SNIFFED_EXTENSIONS or size == 0:
@@ -223,12 +227,22 @@ def _stat_problem(path: str, name: str, is_link: bool, exc: OSError) -> ScanProb
 
 def _visit(entry: os.DirEntry[str], opts: _Options) -> FileEntry | ScanProblem | _Folder | None:
     """What one folder entry is to the scan: a candidate, a problem, a folder to enter, or nothing."""
+    ext = _extension(entry.name)
+    if ext in IMAGE_EXTENSIONS and entry.is_file(follow_symlinks=False):
+        # the common case, a plain file named as an image (known from d_type, no system call): what the
+        # general path below concludes, with a third of its calls (a million files: seconds)
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError as exc:
+            return _stat_problem(entry.path, entry.name, False, exc)
+        if stat.S_ISREG(st.st_mode):
+            return FileEntry(entry.path, st.st_size, st.st_mtime)
     is_link = False
     try:
         is_link = entry.is_symlink()
         if is_link and not opts.follow_symlinks:
             return None
-        if not is_link and not _worth_stat(entry, opts):
+        if not is_link and not _worth_stat(entry, ext, opts):
             return None
         st = os.stat(entry.path) if is_link else entry.stat(follow_symlinks=False)
     except OSError as exc:
@@ -236,30 +250,33 @@ def _visit(entry: os.DirEntry[str], opts: _Options) -> FileEntry | ScanProblem |
     if stat.S_ISDIR(st.st_mode):
         return _Folder(entry.path, (st.st_dev, st.st_ino), is_link)
     if stat.S_ISREG(st.st_mode):
-        if _is_candidate(entry.path, entry.name, st.st_size, opts):
+        if _is_candidate(entry.path, ext, st.st_size, opts):
             return FileEntry(entry.path, st.st_size, st.st_mtime)
         return None
-    if _extension(entry.name) in IMAGE_EXTENSIONS:
+    if ext in IMAGE_EXTENSIONS:
         return ScanProblem(entry.path, f"not a regular file ({_file_kind(st.st_mode)})")
     return None
 
 
-def _worth_stat(entry: os.DirEntry[str], opts: _Options) -> bool:
+def _worth_stat(entry: os.DirEntry[str], ext: str, opts: _Options) -> bool:
     """Skip the stat call for plain entries that cannot matter (uses the cached d_type on Linux)."""
     if entry.is_dir(follow_symlinks=False):
         return True
     if entry.is_file(follow_symlinks=False):
-        return _could_be_candidate(entry.name, opts)
-    return _extension(entry.name) in IMAGE_EXTENSIONS  # fifo, socket, device: report only those
+        return _could_be_candidate(ext, opts)
+    return ext in IMAGE_EXTENSIONS  # fifo, socket, device: report only those
 
 
 # --- walking -----------------------------------------------------------------------------
 
 
+_name = operator.attrgetter("name")
+
+
 def _list_folder(folder: str) -> list[os.DirEntry[str]] | ScanProblem:
     try:
         with os.scandir(folder) as it:
-            return sorted(it, key=lambda e: e.name)
+            return sorted(it, key=_name)
     except PermissionError:
         return ScanProblem(folder, "permission denied")
     except OSError as exc:

@@ -20,7 +20,7 @@ from altsearch.cli import app
 from altsearch.ingest import IndexReport
 from tests.checkpoints import write_checkpoint
 from tests.oldformats import write_old_flat_file
-from tests.photos import make_folder
+from tests.photos import make_folder, save_photo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,6 +99,32 @@ def test_help_and_a_mistyped_query_load_no_heavy_library(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "idx")], capture_output=True, text=True,
                           cwd=ROOT, check=True)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_a_rerun_with_nothing_to_embed_does_not_import_torch(indexed, run):
+    """A nightly re-run over an unchanged library: no torch (about 2 s of a cold start), no model load."""
+    index, photos = indexed
+    code = ("import json, sys\n"
+            "from typer.testing import CliRunner\n"
+            "from altsearch.cli import app\n"
+            "result = CliRunner().invoke(app, ['index', sys.argv[2], '--index', sys.argv[1], '--json'])\n"
+            "assert result.exit_code == 0, result.output\n"
+            "report = json.loads(result.stdout)\n"
+            "print(json.dumps([report['unchanged'], report['added'], report['removed'], 'torch' in sys.modules]))\n")
+
+    def rerun():
+        proc = subprocess.run([sys.executable, "-c", code, str(index), str(photos)], capture_output=True,
+                              text=True, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return json.loads(proc.stdout.splitlines()[-1])
+
+    assert rerun() == [8, 0, 0, False]
+    files = sorted(photos.rglob("*.jpg"))
+    os.utime(files[0], (1_700_000_000, 1_700_000_000))  # touched: hashed, found the same, not embedded
+    files[1].unlink()
+    assert rerun() == [7, 0, 1, False]
+    save_photo(photos / "new.jpg", seed=123)  # new content: the model runs
+    assert rerun() == [7, 1, 0, True]
 
 
 def test_search_table_and_filters(indexed, run):

@@ -192,6 +192,34 @@ def test_query_combinations(engine, photos):
         engine.search("#99999")
 
 
+def test_a_run_that_changes_no_vector_builds_no_exact_index(engine, photos, monkeypatch):
+    """An exact index is built from every stored vector at each open: a re-run that finds nothing to
+    embed or remove leaves it unbuilt; one with a vector to drop builds it. An index whose kind has a
+    file is opened as before, so a run still puts back a lost file."""
+    _index(engine, photos)
+    opened = []
+    real_open = vectors_module.VectorIndex.open
+    monkeypatch.setattr(vectors_module.VectorIndex, "open",
+                        classmethod(lambda cls, *a, **kw: opened.append(1) or real_open(*a, **kw)))
+    files = sorted(photos.rglob("*.jpg"))
+    shutil.move(files[0], photos / "renamed.jpg")  # a move keeps its vector
+    with Engine.open(engine.path, device="cpu") as e:
+        report = _index(e, photos)
+        assert (report.unchanged, report.moved, opened) == (11, 1, [])
+        files[1].unlink()
+        assert _index(e, photos).removed == 1 and opened == [1]
+        assert e.stats()["vectors"] == e.stats()["images"] == 11 and e.check() == []
+    for i in range(30):  # an ivf needs 40 vectors
+        save_photo(photos / "more" / f"{i}.jpg", seed=300 + i, size=(64, 48))
+    with Engine.open(engine.path, device="cpu") as e:
+        assert _index(e, photos).added == 30
+        assert e.optimize("ivf")["kind"] == "ivf"
+    (engine.path / "vectors.faiss").unlink()  # lost
+    with Engine.open(engine.path, device="cpu") as e:
+        assert _index(e, photos).unchanged == 41
+        assert (engine.path / "vectors.faiss").is_file() and e.stats()["vector_index"] == "ivf"
+
+
 def test_bad_files_are_recorded_and_never_abort(engine, photos):
     bad = photos / "bad"
     bad.mkdir()
@@ -206,10 +234,15 @@ def test_bad_files_are_recorded_and_never_abort(engine, photos):
     assert {"empty.jpg", "text.jpg", "truncated.jpg", "broken.jpg"} <= set(reasons)
     assert report.failed == len(reasons)
     assert engine.stats()["images"] == 13  # 12 + the Chinese-named copy (a duplicate: no new embedding)
-    # a fixed file is picked up and its failure cleared
+    # a fixed file is picked up and its failure cleared; a deleted one's failure goes with it
     (bad / "text.jpg").write_bytes(good)
+    (bad / "empty.jpg").unlink()
     _index(engine, photos)
-    assert "text.jpg" not in {os.path.basename(f["path"]) for f in engine.failures()}
+    left = {os.path.basename(f["path"]) for f in engine.failures()}
+    assert "text.jpg" not in left and "empty.jpg" not in left and {"truncated.jpg", "broken.jpg"} <= left
+    # failures elsewhere are not this folder's to clear
+    _index(engine, photos / "home")
+    assert {os.path.basename(f["path"]) for f in engine.failures()} == left
 
 
 def test_model_mismatch_is_refused(tmp_path, photos, tiny_checkpoint):
@@ -221,6 +254,13 @@ def test_model_mismatch_is_refused(tmp_path, photos, tiny_checkpoint):
             e.search("a cat")
         with pytest.raises(ModelMismatchError):
             _index(e, photos)
+    # an engine whose first act is to index checks the model before the scan changes anything
+    gone = next(photos.rglob("*.jpg"))
+    gone.unlink()
+    with Engine.open(tmp_path / "index", model=str(other), device="cpu") as e:
+        with pytest.raises(ModelMismatchError, match="built with model"):
+            _index(e, photos)
+        assert e.store.catalog.get_by_path(str(gone)) is not None and e.stats()["images"] == 12
     with Engine.open(tmp_path / "index", device="cpu") as e:  # the recorded model by default
         assert len(e.search("a cat", k=3)) == 3
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import random
 import sys
 import threading
 from pathlib import Path
@@ -357,3 +358,14 @@ def test_special_root_raises(tmp_path):
         with_timeout(lambda: scan(tmp_path / "pipe"))
     with pytest.raises(AltsearchError, match="not a valid path"):
         scan("bad\x00name")
+
+
+def test_the_extension_is_what_splitext_gives(tmp_path):
+    from altsearch.scan import _extension
+
+    names = ["a.jpg", "A.JPG", ".jpg", "..jpg", "...", ".", "a.", ".a.jpg", "..a.JPEG", "a..jpg", "noext",
+             "a.tar.gz", "日落.JPG", "x.jpg.", ".hidden", "a b.Png", "é.HEIC", "..a", "a.b.c.d"]
+    rng = random.Random(7)
+    names += ["".join(rng.choice("a.J.") for _ in range(rng.randint(1, 6))) for _ in range(500)]
+    for name in names:
+        assert _extension(name) == os.path.splitext(name)[1].lower(), name
