@@ -38,8 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "benchmarks"))
-from bench_index import PhotoSpec, _loadavg, _size, make_photos, machine, render_machine  # noqa: E402
-from benchlib import run_in_workdir  # noqa: E402
+from bench_index import PhotoSpec, _size, make_photos, machine, render_machine  # noqa: E402
+from benchlib import loadavg, run_in_workdir  # noqa: E402
 
 LIBRARY_GROUPS = (64, 32, 1)
 
@@ -179,7 +179,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
     mb = sum(os.path.getsize(p) for p in paths) / len(paths) / 1e6
     photo = {"count": len(paths), "width": spec.width, "height": spec.height, "quality": spec.quality,
              "mb_each": mb}
-    info["loadavg_end"] = _loadavg()
+    info["loadavg_end"] = loadavg()
     print("\n" + render_machine(info))
     print("\n" + render(rows, photo))
     return {"machine": info, "photos": photo, "stages": rows}

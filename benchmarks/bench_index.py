@@ -43,7 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the tiny checkpoint comes from tests/checkpoints.py
 sys.path.insert(1, str(ROOT / "benchmarks"))
-from benchlib import cpu_name, int_list, workdir  # noqa: E402
+from benchlib import cpu_name, int_list, loadavg, workdir  # noqa: E402
 
 RENDER_SCALE = 8  # photo content is drawn at 1/8 size and upscaled: smooth and fast to make
 GRAIN = 8  # +- grey levels of the fine and of the coarse grain added at full size
@@ -264,7 +264,7 @@ def machine(args: argparse.Namespace) -> dict:
         "pillow": PIL.__version__, "libjpeg_turbo": bool(features.check_feature("libjpeg_turbo")),
         "numpy": np.__version__, "sqlite": sqlite3.sqlite_version, "device": args.device,
         "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "MKL_", "OPENBLAS_"))},
-        "altsearch_commit": _commit(), "loadavg_start": _loadavg(),
+        "altsearch_commit": _commit(), "loadavg_start": loadavg(),
     }
 
 
@@ -278,13 +278,6 @@ def _commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+dirty" if dirty else "")
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def render_machine(info: dict) -> str:
@@ -359,7 +352,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     photo = {"width": spec.width, "height": spec.height, "quality": spec.quality,
              "mb_each": sum(p.stat().st_size for p in paths) / len(paths) / 1e6,
              "model": "tiny random" if not args.model else args.model, "batch_size": args.batch_size or "default"}
-    info["loadavg_end"] = _loadavg()
+    info["loadavg_end"] = loadavg()
     print("\n" + render_machine(info))
     print("\n" + render_indexing(rows, photo))
     return {"machine": info, "model": model.model_id, "photos": photo, "indexing": rows}

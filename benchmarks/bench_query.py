@@ -72,7 +72,7 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkpoints come from tests/checkpoints.py and bench_model.py
 sys.path.insert(1, str(ROOT / "benchmarks"))
-from benchlib import checkpoint_folder, cpu_name, int_list, run_in_workdir  # noqa: E402
+from benchlib import checkpoint_folder, cpu_name, int_list, loadavg, run_in_workdir  # noqa: E402
 
 # Queries made of words and characters the tiny tokenizer knows (any text works with a real model).
 QUERIES = [
@@ -498,13 +498,6 @@ def parse_importtime(stderr: str) -> dict:
 # -- report -----------------------------------------------------------------------------------------
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def machine(args: argparse.Namespace) -> dict:
     import faiss
     import torch
@@ -514,7 +507,7 @@ def machine(args: argparse.Namespace) -> dict:
     cpu = cpu_name()
     return {"date": datetime.date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "faiss": faiss.__version__, "device": args.device, "loadavg_start": _loadavg(),
+            "faiss": faiss.__version__, "device": args.device, "loadavg_start": loadavg(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
 
@@ -638,7 +631,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
                                "cold": measure_cold(folder, ckpt, args, work),
                                "breakdown": breakdown(folder, ckpt, args, work)})
     report["imports"] = import_times(folder, args, work)
-    info["loadavg_end"] = _loadavg()
+    info["loadavg_end"] = loadavg()
     print("\n" + render(report))
     return report
 

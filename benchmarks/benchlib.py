@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -36,6 +37,14 @@ def run_in_workdir(args: argparse.Namespace, prefix: str, run: Callable[[argpars
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False))
     return report
+
+
+def loadavg() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, rounded (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def int_list(minimum: int) -> Callable[[str], list[int]]:
