@@ -30,10 +30,13 @@ def photos(tmp_path):
     return root
 
 
-def _run(tmp_path, name, checkpoint, photos, quantize=None, **kw):
-    """Index ``photos`` into a fresh index with an Ingestor built with ``kw``; (report, {path: vector})."""
+def _run(tmp_path, name, checkpoint, photos, quantize=None, lazy=False, **kw):
+    """Index ``photos`` into a fresh index with an Ingestor built with ``kw``; (report, {path: vector}).
+    ``lazy``: the Ingestor gets the model's files and loads the model when it has files to embed, as
+    Engine.index does."""
     with Engine.open(tmp_path / name, model=str(checkpoint), device="cpu", quantize=quantize) as engine:
-        ingestor = Ingestor(engine.store, engine.model, workers=kw.pop("workers", 0), **kw)
+        model, load = (engine._model_files(), lambda: engine.model) if lazy else (engine.model, None)
+        ingestor = Ingestor(engine.store, model, load=load, workers=kw.pop("workers", 0), **kw)
         report = ingestor.run(str(photos))
         ids, vecs = next(engine.store.catalog.iter_vectors())
         paths = [r.path for r in engine.store.catalog.get(ids.tolist())]
@@ -45,12 +48,21 @@ def _counts(report):
     return (report.added, report.failed, report.duplicates, report.embedded, report.interrupted)
 
 
-@pytest.mark.parametrize("workers, quantize", [(0, None), (1, None), (2, None), (2, "int8")])
+@pytest.mark.parametrize("workers, quantize, lazy", [(0, None, False), (1, None, True), (2, None, False),
+                                                     (2, "int8", True)])
 def test_overlapped_run_indexes_exactly_what_the_serial_one_does(tmp_path, tiny_checkpoint, photos, monkeypatch,
-                                                                 workers, quantize):
+                                                                 workers, quantize, lazy):
     """Bit for bit: batches take the files in the scan's order whatever order the workers finish in
-    (a vector depends on its batch: in the last bit in float32, far more with int8)."""
+    (a vector depends on its batch: in the last bit in float32, far more with int8). With the model
+    loaded by the run itself (``lazy``), the threads are settled then, and used the same way."""
     threads = set()
+    writers = set()
+    real_write = Ingestor._write
+
+    def write(self, *args):
+        writers.add(threading.current_thread().name)
+        return real_write(self, *args)
+
     model_calls = []
     serial, serial_vectors = _run(tmp_path, "serial", tiny_checkpoint, photos, quantize, batch_size=2, chunk_size=3,
                                   overlap=False)
@@ -64,7 +76,8 @@ def test_overlapped_run_indexes_exactly_what_the_serial_one_does(tmp_path, tiny_
         return real_encode(self, pixels)
 
     monkeypatch.setattr(type(model), "encode_pixels", encode)
-    overlapped, vectors = _run(tmp_path, "overlapped", tiny_checkpoint, photos, quantize, batch_size=2,
+    monkeypatch.setattr(Ingestor, "_write", write)
+    overlapped, vectors = _run(tmp_path, "overlapped", tiny_checkpoint, photos, quantize, lazy, batch_size=2,
                                chunk_size=3, overlap=True, workers=workers)
     assert _counts(overlapped) == _counts(serial) == (14, 1, 2, 12, False)
     assert overlapped.failures == serial.failures
@@ -72,6 +85,8 @@ def test_overlapped_run_indexes_exactly_what_the_serial_one_does(tmp_path, tiny_
     for path, v in vectors.items():
         np.testing.assert_array_equal(v, serial_vectors[path])
     assert threads and all(name.startswith("altsearch-model") for name in threads)
+    # the chunks in the writer thread; the last, after the embedding, in the run's own
+    assert {name.split("_")[0] for name in writers} == {"altsearch-writer", threading.current_thread().name}
     assert sorted(model_calls) == [2] * 6  # full batches; the twins never reach the model
 
 
