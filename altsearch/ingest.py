@@ -280,6 +280,7 @@ class Ingestor:
                 work = self._plan(root, report, include_hidden, follow_symlinks)
                 if work:
                     self._take_model()
+                    faults.point("embedding")
                 self._embed(work, report)
             except KeyboardInterrupt:
                 report.interrupted = True

@@ -247,9 +247,10 @@ def _point_lane(lane: Lane, checkpoint: Path) -> None:
 
 
 def _random_lane(lane: Lane, checkpoint: Path) -> None:
-    """Half the kills come at a random moment after the run took the write lock (mostly while it loads
-    the model), half at a random moment after it planned its work (while it decodes, embeds, commits
-    and saves): the fault hook holds it there (SIGSTOP) so the clock starts at the same point. The
+    """Half the kills come at a random moment after the run took the write lock (while it plans,
+    commits moves and deletions, and loads the model), half at a random moment after it planned its
+    work and loaded the model (while it decodes, embeds, commits and saves): the fault hook holds it
+    there (SIGSTOP) so the clock starts at the same point. The
     lane starts from a complete index, so that every run has only a little work, which a kill can
     interrupt at any step."""
     with Engine.open(lane.index, model=str(checkpoint), device="cpu") as engine:
@@ -262,7 +263,7 @@ def _random_lane(lane: Lane, checkpoint: Path) -> None:
         lane.mutate()
         lane.runs += 1
         after_planning = attempts % 2 == 0
-        fault = {"ALTSEARCH_FAULTS": "commit:1=stop"} if after_planning else {}
+        fault = {"ALTSEARCH_FAULTS": "embedding:1=stop"} if after_planning else {}
         proc = _start(_index_cmd(lane, checkpoint, workers=attempts // 2 % 2), **fault)
         if after_planning:
             _wait_until_stopped(proc)
