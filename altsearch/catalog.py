@@ -943,9 +943,13 @@ class Catalog:
 
     # -- failures
 
-    def failure_count(self) -> int:
+    def failure_count(self, under: str | None = None) -> int:
+        """Failures recorded (for `under` and the paths below it, as `filter_ids` matches, when given)."""
+        stmt = sa.select(sa.func.count()).select_from(failures)
+        if under is not None:
+            stmt = stmt.where(_under(failures.c.path, under))
         with self._read("counting failures") as conn:
-            return conn.execute(sa.select(sa.func.count()).select_from(failures)).scalar_one()
+            return conn.execute(stmt).scalar_one()
 
     def failures(self) -> list[tuple[str, str, float]]:
         """(path, reason, when) for every file that could not be indexed, by path."""

@@ -426,5 +426,12 @@ def test_a_path_neither_on_disk_nor_in_the_index_is_warned_of(indexed, run, tmp_
     (tmp_path / "empty").mkdir()
     r = run("remove", photos / "home" / "2021" / "img_000.jpg", tmp_path / "empty", "--index", index, "--json")
     assert json.loads(r.stdout) == {"removed": 1} and r.stderr == ""
+    # nor is a deleted file whose failure is on record: remove forgets it
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    run("index", photos, "--index", index, "--workers", "0")
+    (photos / "broken.jpg").unlink()
+    r = run("remove", photos / "broken.jpg", "--index", index)
+    assert r.stdout == "removed 0 images\n" and r.stderr == ""
+    assert json.loads(run("errors", "--index", index, "--json").stdout) == []
     r = run("search", "a photo", "--index", index, "--under", typo)
     assert r.stdout == "no results\n" and r.stderr == f"warning: --under {typo}: no such folder\n"
