@@ -18,7 +18,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -875,25 +875,22 @@ class Catalog:
     def file_states(self, under: str | None = None, *, hashes: bool = True) -> dict[str, tuple]:
         """path -> (id, size, mtime, content_hash) for every image (or those under a folder); without
         ``hashes``, path -> (id, size, mtime): a third less memory for an indexing run's plan, which needs
-        the hashes of the few files that changed or vanished only (``content_hashes``)."""
-        sql = f"SELECT path, id, size, mtime{', content_hash' if hashes else ''} FROM images"
-        params: dict[str, bytes] = {}
+        the hashes of the few files that changed or vanished only (``get``)."""
+        c = images.c
+        stmt = sa.select(c.path, c.id, c.size, c.mtime, *([c.content_hash] if hashes else []))
         if under is not None:
-            sql += " WHERE path = :exact OR (path >= :low AND path < :high)"
-            params = dict(zip(("exact", "low", "high"), _folder_range(under)))
+            stmt = stmt.where(_under(c.path, under))
         with self._read("listing files") as conn:
-            cursor = conn.exec_driver_sql(sql, params).cursor
+            cursor = conn.execute(stmt).cursor  # plain tuples: no Row per image
             return {decode_path(row[0]): row[1:] for row in cursor}
 
-    def content_hashes(self, ids: Iterable[int]) -> dict[int, str]:
-        """id -> content hash of these images (ids not in the catalogue are left out)."""
-        wanted = sorted({int(i) for i in ids})
-        found: dict[int, str] = {}
-        with self._read("reading content hashes") as conn:
-            for chunk in _chunks(wanted):
-                sql = f"SELECT id, content_hash FROM images WHERE id IN ({_placeholders(len(chunk))})"
-                found.update(conn.exec_driver_sql(sql, tuple(chunk)).all())
-        return found
+    def holds(self, path: str) -> bool:
+        """Whether an image, or a failure recorded for a file, lies at `path` or under it (as
+        `filter_ids(under=)` matches)."""
+        found = sa.select(sa.or_(sa.exists().where(_under(images.c.path, path)),
+                                 sa.exists().where(_under(failures.c.path, path))))
+        with self._read("looking up a path") as conn:
+            return bool(conn.execute(found).scalar_one())
 
     def ids_by_hash(self, content_hash: str) -> list[int]:
         stmt = sa.select(images.c.id).where(images.c.content_hash == content_hash).order_by(images.c.id)
@@ -943,13 +940,9 @@ class Catalog:
 
     # -- failures
 
-    def failure_count(self, under: str | None = None) -> int:
-        """Failures recorded (for `under` and the paths below it, as `filter_ids` matches, when given)."""
-        stmt = sa.select(sa.func.count()).select_from(failures)
-        if under is not None:
-            stmt = stmt.where(_under(failures.c.path, under))
+    def failure_count(self) -> int:
         with self._read("counting failures") as conn:
-            return conn.execute(stmt).scalar_one()
+            return conn.execute(sa.select(sa.func.count()).select_from(failures)).scalar_one()
 
     def failures(self) -> list[tuple[str, str, float]]:
         """(path, reason, when) for every file that could not be indexed, by path."""

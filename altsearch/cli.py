@@ -431,10 +431,8 @@ def remove(
     with _errors(), _engine(index) as engine:
         # a path that is neither on disk nor in the index is likely mistyped (one that is only in the
         # index names the deleted files whose records, or recorded failures, this drops)
-        cat = engine.store.catalog
         unknown = [p for p in paths if not os.path.lexists(os.path.expanduser(p))
-                   and not len(cat.filter_ids(under=(where := os.path.abspath(os.path.expanduser(p)))))
-                   and not cat.failure_count(under=where)]
+                   and not engine.store.catalog.holds(os.path.abspath(os.path.expanduser(p)))]
         with _build_progress(not as_json and err.is_terminal) as progress:
             n = engine.remove(paths, progress=progress)
         for p in unknown:

@@ -24,8 +24,8 @@ every failure with its reason.
 `search` and `similar` print a table of `rank`, `id` (`#12`: the form a query names an indexed
 image by, as in `altsearch similar "#12"`), `score`, `date`, `size` and `path`. A path that names
 nothing is warned of on stderr (`warning: ...`, exit 0): one given to `remove` that is neither on
-disk nor in the index (as an image or a recorded failure), and an `--under` folder that does not exist when nothing was found. An empty
-path (`""`, as an unset shell variable gives) is an error.
+disk nor in the index (as an image or a recorded failure), and an `--under` folder that does not
+exist when nothing was found. An empty path (`""`, as an unset shell variable gives) is an error.
 """
 
 COMMANDS = [[], ["index"], ["search"], ["similar"], ["info"], ["errors"], ["remove"], ["optimize"],

@@ -335,7 +335,8 @@ class Ingestor:
         del known
         # the old hashes: of changed files (same bytes again is a touch), and of vanished ones where a
         # new file may be one of them moved
-        old_hashes = cat.content_hashes([i for _, i in changed] + ([s[0] for s in missing.values()] if new else []))
+        looked_up = [i for _, i in changed] + ([s[0] for s in missing.values()] if new else [])
+        old_hashes = {r.id: r.content_hash for r in cat.get(looked_up)}
 
         work: list[_Work] = []
         touched: list[tuple[int, FileEntry]] = []
@@ -518,10 +519,10 @@ class Ingestor:
     def _write(self, rows: list[tuple[_Work, Decoded, np.ndarray]], failures: list[tuple[str, str, int | None]],
                save: bool) -> _Written:
         """One transaction: the rows with their vectors, the failures; then the vector file if ``save``."""
-        written = _Written(0, 0, [(p, r) for p, r, _ in failures], sum(r is not None for _, _, r in failures))
+        dropped = [r for _, _, r in failures if r is not None]  # indexed files that now fail
+        written = _Written(0, 0, [(p, r) for p, r, _ in failures], len(dropped))
         if rows or failures:
-            replaced = [w.replaces for w, _, _ in rows if w.replaces is not None]
-            replaced += [r for _, _, r in failures if r is not None]
+            replaced = [w.replaces for w, _, _ in rows if w.replaces is not None] + dropped
             records = [_record(w.entry, d) for w, d, _ in rows]
             vectors = np.stack([v for _, _, v in rows]) if rows else None
             new_ids: list[int] = []

@@ -46,41 +46,41 @@ FILL_ROWS = 50_000  # catalogue rows per transaction
 LIBRARY_FORMAT = 1  # bump when the library changes, so cached ones are made again
 KINDS = ("floor", "altsearch", "model up front")
 
-# Each measured run is a fresh interpreter running one of these, printing one JSON line at its end. Peak
-# memory is VmHWM: getrusage's ru_maxrss survives exec, so a child would report its parent's peak.
-_PEAK = """
-def peak_mb():
+# Each measured run is a fresh interpreter running one of these, which ends with done(): one JSON line
+# with what it found and what it cost. Peak memory is VmHWM: getrusage's ru_maxrss survives exec, so a
+# child would report its parent's peak.
+_DONE = """
+import json, sys, time
+
+def done(**found):
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+        peak_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    print(json.dumps({**found, "torch": "torch" in sys.modules, "cpu_s": time.process_time(),
+                      "rss_mb": peak_kb / 1024}))
 """
-_FLOOR = _PEAK + """
-import json, os, sys, time
+_FLOOR = _DONE + """
+import os
 n = 0
 for folder, _, names in os.walk(sys.argv[1]):
     for name in names:
         os.stat(os.path.join(folder, name))
         n += 1
-print(json.dumps({"files": n, "unchanged": n, "torch": "torch" in sys.modules,
-                  "cpu_s": time.process_time(), "rss_mb": peak_mb()}))
+done(files=n, unchanged=n)
 """
-_CLI = _PEAK + """
-import json, sys, time
+_CLI = _DONE + """
 from typer.testing import CliRunner
 from altsearch.cli import app
 result = CliRunner().invoke(app, ["index", sys.argv[1], "--index", sys.argv[2], "--json", "--workers", "0"])
 assert result.exit_code == 0, result.output
 report = json.loads(result.stdout)
-print(json.dumps({"unchanged": report["unchanged"], "embedded": report["embedded"], "torch": "torch" in sys.modules,
-                  "cpu_s": time.process_time(), "rss_mb": peak_mb()}))
+done(unchanged=report["unchanged"], embedded=report["embedded"])
 """
-_UP_FRONT = _PEAK + """
-import json, sys, time
+_UP_FRONT = _DONE + """
 from altsearch import Engine, load_model
 model = load_model(sys.argv[3], device="cpu")
 with Engine.open(sys.argv[2], model=model, device="cpu", create=False) as engine:
     report = engine.index(sys.argv[1], workers=0)
-print(json.dumps({"unchanged": report.unchanged, "embedded": report.embedded, "torch": "torch" in sys.modules,
-                  "cpu_s": time.process_time(), "rss_mb": peak_mb()}))
+done(unchanged=report.unchanged, embedded=report.embedded)
 """
 
 
