@@ -595,6 +595,12 @@ def _by_id(ids: np.ndarray, vecs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids, vecs
 
 
+# The vector of the first image holding some content (an indexing run reuses it for a duplicate).
+_VECTOR_FOR_HASH = (
+    "SELECT v.vector FROM images AS i JOIN vectors AS v ON v.image_id = i.id "
+    "WHERE i.content_hash = ? AND i.id != ? ORDER BY i.id LIMIT 1"
+)
+
 _QUICK_ROWS = 4096  # at most this many vectors are read through Catalog._quick in one go
 
 _RECORD_COLUMNS = ", ".join(f.name for f in fields(ImageRecord))
@@ -892,10 +898,14 @@ class Catalog:
         with self._read("looking up a path") as conn:
             return bool(conn.execute(found).scalar_one())
 
-    def ids_by_hash(self, content_hash: str) -> list[int]:
-        stmt = sa.select(images.c.id).where(images.c.content_hash == content_hash).order_by(images.c.id)
-        with self._read("looking up a hash") as conn:
-            return list(conn.execute(stmt).scalars())
+    def vector_for_hash(self, content_hash: str, exclude: int | None = None) -> np.ndarray | None:
+        """The float32 vector stored for the lowest-id image with this content hash (other than the one
+        with id ``exclude``), or None. An indexing run asks once per decoded file that it has not
+        embedded itself, so it goes through the quick connection: 15 us, against 0.4 ms through
+        SQLAlchemy (where the catalogue's content-hash index makes the lookup itself a few us)."""
+        with self._quick("looking up a content hash") as con:
+            row = con.execute(_VECTOR_FOR_HASH, (content_hash, -1 if exclude is None else int(exclude))).fetchone()
+        return None if row is None else self._decode(row[0], 1)[0]
 
     def get(self, ids: Sequence[int]) -> list[ImageRecord]:
         """Records in the order of `ids`; ids not in the catalogue are skipped."""

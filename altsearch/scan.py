@@ -91,7 +91,7 @@ _OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEX
                | getattr(os, "O_BINARY", 0))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileEntry:
     """A candidate image file: absolute path as the user sees it, size in bytes, mtime in seconds."""
 

@@ -137,6 +137,9 @@ class IndexStore:
         # the vector file as this store last read or wrote it (see _file_stamp): another writer's file
         # (its optimize, repair or indexing run) is told apart from ours by it
         self._file_seen: tuple | None = None
+        # An exact index that an indexing run grew beyond EXACT_MAX is let go (see commit): until the
+        # run's maybe_rebuild builds the approximate one, commits leave the vectors to the catalogue.
+        self._released = False
 
     def close(self) -> None:
         self.catalog.close()
@@ -189,6 +192,7 @@ class IndexStore:
                                              f"--repair --index {self.folder}") from None
                 self._saved_generation = index.header.generation if index.header else None
                 self._vectors = index
+                self._released = False
             return self._vectors
 
     def writable_vectors(self, progress: BuildProgress | None = None) -> VectorIndex:
@@ -310,9 +314,15 @@ class IndexStore:
         ``added`` is ``(ids, vectors)``; the ids may be filled in by ``fn``. Vectors go into FAISS as the
         catalogue stores them (`catalog.as_stored`: int8-rounded), so a rebuilt index scores exactly like this one.
         A commit that changes no vector (metadata, failures) leaves a vector index not opened yet unopened.
+
+        An exact index with no kind chosen that grows beyond EXACT_MAX here is let go: the indexing run
+        that adds the vectors ends with `maybe_rebuild`, which builds the approximate one from the
+        catalogue whether or not the exact one is kept, and keeping it would cost 3 KB per vector
+        until then (a first run over a million photos: 3 GB). Commits leave the vectors to the
+        catalogue meanwhile; a search in the meantime opens the index again.
         """
         vectors = None
-        if len(removed_ids) or added is not None or self._vectors is not None:
+        if not self._released and (len(removed_ids) or added is not None or self._vectors is not None):
             vectors = self.current_vectors()  # before the catalogue moves on: the generation stamped
             # below must not skip another process's commits
         with _writing(self.folder, "committing to the catalogue"):
@@ -328,6 +338,12 @@ class IndexStore:
             if added is not None and len(added[0]):
                 vectors.add(np.asarray(added[0], np.int64), as_stored(added[1]))
             vectors.generation = self.catalog.generation  # one writer at a time (the write lock)
+        if (added is not None and vectors.kind == "flat" and kind_for(len(vectors)) != "flat"
+                and self.chosen_kind is None):
+            log.info("the exact vector index grew to %d vectors: the approximate one is built at the end of "
+                     "the run", len(vectors))
+            with self._open_lock, self._rw.writing():
+                self._vectors, self._seen_version, self._released = None, None, True
 
     def save_vectors(self) -> None:
         """Write the vector file atomically if it lags behind the catalogue (a writer's call, under the
@@ -369,7 +385,7 @@ class IndexStore:
         except ValueError as err:  # too few vectors for an IVF kind
             raise IndexStoreError(f"cannot build the {kind} vector index of {self.folder}: {err}") from err
         with self._rw.writing():
-            self._vectors = index
+            self._vectors, self._released = index, False
         self._saved_generation = None
         self._file_seen = self._file_stamp()  # this index supersedes the file as it stands
         return index
@@ -420,6 +436,10 @@ class IndexStore:
         at this size (an ivfpq needs 256 vectors), the index is kept as it is.
         """
         index, chosen = self._vectors, self.chosen_kind
+        if index is None and self._released:  # let go by a commit, having grown beyond exact search
+            log.info("building the vector index of %s as %s", self.folder, chosen or "auto")
+            self.rebuild(chosen or "auto", progress)
+            return True
         if index is None or not index.needs_rebuild(chosen):
             return False
         log.info("rebuilding the %s vector index (%d vectors) as %s", index.kind, len(index), chosen or "auto")
@@ -434,12 +454,7 @@ class IndexStore:
 
     def vector_for_hash(self, content_hash: str | None, exclude: int | None = None) -> np.ndarray | None:
         """The stored vector of an indexed file with this content, if there is one."""
-        if not content_hash:
-            return None
-        ids = [i for i in self.catalog.ids_by_hash(content_hash) if i != exclude]
-        for _, vecs in self.catalog.iter_vectors(ids=np.asarray(ids[:1], np.int64)) if ids else ():
-            return vecs[0]
-        return None
+        return self.catalog.vector_for_hash(content_hash, exclude) if content_hash else None
 
     # -- health ---------------------------------------------------------------------------------------
 

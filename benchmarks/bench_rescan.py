@@ -39,26 +39,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkpoints come from tests/checkpoints.py
 sys.path.insert(1, str(ROOT / "benchmarks"))
-from benchlib import checkpoint_folder, cpu_name, int_list, loadavg, run_in_workdir  # noqa: E402
+from benchlib import (DONE_CODE, checkpoint_folder, cpu_name, int_list, library_parser, loadavg,  # noqa: E402
+                      run_in_workdir)
 
 PER_FOLDER = 1000
 FILL_ROWS = 50_000  # catalogue rows per transaction
 LIBRARY_FORMAT = 1  # bump when the library changes, so cached ones are made again
 KINDS = ("floor", "altsearch", "model up front")
 
-# Each measured run is a fresh interpreter running one of these, which ends with done(): one JSON line
-# with what it found and what it cost. Peak memory is VmHWM: getrusage's ru_maxrss survives exec, so a
-# child would report its parent's peak.
-_DONE = """
-import json, sys, time
-
-def done(**found):
-    with open("/proc/self/status") as f:
-        peak_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    print(json.dumps({**found, "torch": "torch" in sys.modules, "cpu_s": time.process_time(),
-                      "rss_mb": peak_kb / 1024}))
-"""
-_FLOOR = _DONE + """
+_FLOOR = DONE_CODE + """
 import os
 n = 0
 for folder, _, names in os.walk(sys.argv[1]):
@@ -67,7 +56,7 @@ for folder, _, names in os.walk(sys.argv[1]):
         n += 1
 done(files=n, unchanged=n)
 """
-_CLI = _DONE + """
+_CLI = DONE_CODE + """
 from typer.testing import CliRunner
 from altsearch.cli import app
 result = CliRunner().invoke(app, ["index", sys.argv[1], "--index", sys.argv[2], "--json", "--workers", "0"])
@@ -75,7 +64,7 @@ assert result.exit_code == 0, result.output
 report = json.loads(result.stdout)
 done(unchanged=report["unchanged"], embedded=report["embedded"])
 """
-_UP_FRONT = _DONE + """
+_UP_FRONT = DONE_CODE + """
 from altsearch import Engine, load_model
 model = load_model(sys.argv[3], device="cpu")
 with Engine.open(sys.argv[2], model=model, device="cpu", create=False) as engine:
@@ -199,15 +188,10 @@ def render(report: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", type=Path, help="cache for the checkpoint and the libraries (kept; default: a "
-                                                "temporary folder, removed)")
+    p = library_parser(__doc__)
     p.add_argument("--sizes", type=int_list(1), default=[10_000, 100_000],
                    help="library sizes in files (default: 10000,100000)")
-    p.add_argument("--model", default="tiny768", help="tiny, tiny768, full or a checkpoint folder (default: tiny768)")
     p.add_argument("--repeats", type=int, default=3, help="fresh processes of each kind (median; default 3)")
-    p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")

@@ -39,6 +39,33 @@ def run_in_workdir(args: argparse.Namespace, prefix: str, run: Callable[[argpars
     return report
 
 
+# The start of a measured run's code (a fresh interpreter, `python -c`): it ends with done(), one JSON
+# line with what it found and what it cost. Peak memory is VmHWM: getrusage's ru_maxrss survives exec,
+# so a child would report its parent's peak.
+DONE_CODE = """
+import json, sys, time
+
+def peak_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+def done(**found):
+    print(json.dumps({**found, "torch": "torch" in sys.modules, "cpu_s": time.process_time(),
+                      "rss_mb": peak_mb()}))
+"""
+
+
+def library_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of a script that indexes libraries it makes with a model it writes: ``--workdir`` (their
+    cache), ``--model`` (:func:`checkpoint_folder`) and ``--json``; described by ``doc``'s first paragraph."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", type=Path, help="cache for the checkpoint and the libraries (kept; default: a "
+                                                "temporary folder, removed)")
+    p.add_argument("--model", default="tiny768", help="tiny, tiny768, full or a checkpoint folder (default: tiny768)")
+    p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    return p
+
+
 def loadavg() -> list[float] | None:
     """The 1, 5 and 15 minute load averages, rounded (None where the OS has none)."""
     try:

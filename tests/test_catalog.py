@@ -66,7 +66,12 @@ def test_add_then_read_back(cat: Catalog) -> None:
     )  # fmt: skip
     assert cat.get_by_path("/p/missing.jpg") is None
     assert [r.path for r in cat.get([3, 99, 1])] == ["/p/c.png", "/p/a.jpg"]
-    assert cat.ids_by_hash("same") == [2, 3]
+    # a duplicate's vector: the first image with that content, or the next one when it is excluded
+    np.testing.assert_array_equal(cat.vector_for_hash("same"), as_stored(vecs[1]))
+    np.testing.assert_array_equal(cat.vector_for_hash("same", exclude=2), as_stored(vecs[2]))
+    assert cat.vector_for_hash("same", exclude=3) is not None
+    assert cat.vector_for_hash("h:/p/a.jpg", exclude=1) is None
+    assert cat.vector_for_hash("never stored") is None
     assert cat.file_states() == {
         "/p/a.jpg": (1, 100, 1000.0, "h:/p/a.jpg"),
         "/p/b.png": (2, 100, 1000.0, "same"),

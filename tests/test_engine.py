@@ -817,20 +817,22 @@ def test_a_rebuild_reports_its_steps(tmp_path, monkeypatch):
     _assert_build_reported(heard, 300, ("train", "add", "tune"))
 
 
+def _add(store: IndexStore, n: int) -> None:
+    """Commit n more images with random 16-d vectors, as an indexing run's chunk does."""
+    start = store.catalog.count()
+    records = [{"path": f"/p/{i}.jpg", "size": 1, "mtime": 1.0, "content_hash": str(i)}
+               for i in range(start, start + n)]
+    vecs = np.random.default_rng(start).standard_normal((n, 16)).astype(np.float32)
+    added: list[int] = []
+    store.commit(lambda tx: added.extend(tx.add(records, vecs)), added=(added, vecs))
+
+
 def test_a_kind_chosen_with_optimize_is_retrained_as_itself(tmp_path):
     """Through IndexStore with stored vectors: an ivfpq chosen below EXACT_MAX stays one where the size
     would switch it to flat, and is retrained as an ivfpq once it has grown 4-fold."""
     store = IndexStore(tmp_path / "index", device="cpu")
     store.bind_model("m", "fp", 16)
-
-    def add(n):
-        start = store.catalog.count()
-        records = [{"path": f"/p/{i}.jpg", "size": 1, "mtime": 1.0, "content_hash": str(i)}
-                   for i in range(start, start + n)]
-        vecs = np.random.default_rng(start).standard_normal((n, 16)).astype(np.float32)
-        added: list[int] = []
-        store.commit(lambda tx: added.extend(tx.add(records, vecs)), added=(added, vecs))
-
+    add = lambda n: _add(store, n)  # noqa: E731
     add(300)
     assert store.optimize("ivfpq").kind == "ivfpq" and store.check() == []
     add(10)
@@ -841,6 +843,55 @@ def test_a_kind_chosen_with_optimize_is_retrained_as_itself(tmp_path):
     assert (store.vectors.kind, store.vectors.built_count) == ("ivfpq", 1310)
     store.save_vectors()
     assert store.check() == []
+    store.close()
+
+
+def test_an_exact_index_grown_beyond_exact_search_is_let_go_until_the_run_ends(tmp_path, monkeypatch):
+    """A run that grows an exact index beyond EXACT_MAX ends by building the approximate one from the
+    catalogue (maybe_rebuild), so the exact one is not grown meanwhile: at 3 KB a vector, a first run
+    over a million photos held 3 GB for nothing. Its commits leave the vectors to the catalogue; a
+    search meanwhile opens the index again; an exact kind chosen with optimize is kept growing."""
+    monkeypatch.setattr(vectors_module, "EXACT_MAX", 100)
+    sizes = []  # the in-memory index's size after each add
+    real_add = vectors_module.VectorIndex.add
+
+    def add_to_index(self, ids, vecs):
+        real_add(self, ids, vecs)
+        sizes.append((self.kind, len(self)))
+
+    monkeypatch.setattr(vectors_module.VectorIndex, "add", add_to_index)
+    store = IndexStore(tmp_path / "index", device="cpu")
+    store.bind_model("m", "fp", 16)
+    for n in (80, 80, 200, 40):
+        _add(store, n)
+    assert sizes == [("flat", 80), ("flat", 160)]  # let go past 100, then not opened again
+    assert store.maybe_rebuild()
+    assert (store.vectors.kind, len(store.vectors)) == ("ivfpq", 400)
+    store.save_vectors()
+    assert store.check() == [] and saved_kind(tmp_path / "index" / "vectors.faiss") == "ivfpq"
+    _add(store, 10)  # an approximate index is compact: kept, and added to
+    assert sizes[-1] == ("ivfpq", 410)
+    store.close()
+
+    # a search while it is let go opens it again, from the catalogue, with every vector
+    store = IndexStore(tmp_path / "other", device="cpu")
+    store.bind_model("m", "fp", 16)
+    _add(store, 280)
+    query = np.random.default_rng(9).standard_normal((1, 16)).astype(np.float32)
+    scores, ids = store.search(query, 300)
+    assert ids.shape == (1, 280) and store.vectors.kind == "flat"
+    _add(store, 10)
+    assert store.maybe_rebuild() and (store.vectors.kind, len(store.vectors)) == ("ivfpq", 290)
+    store.close()
+
+    # an exact index chosen with optimize is the user's to hold, whatever its size
+    store = IndexStore(tmp_path / "chosen", device="cpu")
+    store.bind_model("m", "fp", 16)
+    _add(store, 50)
+    store.optimize("flat")
+    sizes.clear()
+    _add(store, 100)
+    assert sizes == [("flat", 150)] and not store.maybe_rebuild()
     store.close()
 
 

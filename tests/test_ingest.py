@@ -124,6 +124,28 @@ def test_an_interrupt_in_the_overlapped_run_commits_the_finished_batches(tmp_pat
     assert again.added == 14 - report.added
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])
+def test_a_run_holds_only_the_vectors_it_has_not_committed(tmp_path, tiny_checkpoint, photos, monkeypatch, overlap):
+    """A first run over millions of new files must not keep every vector it made until its end (3 KB each
+    at 768 dimensions): a vector is let go once the chunk that stores it is committed, and a later file
+    with the same bytes finds it in the catalogue (the fixture's copy-of-1.jpg is scanned first, its
+    original eighth, three chunks later), so the model still runs once per distinct content."""
+    held = []
+    real = Ingestor._maybe_commit
+
+    def maybe_commit(self, report):
+        held.append(len(self._unstored))
+        real(self, report)
+
+    monkeypatch.setattr(Ingestor, "_maybe_commit", maybe_commit)
+    report, vectors = _run(tmp_path, "index", tiny_checkpoint, photos, batch_size=2, chunk_size=3, overlap=overlap)
+    assert _counts(report) == (14, 1, 2, 12, False)
+    assert max(held) <= 2 * 3 + 2  # a chunk gathering, one in the writer, a batch's vectors (12 held before)
+    for copy in ("copy-of-0.jpg", "copy-of-1.jpg"):
+        original = next(p for p in vectors if p.endswith(f"img_00{copy[-5]}.jpg"))
+        np.testing.assert_array_equal(vectors[str(photos / copy)], vectors[original])
+
+
 def test_pipeline_keeps_a_batch_decoded_ahead(tmp_path, tiny_checkpoint, photos, monkeypatch):
     seen = {}
     real_init = DecodePool.__init__
