@@ -14,15 +14,18 @@ The baseline, measured in the same run, is the smallest size: its peak holds wha
 grew from it, divided by the photos added: what a run holds for each photo it brings in. One float32
 vector of 768 dimensions is 3,072 bytes.
 
-``--exact-max`` lowers ``vectors.EXACT_MAX`` in the measured processes (as the tests do), so that a
-library of thousands shows what a run does beyond exact search, which takes over 100,000 photos
-otherwise. ``--checkout`` measures another checkout of altsearch beside this one, in the same run
+``--into N`` measures runs into an index that already holds N other photos (made once, copied for
+each run), as when a new batch of photos joins a library: each decoded photo is then looked up in
+the catalogue by its content hash. ``--exact-max`` lowers ``vectors.EXACT_MAX`` in the measured
+processes (as the tests do), so that a library of thousands shows what a run does beyond exact
+search, which takes over 100,000 photos otherwise. ``--checkout`` measures another checkout of altsearch beside this one, in the same run
 (before and after a change: ``git worktree add /tmp/before HEAD~1``).
 
 Run from the repository root (opt-in; tests/test_bench_firstrun.py runs a tiny configuration):
 
     .venv/bin/python benchmarks/bench_firstrun.py --workdir /tmp/bench-firstrun
     .venv/bin/python benchmarks/bench_firstrun.py --workdir /tmp/bench-firstrun --sizes 2000,20000 --exact-max 1000
+    .venv/bin/python benchmarks/bench_firstrun.py --workdir /tmp/bench-firstrun --into 20000
 """
 
 from __future__ import annotations
@@ -71,10 +74,11 @@ done(package=altsearch.__file__, embedding_mb=embedding_mb[0], **{k: report[k] f
 """
 
 
-def make_library(work: Path, n: int) -> tuple[Path, int]:
-    """(photo folder, files in it) for ``n`` photos and their copies, made unless a complete one is cached."""
-    folder = work / f"photos-{n}"
-    spec_file = work / f"photos-{n}.json"  # written last: its presence means complete
+def make_library(work: Path, n: int, name: str = "photos") -> tuple[Path, int]:
+    """(photo folder, files in it) for ``n`` photos and their copies, made unless a complete one is cached;
+    libraries of other names hold other photos."""
+    folder = work / f"{name}-{n}"
+    spec_file = work / f"{name}-{n}.json"  # written last: its presence means complete
     want = {"n": n, "format": LIBRARY_FORMAT}
     copies = n // COPY_EVERY
     if spec_file.is_file() and json.loads(spec_file.read_text()) == want and folder.is_dir():
@@ -86,7 +90,7 @@ def make_library(work: Path, n: int) -> tuple[Path, int]:
     spec_file.unlink(missing_ok=True)
     shutil.rmtree(folder, ignore_errors=True)
     print(f"making {folder} ({n:,} photos, {copies:,} copies) ...", flush=True)
-    rng = np.random.default_rng(n)
+    rng = np.random.default_rng(n if name == "photos" else [n, *name.encode()])
     for i in range(n):
         sub = folder / f"{i // PER_FOLDER:05d}"
         if i % PER_FOLDER == 0:
@@ -106,8 +110,33 @@ def vector_kind(index: Path) -> str:
     return json.loads(header.read_text())["kind"] if header.is_file() else "flat"
 
 
-def measure(checkout: Path, folder: Path, index: Path, ckpt: Path, exact_max: int | None) -> dict:
+def existing_index(work: Path, n: int, ckpt: Path) -> Path:
+    """An index of a library of ``n`` other photos (``--into``), made by this checkout unless cached; each
+    measured run starts from a copy of it."""
+    index = work / f"existing-{n}-index"
+    spec_file = work / f"existing-{n}-index.json"
+    want = {"n": n, "format": LIBRARY_FORMAT, "model": str(ckpt)}
+    if spec_file.is_file() and json.loads(spec_file.read_text()) == want and index.is_dir():
+        return index
+    from altsearch import Engine
+
+    folder, files = make_library(work, n, "existing")
+    spec_file.unlink(missing_ok=True)
     shutil.rmtree(index, ignore_errors=True)
+    print(f"indexing {folder} into {index} ...", flush=True)
+    with Engine.open(index, model=str(ckpt), device="cpu") as engine:
+        report = engine.index(folder, workers=0)
+    if report.added != files:
+        raise SystemExit(f"{index}: expected {files:,} files added, got {report}")
+    spec_file.write_text(json.dumps(want))
+    return index
+
+
+def measure(checkout: Path, folder: Path, index: Path, ckpt: Path, exact_max: int | None,
+            base: Path | None = None) -> dict:
+    shutil.rmtree(index, ignore_errors=True)
+    if base is not None:
+        shutil.copytree(base, index)
     env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_WAIT_POLICY": "PASSIVE"}
     args = [str(folder), str(index), str(ckpt), "-" if exact_max is None else str(exact_max)]
     t0 = time.perf_counter()
@@ -127,14 +156,16 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     report: dict = {"machine": {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
                                 "python": platform.python_version(), "loadavg_start": loadavg(),
                                 "date": time.strftime("%Y-%m-%d")},
-                    "model": args.model, "repeats": args.repeats, "exact_max": args.exact_max, "rows": []}
+                    "model": args.model, "repeats": args.repeats, "exact_max": args.exact_max, "into": args.into,
+                    "rows": []}
+    base = existing_index(work, args.into, ckpt) if args.into else None
     for n in sorted(args.sizes):
         folder, files = make_library(work, n)
         runs: dict[Path, list[dict]] = {c: [] for c in checkouts}
         for _ in range(args.repeats):
             for checkout in checkouts:  # interleaved
                 print(f"indexing {files:,} files with {checkout} ...", flush=True)
-                result = measure(checkout, folder, work / "index", ckpt, args.exact_max)
+                result = measure(checkout, folder, work / "index", ckpt, args.exact_max, base)
                 expected = {"added": files, "embedded": n, "duplicates": files - n, "failed": 0}
                 if {k: result[k] for k in expected} != expected:
                     raise SystemExit(f"{checkout}: expected {expected}, got {result}")
@@ -159,6 +190,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 def render(report: dict) -> str:
     m = report["machine"]
     switch = "" if report["exact_max"] is None else f"; EXACT_MAX lowered to {report['exact_max']:,}"
+    if report["into"]:
+        switch += f"; into an index of {report['into']:,} other photos"
     lines = [f"machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}; load average {m['loadavg_start']} "
              f"at start, {m['loadavg_end']} at end; {m['date']}",
              f"model: {report['model']}; median of {report['repeats']} fresh processes each{switch}",
@@ -185,6 +218,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="library sizes in photos, the smallest the baseline (default: 2000,20000)")
     p.add_argument("--exact-max", type=int, help="lower vectors.EXACT_MAX in the measured runs to this (at least "
                                                  "256, what an ivfpq needs)")
+    p.add_argument("--into", type=int, default=0, help="index into an index that already holds this many other "
+                                                      "photos (and their copies), not into a new one")
     p.add_argument("--checkout", type=Path, action="append", default=[],
                    help="another checkout of altsearch to measure beside this one (repeatable)")
     p.add_argument("--repeats", type=int, default=1, help="fresh processes of each checkout (median; default 1)")
@@ -195,6 +230,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--exact-max must be at least 256")
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
+    if args.into < 0:
+        p.error("--into must be at least 0")
     return args
 
 

@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from altsearch import Engine
 from altsearch.scan import scan
 from tests.benchscripts import bench_script
 
@@ -34,13 +37,21 @@ def test_the_library_has_a_copy_of_every_20th_photo_scanned_after_it_and_is_made
         assert bench.make_library(tmp_path, 1100) == (folder, files) and folder.stat().st_mtime_ns == stamp
 
 
-def test_tiny_run_embeds_each_photo_once_and_gives_the_growth_per_photo(tmp_path):
+@pytest.mark.parametrize("into", [0, 100], ids=["new index", "into an index"])
+def test_tiny_run_embeds_each_photo_once_and_gives_the_growth_per_photo(tmp_path, into):
+    """Into a new index, and into one that holds 100 other photos: each run must add every file, embed
+    each photo once and reuse each copy's vector (the script checks each run's report)."""
     out = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--sizes", "300,600", "--model", "tiny", "--exact-max", "280",
-                           "--workdir", str(tmp_path / "work"), "--json", str(out)],
+                           "--into", str(into), "--workdir", str(tmp_path / "work"), "--json", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "EXACT_MAX lowered to 280" in proc.stdout
+    assert ("into an index of 100 other photos" in proc.stdout) == bool(into)
+    if into:
+        base = tmp_path / "work" / "existing-100-index"
+        with Engine.open(base, create=False) as engine:
+            assert engine.stats()["images"] == 105  # copied for each run, never written to
     assert f"| 600 (+30) | {ROOT} | ivfpq |" in proc.stdout
     small, large = json.loads(out.read_text())["rows"]
     assert (small["files"], large["files"]) == (315, 630)  # the script checks each run embedded n, reused the rest
