@@ -901,8 +901,8 @@ class Catalog:
     def vector_for_hash(self, content_hash: str, exclude: int | None = None) -> np.ndarray | None:
         """The float32 vector stored for the lowest-id image with this content hash (other than the one
         with id ``exclude``), or None. An indexing run asks once per decoded file that it has not
-        embedded itself, so it goes through the quick connection: 15 us, against 0.4 ms through
-        SQLAlchemy (where the catalogue's content-hash index makes the lookup itself a few us)."""
+        embedded itself, so it goes through the quick connection: 14 us when no image has the hash,
+        58 us when one has, against 0.40 and 0.56 ms through SQLAlchemy (20,000 images)."""
         with self._quick("looking up a content hash") as con:
             row = con.execute(_VECTOR_FOR_HASH, (content_hash, -1 if exclude is None else int(exclude))).fetchone()
         return None if row is None else self._decode(row[0], 1)[0]
