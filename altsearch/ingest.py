@@ -397,9 +397,9 @@ class Ingestor:
         report.decoder, decoder = self._decoder(len(work))
         report.jpeg_library = decoder.library if report.decoder == "gpu" else None  # type: ignore[attr-defined]
         by_path = {w.entry.path: w for w in work}
-        # Only an index that held images before this run, or into which this run has committed vectors,
-        # can hold a vector that is not in self._unstored.
-        self._lookup = self._lookup or self.store.catalog.count() > 0
+        # Only an index that held images before this run can hold a vector not in self._unstored, until
+        # this run commits its first vectors (_settle).
+        self._lookup = self.store.catalog.count() > 0
         unstored = self._unstored
         queued: dict[str, list[tuple[_Work, Decoded]]] = {}  # hash of a file not yet embedded -> its twins
         batch: list[tuple[_Work, Decoded]] = []
