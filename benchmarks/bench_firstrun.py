@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkpoints come from tests/checkpoints.py
 sys.path.insert(1, str(ROOT / "benchmarks"))
 from benchlib import (DONE_CODE, checkpoint_folder, cpu_name, int_list, library_parser, loadavg,  # noqa: E402
-                      run_in_workdir)
+                      made_before, run_in_workdir)
 
 PER_FOLDER = 1000
 COPY_EVERY = 20  # one byte-identical copy per this many photos
@@ -78,16 +78,14 @@ def make_library(work: Path, n: int, name: str = "photos") -> tuple[Path, int]:
     """(photo folder, files in it) for ``n`` photos and their copies, made unless a complete one is cached;
     libraries of other names hold other photos."""
     folder = work / f"{name}-{n}"
-    spec_file = work / f"{name}-{n}.json"  # written last: its presence means complete
+    spec_file = work / f"{name}-{n}.json"
     want = {"n": n, "format": LIBRARY_FORMAT}
     copies = n // COPY_EVERY
-    if spec_file.is_file() and json.loads(spec_file.read_text()) == want and folder.is_dir():
-        print(f"reusing {folder}", flush=True)
+    if made_before(spec_file, want, folder):
         return folder, n + copies
     import numpy as np
     from PIL import Image
 
-    spec_file.unlink(missing_ok=True)
     shutil.rmtree(folder, ignore_errors=True)
     print(f"making {folder} ({n:,} photos, {copies:,} copies) ...", flush=True)
     rng = np.random.default_rng(n if name == "photos" else [n, *name.encode()])
@@ -116,12 +114,11 @@ def existing_index(work: Path, n: int, ckpt: Path) -> Path:
     index = work / f"existing-{n}-index"
     spec_file = work / f"existing-{n}-index.json"
     want = {"n": n, "format": LIBRARY_FORMAT, "model": str(ckpt)}
-    if spec_file.is_file() and json.loads(spec_file.read_text()) == want and index.is_dir():
+    if made_before(spec_file, want, index):
         return index
     from altsearch import Engine
 
     folder, files = make_library(work, n, "existing")
-    spec_file.unlink(missing_ok=True)
     shutil.rmtree(index, ignore_errors=True)
     print(f"indexing {folder} into {index} ...", flush=True)
     with Engine.open(index, model=str(ckpt), device="cpu") as engine:

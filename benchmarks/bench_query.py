@@ -72,7 +72,7 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkpoints come from tests/checkpoints.py and bench_model.py
 sys.path.insert(1, str(ROOT / "benchmarks"))
-from benchlib import checkpoint_folder, cpu_name, int_list, loadavg, run_in_workdir  # noqa: E402
+from benchlib import checkpoint_folder, cpu_name, int_list, loadavg, made_before, run_in_workdir  # noqa: E402
 
 # Queries made of words and characters the tiny tokenizer knows (any text works with a real model).
 QUERIES = [
@@ -207,15 +207,11 @@ def build_index(folder: Path, n: int, model: dict, seed: int = 0) -> dict:
 def cached_index(work: Path, n: int, model: dict) -> tuple[Path, dict]:
     """The index folder for (n, model) in ``work``, built unless a complete one is there."""
     folder = work / f"index-{n}-{model['fingerprint']}"
-    spec_file = folder.with_name(folder.name + ".json")  # written last: its presence means complete
+    spec_file = folder.with_name(folder.name + ".json")
     want = {"n": n, "fingerprint": model["fingerprint"], "format": INDEX_FORMAT}
-    if spec_file.is_file():
-        info = json.loads(spec_file.read_text())
-        if {k: info.get(k) for k in want} == want and folder.is_dir():
-            print(f"reusing {folder}", flush=True)
-            return folder, {**info, "cached": True}
+    if (info := made_before(spec_file, want, folder)) is not None:
+        return folder, {**info, "cached": True}
     print(f"filling {folder} ({n:,} vectors, d={model['dimension']}) ...", flush=True)
-    spec_file.unlink(missing_ok=True)
     info = {**want, **build_index(folder, n, model)}
     spec_file.write_text(json.dumps(info, indent=1))
     return folder, {**info, "cached": False}

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkpoints come from tests/checkpoints.py
 sys.path.insert(1, str(ROOT / "benchmarks"))
 from benchlib import (DONE_CODE, checkpoint_folder, cpu_name, int_list, library_parser, loadavg,  # noqa: E402
-                      run_in_workdir)
+                      made_before, run_in_workdir)
 
 PER_FOLDER = 1000
 FILL_ROWS = 50_000  # catalogue rows per transaction
@@ -76,13 +76,10 @@ done(unchanged=report.unchanged, embedded=report.embedded)
 def make_library(work: Path, n: int, ckpt: Path) -> tuple[Path, Path, dict]:
     """(photo folder, index folder, what was built) for ``n`` files, made unless a complete one is cached."""
     folder, index = work / f"library-{n}", work / f"library-{n}-index"
-    spec_file = work / f"library-{n}.json"  # written last: its presence means complete
+    spec_file = work / f"library-{n}.json"
     want = {"n": n, "format": LIBRARY_FORMAT, "model": str(ckpt)}
-    if spec_file.is_file():
-        info = json.loads(spec_file.read_text())
-        if {k: info.get(k) for k in want} == want and folder.is_dir() and index.is_dir():
-            print(f"reusing {folder}", flush=True)
-            return folder, index, info
+    if (info := made_before(spec_file, want, folder, index)) is not None:
+        return folder, index, info
     import shutil
 
     import numpy as np
@@ -93,7 +90,6 @@ def make_library(work: Path, n: int, ckpt: Path) -> tuple[Path, Path, dict]:
     from altsearch.model.files import locate
     from altsearch.store import CATALOG_FILE
 
-    spec_file.unlink(missing_ok=True)
     shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(index, ignore_errors=True)
     print(f"making {folder} ({n:,} files) ...", flush=True)

@@ -55,6 +55,19 @@ def done(**found):
 """
 
 
+def made_before(spec_file: Path, want: dict, *made: Path) -> dict | None:
+    """What ``spec_file`` records of something a benchmark makes once in its workdir (written last, so its
+    presence means the thing is complete), if it was made with ``want``'s settings and the folders
+    ``made`` are there; else None, with the spec file removed before the thing is made again."""
+    if spec_file.is_file():
+        info = json.loads(spec_file.read_text())
+        if {k: info.get(k) for k in want} == want and all(p.is_dir() for p in made):
+            print(f"reusing {made[0]}", flush=True)
+            return info
+    spec_file.unlink(missing_ok=True)
+    return None
+
+
 def library_parser(doc: str) -> argparse.ArgumentParser:
     """The options of a script that indexes libraries it makes with a model it writes: ``--workdir`` (their
     cache), ``--model`` (:func:`checkpoint_folder`) and ``--json``; described by ``doc``'s first paragraph."""

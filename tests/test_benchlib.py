@@ -55,3 +55,22 @@ def test_the_tiny_checkpoints_give_vectors_of_the_dimension_named(tmp_path):
         assert lib.checkpoint_folder("tiny768", tmp_path) == folder  # written once, then reused
         with pytest.raises(SystemExit, match="tiny768"):
             lib.checkpoint_folder("tiny-768", tmp_path)
+
+
+def test_a_thing_made_once_is_reused_only_when_complete_and_made_alike(tmp_path):
+    """made_before: the spec file, written last, says a workdir's library or index is complete; a spec
+    of other settings, or a folder gone, means making it again, and the stale spec is removed first
+    (so a run killed while remaking it never leaves it looking complete)."""
+    import json
+
+    with bench_script("benchlib") as benchlib:
+        folder, spec = tmp_path / "library", tmp_path / "library.json"
+        want = {"n": 10, "format": 1}
+        assert benchlib.made_before(spec, want, folder) is None  # never made
+        folder.mkdir()
+        spec.write_text(json.dumps({**want, "build_s": 2.5}))
+        assert benchlib.made_before(spec, want, folder) == {**want, "build_s": 2.5}
+        assert benchlib.made_before(spec, {**want, "format": 2}, folder) is None and not spec.exists()
+        spec.write_text(json.dumps(want))
+        folder.rmdir()
+        assert benchlib.made_before(spec, want, folder) is None and not spec.exists()
