@@ -243,13 +243,14 @@ def _bar(enabled: bool):
             return Text(f"{task.speed:,.1f} {unit}/s" if task.speed else f"- {unit}/s")
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
-                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=True)
-    task = bar.add_task("", total=None, unit="")
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[note]}"),
+                   console=err, transient=True)
+    task = bar.add_task("", total=None, unit="", note="")
 
-    def update(description: str, done: int, total: int | None, unit: str) -> None:
+    def update(description: str, done: int, total: int | None, unit: str, note: str = "") -> None:
         if bar.tasks[0].description != description:
-            bar.reset(task, description=description, total=total, unit=unit)
-        bar.update(task, completed=done, total=total)
+            bar.reset(task, description=description, total=total, unit=unit, note=note)
+        bar.update(task, completed=done, total=total, note=note)
 
     with bar:
         yield update
@@ -267,6 +268,8 @@ def _progress(enabled: bool):
         def update(p) -> None:
             if p.phase == "vectors":
                 _build_step(bar, p.step, p.done, p.total)
+            elif p.phase == "embed" and p.total is None:  # the scan goes on: no total, no ETA yet
+                bar(names[p.phase], p.done, None, "img", f"still scanning: {p.found:,} found to embed")
             else:
                 bar(names[p.phase], p.done, p.total, "img")
 

@@ -8,22 +8,30 @@ caught up from the catalogue on the next open, see :mod:`altsearch.store`).
 A file whose content is already in the index (a byte-identical duplicate, or a file that was moved or
 renamed) reuses the stored vector: the model runs once per distinct content.
 
+The scan runs in a thread of its own (:class:`_Walk`). Once every file the catalogue holds under the folder
+has been met, a new file cannot be one of them moved, and it goes to the decoders at once: a first run, or
+one resumed past what it committed, embeds while it scans. Changed files, new ones met before that, moves,
+deletions and touched files are settled when the scan is over (``Ingestor._finish_scan``).
+
 The pipeline: decode workers (:class:`~altsearch.decode.DecodePool`) keep one batch plus two files per
 worker decoded ahead of the model, so a batch is ready when the model asks for it. With ``overlap``
 (the default on a GPU) the model also runs in a thread of its own, one batch at a time, while this
 thread gathers the next batch, and each chunk is committed by a writer thread while the model works
 on; at most one batch is in the model and one chunk in the writer, and a chunk's rows and vectors still
 land in one transaction. Without it (the default on a CPU, where the model takes seconds per batch and
-commits cost nothing beside it) everything runs in the calling thread, so a Ctrl-C stops the model and
+commits cost nothing beside it) everything but the scan runs in the calling thread, so a Ctrl-C stops the model and
 rolls back a commit at once.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import queue
+import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -106,12 +114,92 @@ class Progress:
     total: int | None
     report: IndexReport
     step: str = ""
+    found: int | None = None
+    """``embed``: files to embed that the scan has found so far; while it goes on, ``total`` is None."""
 
 
 @dataclass(slots=True)
 class _Work:
     entry: FileEntry
     replaces: int | None  # catalogue id of the old version of a changed file
+
+
+PLAN_AHEAD = 1_000_000
+"""New files the scan may find ahead of the decoders (about 280 bytes each: 280 MB at most). Up to this
+many new files, the scan of a first run is over, and the run's total known, long before the files are
+embedded; beyond it the scan waits for the decoders, and the total is known for the last million."""
+
+
+class _Walk:
+    """One run's scan in a thread of its own (``thread``), sorting what it meets against the catalogue's
+    files under the folder (``known``, emptied as they are met; what is left at the end vanished).
+
+    While no catalogued file is left to meet, a new file cannot be one of them moved, and it is handed
+    to the run at once through ``queue`` (at most ``ahead`` waiting; :data:`_END` last): a first run,
+    or one resumed past what it had committed, embeds while it scans. Other new files (``new``) and
+    changed ones (``changed``) wait for the end of the scan (``Ingestor._finish_scan``). The thread
+    touches nothing but this object; its lists are read once it has ended."""
+
+    def __init__(self, items: Iterator[FileEntry | ScanProblem], known: dict[str, tuple],
+                 failed_before: set[str], ahead: int):
+        self.items = items
+        self.known = known
+        self.failed_before = failed_before
+        self.failed_seen: set[str] = set()  # of failed_before
+        self.new: list[FileEntry] = []
+        self.changed: list[tuple[FileEntry, int]] = []  # (file, catalogue id)
+        self.problems: list[tuple[str, str]] = []  # (path, reason) of each ScanProblem
+        self.unchanged = 0
+        self.scanned = 0  # entries met (files and problems)
+        self.handed = 0  # new files put in the queue
+        self.error: BaseException | None = None
+        self.queue: queue.Queue = queue.Queue(maxsize=ahead)
+        self._stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="altsearch-scan", daemon=True)
+
+    def _run(self) -> None:
+        known = self.known
+        try:
+            for item in self.items:
+                if self._stopping.is_set():
+                    return
+                self.scanned += 1
+                if isinstance(item, ScanProblem):
+                    self.problems.append((item.path, item.reason))
+                    continue
+                if item.path in self.failed_before:
+                    self.failed_seen.add(item.path)
+                state = known.pop(item.path, None)
+                if state is None:
+                    if known:
+                        self.new.append(item)
+                    else:
+                        self._put(_Work(item, replaces=None))
+                        self.handed += 1
+                elif state[1] == item.size and state[2] == item.mtime:
+                    self.unchanged += 1
+                else:
+                    self.changed.append((item, state[0]))
+        except BaseException as exc:  # raised in the run's thread (_finish_scan)
+            self.error = exc
+        finally:
+            close = getattr(self.items, "close", None)
+            if close is not None:
+                close()
+            self._put(_END)
+
+    def _put(self, item: object) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                pass
+
+    def stop(self) -> None:
+        """End the scan early (if it has not ended) and wait for its thread."""
+        self._stopping.set()
+        self.thread.join()
 
 
 def _under(path: str, root: str) -> bool:
@@ -245,6 +333,8 @@ class Ingestor:
         self._unstored: dict[str, np.ndarray] = {}
         self._lookup = False  # whether the catalogue may hold a vector this run did not make
         self._failures: list[tuple[str, str, int | None]] = []
+        self._total: int | None = None  # files to embed, once the scan is over
+        self._rest: deque[_Work] | None = None  # files to embed that waited for the end of the scan
         self._writer = _Stage("altsearch-writer", False)
         self._writing: Future | None = None  # the chunk the writer has, not yet in the report
         self._last_commit = self._last_save = time.monotonic()
@@ -281,18 +371,18 @@ class Ingestor:
         rebuilding = self._rebuilding(report)
         if self.store.dimension is not None and not self.store.built_when_needed():
             self.store.writable_vectors(rebuilding)  # rebuilt first if only an approximate index fits in memory
+        items = scan(root, include_hidden=include_hidden, follow_symlinks=follow_symlinks)  # a bad root raises here
         with _Stage("altsearch-writer", bool(self.overlap)) as self._writer:
+            walk = self._start_scan(root, items)
             try:
-                work = self._plan(root, report, include_hidden, follow_symlinks)
-                if work:
-                    self._take_model()
-                    faults.point("embedding")
-                self._embed(work, report)
-                del work  # a few hundred bytes a file: let go before the end builds the vector index
+                self._embed(self._feed(walk, report), walk, report)
             except KeyboardInterrupt:
                 report.interrupted = True
                 log.warning("interrupted: committing what is finished")
             finally:
+                walk.stop()
+                if self._rest is None:  # stopped before the end of the scan: count what it had met
+                    report.unchanged += walk.unchanged
                 self._settle_writing(report)
                 self._commit(report)  # here, not in the writer: a Ctrl-C rolls the transaction back
                 if not report.interrupted:
@@ -307,45 +397,68 @@ class Ingestor:
             self.progress(Progress("vectors", done, total, report, step))
         return progress
 
-    def _plan(self, root: str, report: IndexReport, include_hidden: bool, follow_symlinks: bool) -> list[_Work]:
-        """Scan, then settle everything that needs no model: unchanged, touched, moved, removed."""
+    def _start_scan(self, root: str, items: Iterator[FileEntry | ScanProblem]) -> _Walk:
+        """Start scanning ``root`` in a thread of its own, against what the catalogue holds under it."""
         cat = self.store.catalog
         # Each file the scan meets is taken out of `known`, which ends with the catalogued files not
         # met. Hashes are read later, for the files that changed or vanished: a run over millions of
         # unchanged files holds path, id, size and mtime of each, and nothing else.
         known = cat.file_states(under=root, hashes=False)
         failed_before = {p for p, _, _ in cat.failures() if _under(p, root)}
-        failed_seen: set[str] = set()
-        new: list[FileEntry] = []
-        changed: list[tuple[FileEntry, int]] = []
-        for n, item in enumerate(scan(root, include_hidden=include_hidden, follow_symlinks=follow_symlinks), 1):
-            if isinstance(item, ScanProblem):
-                self._failures.append((item.path, item.reason, None))
+        self._total, self._rest = None, None
+        walk = _Walk(items, known, failed_before, PLAN_AHEAD)
+        walk.thread.start()
+        return walk
+
+    def _feed(self, walk: _Walk, report: IndexReport) -> Iterator[_Work]:
+        """The files to embed, in this thread: those the scan hands over as it goes, then, once it is
+        over, the rest (changed files, and new ones that turned out not to be moved)."""
+        shown = 0
+        embedding = False  # from the first file handed on, the run reports its embedding
+        while True:
+            try:
+                item = walk.queue.get(timeout=0.2)
+            except queue.Empty:
+                if not embedding and walk.scanned >= shown + 1000:
+                    shown = walk.scanned
+                    self.progress(Progress("scan", shown, None, report))
                 continue
-            if item.path in failed_before:
-                failed_seen.add(item.path)
-            state = known.pop(item.path, None)
-            if state is None:
-                new.append(item)
-            elif state[1] == item.size and state[2] == item.mtime:
-                report.unchanged += 1
-            else:
-                changed.append((item, state[0]))
-            if n % 1000 == 0:
-                self.progress(Progress("scan", n, None, report))
+            if item is _END:
+                break
+            embedding = True
+            yield item
+        self._finish_scan(walk, report)
+        rest = self._rest
+        while rest:
+            yield rest.popleft()
+
+    def _finish_scan(self, walk: _Walk, report: IndexReport) -> None:
+        """Once the scan is over (at once if ``walk.thread`` still runs: it is waited for): settle
+        everything that needs no model (unchanged, touched, moved, removed), commit it, and line up the
+        files left to embed in ``self._rest``; ``self._total`` is then the run's files to embed."""
+        if self._rest is not None:
+            return
+        walk.thread.join()
+        if walk.error is not None:
+            raise walk.error
+        cat = self.store.catalog
+        known = walk.known
+        report.unchanged += walk.unchanged
+        self._failures.extend((path, reason, None) for path, reason in walk.problems)
         # A folder that could not be listed this time (permissions, an unmounted disk behind a link) hides
         # its files; they are kept, not taken for deleted.
-        unseen = {p for p, _, _ in self._failures}
+        unseen = {p for p, _ in walk.problems}
         hidden = {p for p in known if _inside_any(p, unseen)} if unseen else set()
         report.unchanged += len(hidden)
         missing = {p: s for p, s in known.items() if p not in hidden}
-        del known
+        walk.known = {}
+        new, changed = walk.new, walk.changed
         # the old hashes: of changed files (same bytes again is a touch), and of vanished ones where a
         # new file may be one of them moved
         looked_up = [i for _, i in changed] + ([s[0] for s in missing.values()] if new else [])
         old_hashes = {r.id: r.content_hash for r in cat.get(looked_up)}
 
-        work: list[_Work] = []
+        work: deque[_Work] = deque()
         touched: list[tuple[int, FileEntry]] = []
         for entry, image_id in changed:
             old_hash = old_hashes.get(image_id)
@@ -370,7 +483,7 @@ class Ingestor:
                 moves.append((missing.pop(match)[0], entry))
 
         removed = [s[0] for s in missing.values()]
-        gone_failures = sorted(failed_before - failed_seen)
+        gone_failures = sorted(walk.failed_before - walk.failed_seen)
 
         def bookkeeping(tx):
             for image_id, e in touched:
@@ -381,9 +494,12 @@ class Ingestor:
                 tx.remove(removed)
             tx.clear_failures(gone_failures)
 
-        self.store.commit(bookkeeping, removed_ids=removed)
+        if touched or moves or removed or gone_failures:  # a first run has none of these
+            self._settle_writing(report)  # the writer's chunk first: one commit at a time
+            self.store.commit(bookkeeping, removed_ids=removed)
         report.moved, report.removed = len(moves), len(removed)
-        return work
+        self._total = walk.handed + len(work)
+        self._rest = work
 
     def _hash(self, entry: FileEntry) -> str | None:
         try:
@@ -391,12 +507,25 @@ class Ingestor:
         except OSError:
             return None  # vanished or unreadable: the decode step records why
 
-    def _embed(self, work: list[_Work], report: IndexReport) -> None:
-        if not work:
-            return
-        report.decoder, decoder = self._decoder(len(work))
+    def _embed(self, feed: Iterator[_Work], walk: _Walk, report: IndexReport) -> None:
+        first = next(feed, None)
+        if first is None:
+            return  # nothing to embed: the model is never loaded
+        self._take_model()
+        faults.point("embedding")
+        head = [first]
+        if self._gpu_decode and self.decode == "auto":  # whether enough files come to pay for the GPU decoder
+            head.extend(itertools.islice(feed, GPU_DECODE_MIN - 1))
+        report.decoder, decoder = self._decoder(len(head))
         report.jpeg_library = decoder.library if report.decoder == "gpu" else None  # type: ignore[attr-defined]
-        by_path = {w.entry.path: w for w in work}
+        decoding: dict[str, _Work] = {}  # handed to the decoder, not yet back
+
+        def paths() -> Iterator[str]:
+            for w in itertools.chain(head, feed):
+                decoding[w.entry.path] = w
+                yield w.entry.path
+            head.clear()
+
         # Only an index that held images before this run can hold a vector not in self._unstored, until
         # this run commits its first vectors (_settle).
         self._lookup = self.store.catalog.count() > 0
@@ -404,7 +533,6 @@ class Ingestor:
         queued: dict[str, list[tuple[_Work, Decoded]]] = {}  # hash of a file not yet embedded -> its twins
         batch: list[tuple[_Work, Decoded]] = []
         in_model: list[tuple[list[tuple[_Work, Decoded]], Future]] = []  # at most one batch
-        total = len(work)
 
         def collect() -> None:
             """Take the batch in the model: its vectors, and those of its files' twins."""
@@ -436,9 +564,9 @@ class Ingestor:
 
         with _Stage("altsearch-model", self.overlap) as model, decoder as pool:
             try:
-                for n, d in enumerate(_timed(pool.imap(list(by_path)), report, "decode"), 1):
+                for n, d in enumerate(_timed(pool.imap(paths()), report, "decode"), 1):
                     faults.point("decoded")
-                    w = by_path[d.path]
+                    w = decoding.pop(d.path)
                     if d.error is not None:
                         self._failures.append((d.path, d.error, w.replaces))
                     elif d.content_hash in unstored:
@@ -459,8 +587,11 @@ class Ingestor:
                     if len(batch) >= self.batch_size:
                         flush()
                     self._maybe_commit(report)
-                    if n % 8 == 0 or n == total:
-                        self.progress(Progress("embed", n, total, report))
+                    if self._total is None and not walk.thread.is_alive():
+                        self._finish_scan(walk, report)  # the total is known: say so now, not at the end
+                    if n % 8 == 0 or n == self._total:
+                        found = walk.handed if self._total is None else self._total
+                        self.progress(Progress("embed", n, self._total, report, found=found))
                 flush()
             finally:
                 if in_model:

@@ -18,14 +18,16 @@ vector of 768 dimensions is 3,072 bytes.
 each run), as when a new batch of photos joins a library: each decoded photo is then looked up in
 the catalogue by its content hash. ``--exact-max`` lowers ``vectors.EXACT_MAX`` in the measured
 processes (as the tests do), so that a library of thousands shows what a run does beyond exact
-search, which takes over 100,000 photos otherwise. ``--checkout`` measures another checkout of altsearch beside this one, in the same run
-(before and after a change: ``git worktree add /tmp/before HEAD~1``).
+search, which takes over 100,000 photos otherwise. ``--scan-ms`` delays each entry of the run's scan (a network disk, where every ``stat`` is a round trip), so
+that the time a run waits for its scan shows. ``--checkout`` measures another checkout of altsearch beside
+this one, in the same run (before and after a change: ``git worktree add /tmp/before HEAD~1``).
 
 Run from the repository root (opt-in; tests/test_bench_firstrun.py runs a tiny configuration):
 
     .venv/bin/python benchmarks/bench_firstrun.py --workdir /tmp/bench-firstrun
     .venv/bin/python benchmarks/bench_firstrun.py --workdir /tmp/bench-firstrun --sizes 2000,20000 --exact-max 1000
     .venv/bin/python benchmarks/bench_firstrun.py --workdir /tmp/bench-firstrun --into 20000
+    .venv/bin/python benchmarks/bench_firstrun.py --workdir /tmp/bench-firstrun --scan-ms 2
 """
 
 from __future__ import annotations
@@ -64,13 +66,34 @@ def maybe_rebuild(self, *args, **kwargs):
     embedding_mb.append(peak_mb())
     return real_rebuild(self, *args, **kwargs)
 IndexStore.maybe_rebuild = maybe_rebuild
+first_added = []  # seconds from the start of the command to the first commit of photos
+real_commit = IndexStore.commit
+def commit(self, fn, *, removed_ids=(), added=None):
+    real_commit(self, fn, removed_ids=removed_ids, added=added)
+    if added is not None and len(added[0]) and not first_added:
+        first_added.append(time.perf_counter() - start)
+IndexStore.commit = commit
+scan_s = float(sys.argv[5]) / 1000
+if scan_s:  # each entry of the scan comes this much later, as over a slow network disk
+    from altsearch import ingest
+    real_scan = ingest.scan
+    def scan(*args, **kwargs):
+        items = real_scan(*args, **kwargs)
+        def slow():
+            for item in items:
+                time.sleep(scan_s)
+                yield item
+        return slow()
+    ingest.scan = scan
 from typer.testing import CliRunner
 from altsearch.cli import app
+start = time.perf_counter()
 result = CliRunner().invoke(app, ["index", sys.argv[1], "--index", sys.argv[2], "--model", sys.argv[3], "--json",
                                   "--workers", "0", "--device", "cpu"])
 assert result.exit_code == 0, result.output
 report = json.loads(result.stdout)
-done(package=altsearch.__file__, embedding_mb=embedding_mb[0], **{k: report[k] for k in ("added", "embedded", "duplicates", "failed", "seconds")})
+done(package=altsearch.__file__, embedding_mb=embedding_mb[0], first_s=first_added[0],
+     **{k: report[k] for k in ("added", "embedded", "duplicates", "failed", "seconds")})
 """
 
 
@@ -130,12 +153,12 @@ def existing_index(work: Path, n: int, ckpt: Path) -> Path:
 
 
 def measure(checkout: Path, folder: Path, index: Path, ckpt: Path, exact_max: int | None,
-            base: Path | None = None) -> dict:
+            base: Path | None = None, scan_ms: float = 0.0) -> dict:
     shutil.rmtree(index, ignore_errors=True)
     if base is not None:
         shutil.copytree(base, index)
     env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_WAIT_POLICY": "PASSIVE"}
-    args = [str(folder), str(index), str(ckpt), "-" if exact_max is None else str(exact_max)]
+    args = [str(folder), str(index), str(ckpt), "-" if exact_max is None else str(exact_max), str(scan_ms)]
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _RUN, *args], capture_output=True, text=True, env=env, cwd=checkout)
     wall = time.perf_counter() - t0
@@ -154,7 +177,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
                                 "python": platform.python_version(), "loadavg_start": loadavg(),
                                 "date": time.strftime("%Y-%m-%d")},
                     "model": args.model, "repeats": args.repeats, "exact_max": args.exact_max, "into": args.into,
-                    "rows": []}
+                    "scan_ms": args.scan_ms, "rows": []}
     base = existing_index(work, args.into, ckpt) if args.into else None
     for n in sorted(args.sizes):
         folder, files = make_library(work, n)
@@ -162,7 +185,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         for _ in range(args.repeats):
             for checkout in checkouts:  # interleaved
                 print(f"indexing {files:,} files with {checkout} ...", flush=True)
-                result = measure(checkout, folder, work / "index", ckpt, args.exact_max, base)
+                result = measure(checkout, folder, work / "index", ckpt, args.exact_max, base, args.scan_ms)
                 expected = {"added": files, "embedded": n, "duplicates": files - n, "failed": 0}
                 if {k: result[k] for k in expected} != expected:
                     raise SystemExit(f"{checkout}: expected {expected}, got {result}")
@@ -170,7 +193,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         for checkout in checkouts:
             rs = runs[checkout]
             row = {"n": n, "files": files, "checkout": str(checkout), "kind": rs[0]["kind"],
-                   **{key: statistics.median(r[key] for r in rs) for key in ("seconds", "wall_s", "embedding_mb", "rss_mb")}}
+                   **{key: statistics.median(r[key] for r in rs) for key in ("seconds", "wall_s", "first_s", "embedding_mb",
+                                                                       "rss_mb")}}
             row["photos_per_s"] = files / row["seconds"]
             report["rows"].append(row)
     for checkout in checkouts:  # the smallest size of the same checkout is the baseline
@@ -189,23 +213,26 @@ def render(report: dict) -> str:
     switch = "" if report["exact_max"] is None else f"; EXACT_MAX lowered to {report['exact_max']:,}"
     if report["into"]:
         switch += f"; into an index of {report['into']:,} other photos"
+    if report["scan_ms"]:
+        switch += f"; each scan entry {report['scan_ms']:g} ms late (a slow disk)"
     lines = [f"machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}; load average {m['loadavg_start']} "
              f"at start, {m['loadavg_end']} at end; {m['date']}",
              f"model: {report['model']}; median of {report['repeats']} fresh processes each{switch}",
              "",
-             "| photos (+ copies) | checkout | vector index at the end | run s | files/s | peak RSS MiB, embedding | "
-             "per photo, bytes | peak RSS MiB, whole run | per photo, bytes |",
-             "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| photos (+ copies) | checkout | vector index at the end | run s | first photos in, s | files/s | "
+             "peak RSS MiB, embedding | per photo, bytes | peak RSS MiB, whole run | per photo, bytes |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         per = {p: f"{r[f'{p}_per_photo']:,.0f}" if f"{p}_per_photo" in r else "(baseline)" for p in ("embedding", "rss")}
         lines.append(f"| {r['n']:,} (+{r['files'] - r['n']:,}) | {r['checkout']} | {r['kind']} | {r['seconds']:.1f} | "
-                     f"{r['photos_per_s']:.0f} | {r['embedding_mb']:.0f} | {per['embedding']} | {r['rss_mb']:.0f} | "
+                     f"{r['first_s']:.1f} | {r['photos_per_s']:.0f} | {r['embedding_mb']:.0f} | {per['embedding']} | {r['rss_mb']:.0f} | "
                      f"{per['rss']} |")
     lines.append("")
     lines.append("embedding: the peak before the run's end builds the vector index it has grown into (an approximate "
                  "one, beyond EXACT_MAX); whole run: with that build. per photo: the peak's growth from the smallest "
                  "size's run of the same checkout, divided by the files added (a float32 vector of 768 dimensions "
-                 "is 3,072 bytes)")
+                 "is 3,072 bytes). first photos in: from the command's start to the first commit of photos (they "
+                 "can be searched from then on)")
     return "\n".join(lines)
 
 
@@ -217,6 +244,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                  "256, what an ivfpq needs)")
     p.add_argument("--into", type=int, default=0, help="index into an index that already holds this many other "
                                                       "photos (and their copies), not into a new one")
+    p.add_argument("--scan-ms", type=float, default=0.0,
+                   help="delay each entry of the run's scan by this many milliseconds, as a network disk's stat "
+                        "round trips do (default 0)")
     p.add_argument("--checkout", type=Path, action="append", default=[],
                    help="another checkout of altsearch to measure beside this one (repeatable)")
     p.add_argument("--repeats", type=int, default=1, help="fresh processes of each checkout (median; default 1)")
@@ -229,6 +259,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--repeats must be at least 1")
     if args.into < 0:
         p.error("--into must be at least 0")
+    if args.scan_ms < 0:
+        p.error("--scan-ms must be at least 0")
     return args
 
 

@@ -37,23 +37,27 @@ def test_the_library_has_a_copy_of_every_20th_photo_scanned_after_it_and_is_made
         assert bench.make_library(tmp_path, 1100) == (folder, files) and folder.stat().st_mtime_ns == stamp
 
 
-@pytest.mark.parametrize("into", [0, 100], ids=["new index", "into an index"])
-def test_tiny_run_embeds_each_photo_once_and_gives_the_growth_per_photo(tmp_path, into):
-    """Into a new index, and into one that holds 100 other photos: each run must add every file, embed
-    each photo once and reuse each copy's vector (the script checks each run's report)."""
+@pytest.mark.parametrize("into, scan_ms", [(0, 0), (100, 2)], ids=["new index", "into an index, slow scan"])
+def test_tiny_run_embeds_each_photo_once_and_gives_the_growth_per_photo(tmp_path, into, scan_ms):
+    """Into a new index, and into one that holds 100 other photos with the scan slowed: each run must add
+    every file, embed each photo once and reuse each copy's vector (the script checks each run's report)."""
     out = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--sizes", "300,600", "--model", "tiny", "--exact-max", "280",
-                           "--into", str(into), "--workdir", str(tmp_path / "work"), "--json", str(out)],
+                           "--into", str(into), "--scan-ms", str(scan_ms), "--workdir", str(tmp_path / "work"),
+                           "--json", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "EXACT_MAX lowered to 280" in proc.stdout
     assert ("into an index of 100 other photos" in proc.stdout) == bool(into)
+    assert ("each scan entry 2 ms late" in proc.stdout) == bool(scan_ms)
     if into:
         base = tmp_path / "work" / "existing-100-index"
         with Engine.open(base, create=False) as engine:
             assert engine.stats()["images"] == 105  # copied for each run, never written to
     assert f"| 600 (+30) | {ROOT} | ivfpq |" in proc.stdout
     small, large = json.loads(out.read_text())["rows"]
+    assert large["seconds"] >= 630 * scan_ms / 1000  # the run waited for its scan's 630 entries at least
+    assert 0 < large["first_s"] < large["wall_s"]
     assert (small["files"], large["files"]) == (315, 630)  # the script checks each run embedded n, reused the rest
     assert "rss_per_photo" not in small and "embedding_per_photo" not in small  # the baseline
     assert large["rss_per_photo"] == (large["rss_mb"] - small["rss_mb"]) * 2**20 / 315

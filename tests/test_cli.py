@@ -238,6 +238,13 @@ def test_a_rebuild_shows_a_progress_bar_on_a_terminal(indexed, run, monkeypatch)
             update(Progress("vectors", done, total, report, step))
         assert shown in screen.getvalue()
 
+    # while the scan goes on, an indexing run embeds with no total yet: the bar says how many it has found
+    for total, shown in ((None, "still scanning: 1,200 found to embed"), (1500, "40/1500")):
+        screen.seek(0), screen.truncate()
+        with cli._progress(True) as update:
+            update(Progress("embed", 40, total, report, found=1200 if total is None else 1500))
+        assert shown in screen.getvalue() and ("scanning" in screen.getvalue()) == (total is None)
+
 
 def test_model_mismatch_is_one_line_error(indexed, run, tmp_path):
     index, _ = indexed

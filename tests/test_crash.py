@@ -357,7 +357,7 @@ def test_sigkill_at_fault_points_and_random_times_loses_nothing(tmp_path, tiny_c
 
 @pytest.mark.parametrize("point, committed", [
     ("decoded:24", "some"),  # mid-run: the finished images are committed, the summary printed
-    ("commit:2", "none"),  # inside the first chunk's transaction: it rolls back
+    ("commit:1", "none"),  # inside the first chunk's transaction (a first run commits no bookkeeping): it rolls back
     ("save-temp:1", "all"),  # writing the vector file at the end (an ivfpq's): everything is committed
 ])
 def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(tmp_path, tiny_checkpoint, point, committed):

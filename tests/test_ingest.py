@@ -92,13 +92,13 @@ def test_overlapped_run_indexes_exactly_what_the_serial_one_does(tmp_path, tiny_
 
 def test_an_error_in_the_writer_thread_stops_the_run_and_keeps_what_was_committed(tmp_path, tiny_checkpoint,
                                                                                    photos, armed):
-    armed("commit:3=raise")  # 1: the run's bookkeeping, 2: the first chunk
+    armed("commit:3=raise")  # the third chunk (a first run has no moves, deletions or touched files to commit)
     with Engine.open(tmp_path / "index", model=str(tiny_checkpoint), device="cpu") as engine:
         ingestor = Ingestor(engine.store, engine.model, workers=0, batch_size=2, chunk_size=3, overlap=True)
         with pytest.raises(IndexStoreError, match="No space left on device"):
             ingestor.run(str(photos))
         kept = engine.store.catalog.count()
-        assert 3 <= kept < 14 and engine.check() == []
+        assert 6 <= kept < 14 and engine.check() == []
     armed("")
     report, _ = _run(tmp_path, "index", tiny_checkpoint, photos, overlap=True)
     assert (report.added, report.unchanged) == (14 - kept, kept)
@@ -256,3 +256,129 @@ def test_the_report_says_which_stage_the_run_waited_on(tmp_path, tiny_checkpoint
     assert report.waited[slow] == max(report.waited.values())
     assert sum(report.waited.values()) <= report.seconds
     assert report.to_dict()["waited"] == {k: round(v, 3) for k, v in report.waited.items()}
+
+
+# --- scanning while embedding -------------------------------------------------------------------------
+
+
+def _held_scan(monkeypatch, after: int, release: threading.Event, fail: Exception | None = None) -> list[bool]:
+    """Make the run's scan stop after ``after`` entries until ``release`` is set (20 s at most), then go
+    on, or raise ``fail``. The list returned gets whether the scan was released (True) or gave up waiting."""
+    from altsearch import ingest
+
+    real = ingest.scan
+    released: list[bool] = []
+
+    def scan(*args, **kwargs):
+        items = real(*args, **kwargs)  # checks the root at once, as the real one does
+
+        def held():
+            for i, item in enumerate(items):
+                if i == after:
+                    released.append(release.wait(20))
+                    if fail is not None:
+                        raise fail
+                yield item
+        return held()
+
+    monkeypatch.setattr(ingest, "scan", scan)
+    return released
+
+
+def _index_heard(engine, folder, on_embed=None, **kw):
+    """Index ``folder`` decoding in this thread; (report, the embed progress reports as (done, total, found))."""
+    heard = []
+
+    def progress(p) -> None:
+        if p.phase == "embed":
+            heard.append((p.done, p.total, p.found))
+            if on_embed is not None:
+                on_embed()
+
+    return engine.index(folder, workers=0, batch_size=2, progress=progress, **kw), heard
+
+
+def test_a_first_run_embeds_while_its_scan_goes_on(tmp_path, tiny_checkpoint, photos, monkeypatch):
+    """A first run over millions of files on a slow disk must not wait for the whole scan before the model
+    starts: the scan is held after 10 of the fixture's 15 files until the run reports embedding."""
+    release = threading.Event()
+    released = _held_scan(monkeypatch, 10, release)
+    with Engine.open(tmp_path / "index", model=str(tiny_checkpoint), device="cpu") as engine:
+        report, heard = _index_heard(engine, photos, release.set)
+        assert released == [True]
+        assert _counts(report) == (14, 1, 2, 12, False)
+        assert heard[0][1] is None and 8 <= heard[0][2] <= 10  # no total while scanning, and how many found
+        assert heard[-1] == (15, 15, 15)  # the scan is over: every file counted, the broken one too
+        assert engine.check() == []
+    assert not [t for t in threading.enumerate() if t.name == "altsearch-scan"]
+
+
+def test_a_rerun_streams_new_files_once_every_catalogued_one_is_met(tmp_path, tiny_checkpoint, photos,
+                                                                     monkeypatch):
+    """A resumed run meets the files it committed first (the scan's order is fixed): the new ones after
+    them are embedded while the scan goes on. A new file met while a catalogued one is still unmet
+    waits for the end of the scan, since it may be that file moved."""
+    with Engine.open(tmp_path / "index", model=str(tiny_checkpoint), device="cpu") as engine:
+        engine.index(photos, workers=0)
+        later = make_folder(photos / "zz-later", 12, start=40)  # scanned after everything catalogued
+        release = threading.Event()
+        released = _held_scan(monkeypatch, 15 + 9, release)
+        report, heard = _index_heard(engine, photos, release.set)
+        assert released == [True] and heard[0][1] is None
+        assert (report.added, report.unchanged, report.embedded, report.moved) == (12, 14, 12, 0)
+
+        # a moved file's old path is never met: nothing is streamed, and the move is followed
+        monkeypatch.undo()
+        moved = photos / "zz-later" / "zz-moved.jpg"
+        shutil.move(photos / "copy-of-0.jpg", moved)
+        make_folder(photos / "zz-last", 3, start=80)
+        report, heard = _index_heard(engine, photos)
+        assert (report.added, report.moved, report.removed, report.embedded) == (3, 1, 0, 3)
+        assert heard == [(4, 4, 4)]  # the three and broken.jpg (tried again), found once the scan was over
+        assert engine.store.catalog.get_by_path(str(moved)) is not None and engine.check() == []
+    assert len(later) == 12
+
+
+def test_the_scan_runs_a_bounded_way_ahead_of_the_decoders(tmp_path, tiny_checkpoint, monkeypatch):
+    """Past PLAN_AHEAD new files the scan waits for the decoders: a first run over 5M files would
+    otherwise hold an entry for each (about 280 bytes) before embedding most of them."""
+    from altsearch import ingest
+
+    monkeypatch.setattr(ingest, "PLAN_AHEAD", 3)
+    folder = tmp_path / "photos"
+    make_folder(folder, 40)
+    with Engine.open(tmp_path / "index", model=str(tiny_checkpoint), device="cpu") as engine:
+        report, heard = _index_heard(engine, folder)
+    assert report.added == 40 and heard[-1] == (40, 40, 40)
+    assert max(found - done for done, _, found in heard) <= 3 + 1  # the queue, and the file being decoded
+    assert heard[0][1] is None  # the first reports came while the scan was held back
+
+
+def test_an_interrupt_or_an_error_in_the_scan_ends_the_run_and_its_thread(tmp_path, tiny_checkpoint, photos,
+                                                                          monkeypatch):
+    """Both come while the scan is held after 12 files; the next run adds exactly what is missing."""
+    def interrupt():
+        release.set()
+        raise KeyboardInterrupt
+
+    kept = {}
+    for name, on_embed, fail in [("interrupted", interrupt, None),
+                                 ("failed", lambda: release.set(), OSError(5, "Input/output error"))]:
+        release = threading.Event()
+        _held_scan(monkeypatch, 12, release, fail)
+        with Engine.open(tmp_path / name, model=str(tiny_checkpoint), device="cpu") as engine:
+            if fail is None:
+                report, _ = _index_heard(engine, photos, on_embed)
+                assert report.interrupted
+            else:
+                with pytest.raises(OSError, match="Input/output error"):
+                    _index_heard(engine, photos, on_embed)
+            assert engine.check() == []
+            kept[name] = engine.store.catalog.count()
+        assert not [t for t in threading.enumerate() if t.name == "altsearch-scan"]
+        monkeypatch.undo()
+
+    for name, n in kept.items():
+        with Engine.open(tmp_path / name, model=str(tiny_checkpoint), device="cpu") as engine:
+            again = engine.index(photos, workers=0)
+            assert (again.added, again.unchanged) == (14 - n, n) and engine.stats()["images"] == 14
