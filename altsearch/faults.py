@@ -33,7 +33,7 @@ POINTS = {
     "save-temp": "in VectorIndex.save, temp files written and fsynced, before the first rename",
     "save-replace": "in VectorIndex.save, between renaming the FAISS file and renaming its header",
     "decoded": "in the ingest loop, once per decoded image (good or bad)",
-    "embedding": "in an indexing run with files to embed, once it has planned them and loaded the model",
+    "embedding": "in an indexing run with files to embed, once it has found the first and loaded the model",
 }
 ACTIONS = ("kill", "raise", "stop")
 
