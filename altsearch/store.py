@@ -304,6 +304,17 @@ class IndexStore:
         with self._rw.reading():
             return index.search(queries, max(1, min(k, len(index))), allowed=allowed, refine=self.true_vectors)
 
+    def search_kept(self, queries: np.ndarray, k: int, keep, *, depth: int):
+        """(scores, ids, complete) of `VectorIndex.search_kept`, as ``search`` does it (never wider than
+        the index, re-ranked against the catalogue's vectors)."""
+        if self.dimension is None:
+            empty = np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+            return *empty, np.zeros(len(queries), bool)
+        index = self.current_vectors()
+        with self._rw.reading():
+            return index.search_kept(queries, max(1, min(k, len(index))), keep, depth=depth,
+                                     refine=self.true_vectors)
+
     def true_vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ids found, float32 vectors) of these ids as the catalogue stores them (a vectors.Refine)."""
         return read_vectors(self.catalog, ids)

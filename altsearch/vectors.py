@@ -190,6 +190,10 @@ Refine = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 """The true vectors of some ids: sorted unique int64 ids -> (the ids found, float32 (n, D) vectors);
 ids it does not find (deleted meanwhile) are left out. An ivfpq search re-ranks with one."""
 
+Keep = Callable[[np.ndarray], Iterable[int]]
+"""A filter known by the ids it keeps: sorted unique int64 candidate ids -> those of them it keeps
+(`VectorIndex.search_kept`)."""
+
 # What a build from the catalogue reports, as progress(step, done, total): "load" (vectors read into an
 # exact index, of total), "train" (an IVF's k-means on its sample: 0 then 1 of 1), "add" (vectors
 # added to an IVF, of total) and "tune" (nprobe steps searched, of at most total; the last call has
@@ -1114,6 +1118,55 @@ class VectorIndex:
         if self.kind == "ivfpq":
             scores, ids = rerank(queries, ids, top, refine) if refine is not None else (scores[:, :top], ids[:, :top])
         return _pad(scores, ids, k)
+
+    def search_kept(
+        self, queries: np.ndarray, k: int, keep: Keep, *, depth: int, refine: Refine | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As `search` restricted to the ids `keep` keeps, asking it only about ``depth`` times the
+        candidates an unfiltered search takes (for an ivfpq, those it re-ranks; else the top k),
+        found unfiltered: those it keeps, in the order the index ranked them, are the candidates.
+        Returns (scores, ids, complete): ``complete`` (Q,) tells each query that found as many
+        candidates as an unfiltered search takes, so that its answer is as good as one; another one's
+        is short (none at all when no query is complete: nothing is re-ranked), and an `allowed` search
+        must answer it. A filter that allows a fraction f of the images leaves about f x depth times
+        the candidates: enough where f >= 1 / depth. `keep` is asked about the best 2 x the candidates
+        first, and about the rest only for a query that kept enough of those to get there."""
+        queries = _as_vectors(queries, self.dim, "queries")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        top = min(k, len(self))
+        if top == 0 or not len(queries):
+            empty = _pad(np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64), k)
+            return *empty, np.zeros(len(queries), bool)
+        wide = min(candidates_for(top, self.rerank), len(self)) if self.kind == "ivfpq" else top
+        deep = max(1, min(wide * depth, len(self)))
+        with _one_thread_for_one_query(len(queries)):
+            scores, ids = self._searcher(deep).search(queries, deep)
+        # `keep` is asked about the best 2 x wide first (each id costs it a lookup), the rest only for a
+        # query that has not kept enough of them yet but, at the rate it kept them, would
+        mask = np.zeros(ids.shape, bool)
+        asking = np.ones(len(queries), bool)
+        start = 0
+        for end in sorted({min(2 * wide, deep), deep}):
+            part = ids[asking, start:end]
+            kept = np.fromiter(keep(idset.unique(part[part >= 0])), np.int64)
+            mask[asking, start:end] = np.isin(part, kept) & (part >= 0)
+            so_far = mask.sum(axis=1)
+            asking &= (so_far < wide) & (so_far * deep >= wide * end)
+            start = end
+            if not asking.any():
+                break
+        complete = mask.sum(axis=1) >= wide
+        if not complete.any():
+            return *_pad(np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64), k), complete
+        found = np.full((len(queries), wide), -1, np.int64)
+        found_scores = np.full((len(queries), wide), -np.inf, np.float32)
+        for row in range(len(queries)):
+            cols = np.flatnonzero(mask[row])[:wide]
+            found[row, :len(cols)], found_scores[row, :len(cols)] = ids[row, cols], scores[row, cols]
+        if self.kind == "ivfpq" and refine is not None:
+            found_scores, found = rerank(queries, found, top, refine)
+        return *_pad(found_scores[:, :top], found[:, :top], k), complete
 
     def _search_allowed(self, queries: np.ndarray, k: int, allowed: Allowed) -> tuple[np.ndarray, np.ndarray]:
         selector = allowed.selector()  # `allowed` holds it and its bitmap until the search returns

@@ -26,10 +26,14 @@ or a checkpoint folder.
    before the log: the baseline), the two alternating round by round; ratio = baseline p50 / ours.
    The rows are removed afterwards and the vector file saved, so a cached folder stays as it was.
 3. Filtered, in this process: a query whose date filter matches FILTER_SHARES of the images, the first
-   time with that filter (its ids read from the catalogue) and repeated (the engine keeps the last
-   filter's ids and FAISS selector until the catalogue changes; a filter that allows every image
-   needs no selector), against the same query unfiltered (the baseline), interleaved; ratios =
-   filtered p50 / unfiltered p50.
+   time with that filter and repeated, against the same query unfiltered (the baseline), interleaved;
+   ratios = filtered p50 / unfiltered p50. On an approximate index a new filter is first applied to
+   the candidates of an unfiltered search (one catalogue lookup by id); where it leaves too few, as
+   the 1 % filter does, its ids are read from the catalogue, and the engine keeps them and their
+   FAISS selector for the repeated query until the catalogue changes. Then recall@10 of "more like
+   this" queries (``#id``: a stored image's vector) with that filter, each new to the engine, against
+   a brute-force search of the images it allows (the stored vectors beside the index), as the engine
+   answers them and with the filter's ids read first (``POST_FILTER_DEPTH`` set to 0), the baseline.
 4. Cold, fresh processes, median of ``--cold-repeats`` with the kinds interleaved, wall and CPU
    seconds: ``python -c "import torch"`` (the floor of any PyTorch tool), ``python -m altsearch
    search TEXT --index DIR --json`` (ours) and a naive script (``transformers`` AltCLIPModel
@@ -270,11 +274,31 @@ def measure_warm(folder: Path, model: dict, args: argparse.Namespace) -> dict:
     return out
 
 
+def _exact_top(query: np.ndarray, stored: np.ndarray, ids: np.ndarray, rows: int, k: int,
+               leave_out: int = -1) -> list[int]:
+    """The ids of the k best of the first ``rows`` stored vectors for ``query`` but ``leave_out`` (brute
+    force, 100,000 at a time)."""
+    best_scores, best_ids = np.empty(0, np.float32), np.empty(0, np.int64)
+    for start in range(0, rows, 100_000):
+        scores = np.asarray(stored[start:min(rows, start + 100_000)]) @ query
+        scores[ids[start:start + len(scores)] == leave_out] = -np.inf
+        best_scores = np.concatenate([best_scores, scores])
+        best_ids = np.concatenate([best_ids, ids[start:start + len(scores)]])
+        keep = np.argsort(-best_scores, kind="stable")[:k]
+        best_scores, best_ids = best_scores[keep], best_ids[keep]
+    return best_ids.tolist() + [-1] * (k - len(best_ids))
+
+
 def measure_filtered(folder: Path, model: dict, args: argparse.Namespace) -> list[dict]:
     """Queries with a date filter, the first time with it and repeated, against the same query unfiltered."""
     from altsearch import Engine
 
+    from altsearch import engine as engine_module
+    from altsearch.vectors import recall_at_k
+
     rows = []
+    stored_ids = np.load(folder.parent / f"{folder.name}-ids.npy")  # image j (row j) was taken at T0 + 60 j
+    stored = np.load(folder.parent / f"{folder.name}-vectors.npy", mmap_mode="r")
     with Engine.open(folder, model=model["source"], device=args.device, create=False) as engine:
         n = engine.stats()["images"]
         engine.search(QUERIES[0], k=args.k)  # loaded and warm
@@ -282,8 +306,8 @@ def measure_filtered(folder: Path, model: dict, args: argparse.Namespace) -> lis
             times: dict[str, list[float]] = {"unfiltered": [], "first": [], "repeated": []}
             for i in range(args.catch_up_rounds):
                 q = QUERIES[i % len(QUERIES)]
-                # fake image j was taken at T0 + 60 j; each round's filter ends a millisecond later, so it
-                # is new to the engine and matches the same images
+                # each round's filter ends a millisecond later, so it is new to the engine and matches the
+                # same images: rows 0 to round(n * share) - 1
                 where = {"taken_from": T0, "taken_to": T0 + 60.0 * round(n * share) - 59.5 + i * 1e-3}
                 for way in ("unfiltered", "first", "repeated"):
                     t0 = time.perf_counter()
@@ -291,8 +315,27 @@ def measure_filtered(folder: Path, model: dict, args: argparse.Namespace) -> lis
                     times[way].append(time.perf_counter() - t0)
                     if way != "unfiltered" and any(not T0 <= h.taken_at < where["taken_to"] for h in hits):
                         raise SystemExit("a filtered query returned an image outside its dates")
+            # recall: "more like this" queries ("#id": a stored image's vector, itself left out), each
+            # with a filter new to the engine, against a brute-force search of the rows it allows
+            # (and the same with the filter's ids read first, as an engine did before it tried the search first)
+            allowed_rows = round(n * share)
+            exact, got, got_read = [], [], []
+            for i, j in enumerate(np.random.default_rng(allowed_rows).choice(n, args.catch_up_rounds)):
+                for depth, into in ((engine_module.POST_FILTER_DEPTH, got), (0, got_read)):
+                    new = (100 + 2 * i + (depth == 0)) * 1e-3  # a filter new to the engine, as above
+                    where = {"taken_from": T0, "taken_to": T0 + 60.0 * allowed_rows - 59.5 + new}
+                    real_depth, engine_module.POST_FILTER_DEPTH = engine_module.POST_FILTER_DEPTH, depth
+                    try:
+                        hits = engine.search(f"#{stored_ids[j]}", k=args.k, **where)
+                    finally:
+                        engine_module.POST_FILTER_DEPTH = real_depth
+                    into.append([h.id for h in hits] + [-1] * (args.k - len(hits)))
+                exact.append(_exact_top(np.asarray(stored[j]), stored, stored_ids, allowed_rows, args.k,
+                                        leave_out=stored_ids[j]))
             matched = len(engine.store.catalog.filter_ids(**where))  # the same images every round
-            row = {"share": share, "matched": matched, **{f"{w}_p50_ms": _ms(v) for w, v in times.items()}}
+            row = {"share": share, "matched": matched, **{f"{w}_p50_ms": _ms(v) for w, v in times.items()},
+                   "first_recall": recall_at_k(np.array(exact), np.array(got), args.k),
+                   "ids_read_recall": recall_at_k(np.array(exact), np.array(got_read), args.k)}
             row["first_ratio"] = row["first_p50_ms"] / row["unfiltered_p50_ms"]
             row["repeated_ratio"] = row["repeated_p50_ms"] / row["unfiltered_p50_ms"]
             rows.append(row)
@@ -536,14 +579,16 @@ def render(report: dict) -> str:
                   "removal log names; the baseline compares every id on both sides, as altsearch did after a removal "
                   "before the log",
               "", f"a query with a date filter (ms, p50 of {report['rows'][0]['catch_up']['rounds']} each, "
-                  "interleaved): the first time with the filter, and repeated", "",
+                  "interleaved): the first time with the filter, and repeated; recall@10 of 'more like this' "
+                  "queries (#id, each with a filter new to the engine) against a brute-force search of the images the "
+                  "filter allows, as the engine answers them and with the filter's ids read first (the baseline)", "",
               "| vectors | index | filter matches | baseline: unfiltered | first | repeated | first / baseline | "
-              "repeated / baseline |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+              "repeated / baseline | recall@10 | baseline: ids read |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         for f in r["filtered"]:
             lines.append(f"| {r['n']:,} | {r['kind']} | {f['matched']:,} ({f['share']:.0%}) | {f['unfiltered_p50_ms']:.1f} | "
                          f"{f['first_p50_ms']:.1f} | {f['repeated_p50_ms']:.1f} | {f['first_ratio']:.2f} | "
-                         f"{f['repeated_ratio']:.2f} |")
+                         f"{f['repeated_ratio']:.2f} | {f['first_recall']:.3f} | {f['ids_read_recall']:.3f} |")
     lines += ["", f"cold text query (fresh processes, median of {report['cold_repeats']}; seconds)", "",
               "| vectors | `import torch` | CPU s | ours: `altsearch search` | CPU s | naive (transformers + numpy) "
               "| CPU s | naive / ours | in CPU s | same top-k | `altsearch --help` |",

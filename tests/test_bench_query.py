@@ -97,6 +97,7 @@ def test_tiny_run_prints_warm_and_cold_tables_against_their_baselines(tmp_path):
     for f in filtered.values():
         assert f["repeated_ratio"] == pytest.approx(f["repeated_p50_ms"] / f["unfiltered_p50_ms"])
         assert f["first_ratio"] == pytest.approx(f["first_p50_ms"] / f["unfiltered_p50_ms"])
+        assert f["first_recall"] == f["ids_read_recall"] == 1.0  # an exact index: the brute force agrees
     assert "| 200 | flat | 100 (50%) |" in proc.stdout
     assert warm["ratio"] == pytest.approx(warm["search_p50_ms"] / warm["encoder_p50_ms"])
     assert 0 < warm["encoder_p50_ms"] and warm["search_p50_ms"] <= warm["search_p95_ms"]

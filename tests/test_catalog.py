@@ -304,6 +304,11 @@ def test_filter_ids_dates_fall_back_to_mtime(cat: Catalog) -> None:
     assert cat.filter_ids(taken_from=2020.0, taken_to=2022.0).tolist() == [old, plain, other]
     assert cat.filter_ids(under="/p", taken_from=2020.0, taken_to=2022.0).tolist() == [old, plain]
     assert cat.filter_ids(taken_from=3000.0).tolist() == []
+    # the same filters applied to given ids only (empty slots -1 and unknown ids are no images)
+    for where in ({"taken_from": 2021.0}, {"taken_to": 2021.0}, {"under": "/p", "taken_from": 2020.0, "taken_to": 2022.0},
+                  {}):
+        assert cat.filter_among([new, -1, old, 10**9, other], **where) == set(cat.filter_ids(**where).tolist()) - {plain}
+    assert cat.filter_among([]) == set() and cat.filter_among([-1]) == set()
 
 
 # --- vectors -----------------------------------------------------------------------------

@@ -174,6 +174,56 @@ def test_a_repeated_filter_is_read_once_until_the_catalogue_changes(engine, phot
     assert not any("/trips/2022/" in p for p in trips())
 
 
+def test_a_new_filter_on_an_approximate_index_is_tried_after_the_search_first(tmp_path, tiny_checkpoint, monkeypatch):
+    """Reading a filter's ids costs 0.1-0.2 s per million images it matches, a search of an approximate
+    index a few ms: a filter that allows enough of the best images is applied to them, and its ids are
+    never read; the hits are those of the search restricted to the filter's ids. A filter that allows
+    too few of them is read as before, once."""
+    from altsearch import engine as engine_module
+
+    photos = tmp_path / "photos"
+    make_folder(photos, 48)  # half under trips/, a quarter in each year
+    with Engine.open(tmp_path / "idx", model=str(tiny_checkpoint), device="cpu") as engine:
+        _index(engine, photos)
+        engine.optimize("ivf")
+        reads, searches = [], []  # searches: "kept" (unfiltered, then the filter), or with the filter's ids
+        real_read, real_search, real_kept = engine.store.catalog.filter_ids, engine.store.search, engine.store.search_kept
+
+        def count_calls():
+            monkeypatch.setattr(engine.store.catalog, "filter_ids", lambda **w: reads.append(w) or real_read(**w))
+            monkeypatch.setattr(engine.store, "search",
+                                lambda *a, **kw: searches.append("allowed" if "allowed" in kw else "plain")
+                                or real_search(*a, **kw))
+            monkeypatch.setattr(engine.store, "search_kept", lambda *a, **kw: searches.append("kept")
+                                or real_kept(*a, **kw))
+
+        count_calls()
+        filters = [{"under": photos / "trips"}, {"taken_from": "2022-01-01", "taken_to": "2023-12-31"},
+                   {"under": photos, "taken_from": "2021-01-01"}]  # a half, a half, all
+        found = {}
+        for query in ("a photo", "#7"):
+            for i, where in enumerate(filters):
+                found[query, i] = engine.search(query, k=5, **where)
+        assert reads == [] and set(searches) == {"kept"}  # never read, never a selector
+        assert len(found["a photo", 0]) == 5 and all("/trips/" in h.path for h in found["a photo", 0])
+        assert all(h.id != 7 for h in found["#7", 1])  # the query's own image is still left out
+
+        monkeypatch.setattr(engine_module, "POST_FILTER_DEPTH", 0)  # each filter read, as before
+        for query in ("a photo", "#7"):
+            for i, where in enumerate(filters):
+                engine._last_filter = None
+                assert engine.search(query, k=5, **where) == found[query, i]
+        assert len(reads) == 6
+        monkeypatch.undo()
+
+        reads.clear(), searches.clear()
+        count_calls()
+        few = engine.search("a photo", k=20, under=photos / "trips" / "2022")  # 12 images: too few for 20
+        assert len(few) == 12 and len(reads) == 1 and searches == ["kept", "allowed"]  # tried, then read
+        assert engine.search("a photo", k=20, under=photos / "trips" / "2022") == few
+        assert len(reads) == 1 and searches == ["kept", "allowed", "allowed"]  # its ids kept: not tried again
+
+
 def test_query_combinations(engine, photos):
     _index(engine, photos)
     model = engine.model

@@ -557,6 +557,40 @@ def test_ivfpq_allowed_subsets(clustered_20k, ivfpq_20k) -> None:  # noqa: ANN00
     assert recall_at_k(exact, found) >= vectors_module.RECALL_TARGET
 
 
+def test_ivfpq_search_kept_filters_the_candidates_of_an_unfiltered_search(clustered_20k, ivfpq_20k) -> None:  # noqa: ANN001
+    """A filter known only by a lookup of ids (the catalogue's, for a filter whose ids were not read):
+    the candidates it keeps are re-ranked as an unfiltered search's are; a filter that leaves fewer
+    candidates than an unfiltered search re-ranks says so (``complete`` False) for its query."""
+    ids, vecs, centres = clustered_20k
+    queries = held_out_queries(vecs, centres, seed=10)[:50]
+    truth = refine_from(ids, vecs)
+    asked = []
+
+    def keep_of(allowed: np.ndarray):
+        def keep(candidates: np.ndarray) -> np.ndarray:
+            asked.append(candidates)
+            return candidates[np.isin(candidates, allowed)]
+        return keep
+
+    scores, found, complete = ivfpq_20k.search_kept(queries, 10, keep_of(ids), depth=5, refine=truth)
+    assert complete.all()
+    assert_same_results((scores, found), ivfpq_20k.search(queries, 10, refine=truth))  # keeping all: as unfiltered
+    assert len(asked) == 1 and (np.diff(asked[0]) > 0).all()  # one lookup, of sorted unique ids
+
+    rng = np.random.default_rng(4)
+    half = np.sort(rng.choice(ids, len(ids) // 2, replace=False))
+    scores, found, complete = ivfpq_20k.search_kept(queries, 10, keep_of(half), depth=5, refine=truth)
+    assert complete.all() and np.isin(found, half).all() and (np.diff(scores, axis=1) <= 0).all()
+    _, exact = exact_search(queries, half, vecs[np.searchsorted(ids, half)], 10)
+    assert recall_at_k(exact, found) >= vectors_module.RECALL_TARGET
+
+    few = np.sort(rng.choice(ids, len(ids) // 100, replace=False))
+    asked.clear()
+    _, found, complete = ivfpq_20k.search_kept(queries, 10, keep_of(few), depth=5, refine=truth)
+    assert not complete.any() and (found == -1).all()
+    assert len(asked) == 1  # the best 2 x the candidates kept too few to go on with the rest
+
+
 def test_ivfpq_add_remove_and_round_trip(clustered_20k, tmp_path: Path) -> None:  # noqa: ANN001
     ids, vecs, centres = clustered_20k
     index = VectorIndex.build(ids[:5000], vecs[:5000], kind="ivfpq", device="cpu")
