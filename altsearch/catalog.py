@@ -566,15 +566,20 @@ def _chunks(seq: Sequence[int]) -> Iterator[Sequence[int]]:
         yield seq[start : start + _IN_CHUNK]
 
 
-def _filtered(stmt, under: str | None, taken_from: float | None, taken_to: float | None):
-    """``stmt`` restricted to the images under a folder and taken in a time range (see Catalog.filter_ids)."""
+def _filter_sql(under: str | None, taken_from: float | None, taken_to: float | None) -> tuple[str, list]:
+    """(" AND ..." conditions on `images`, their parameters) for the images under a folder (as _under) and
+    taken in a time range (as _when, which ix_images_when indexes); see Catalog.filter_ids."""
+    conditions, params = [], []
     if under is not None:
-        stmt = stmt.where(_under(images.c.path, under))
+        conditions.append("(path = ? OR (path >= ? AND path < ?))")
+        params += _folder_range(under)
     if taken_from is not None:
-        stmt = stmt.where(_when >= taken_from)
+        conditions.append("coalesce(taken_at, mtime) >= ?")
+        params.append(taken_from)
     if taken_to is not None:
-        stmt = stmt.where(_when < taken_to)
-    return stmt
+        conditions.append("coalesce(taken_at, mtime) < ?")
+        params.append(taken_to)
+    return "".join(f" AND {c}" for c in conditions), params
 
 
 def _parse_ids(id_list: str | None, n: int) -> np.ndarray:
@@ -947,10 +952,11 @@ class Catalog:
         taken_from <= when < taken_to (Unix seconds, either bound optional), where `when` is the
             EXIF taken_at and the file's mtime for images without one.
         """
-        stmt = _filtered(sa.select(images.c.id), under, taken_from, taken_to)  # unordered: lets SQLite
-        found = stmt.subquery()  # answer from a covering index; aggregated in SQLite, one row: see _ALL_VECTORS
+        where, params = _filter_sql(under, taken_from, taken_to)
+        # unordered: lets SQLite answer from a covering index; aggregated in SQLite, one row: see _ALL_VECTORS
+        sql = f"SELECT count(*), group_concat(id) FROM (SELECT id FROM images WHERE 1{where})"
         with self._read("filtering images") as conn:
-            n, id_list = conn.execute(sa.select(sa.func.count(), sa.func.group_concat(found.c.id))).one()
+            n, id_list = conn.exec_driver_sql(sql, tuple(params)).one()
         return np.sort(_parse_ids(id_list, n))
 
     def filter_among(
@@ -963,17 +969,7 @@ class Catalog:
         wanted = sorted({int(i) for i in ids if i >= 0})
         if not wanted:
             return set()
-        conditions, params = [], []
-        if under is not None:
-            conditions.append("(path = ? OR (path >= ? AND path < ?))")  # as _under
-            params += _folder_range(under)
-        if taken_from is not None:
-            conditions.append("coalesce(taken_at, mtime) >= ?")  # as _when
-            params.append(taken_from)
-        if taken_to is not None:
-            conditions.append("coalesce(taken_at, mtime) < ?")
-            params.append(taken_to)
-        where = "".join(f" AND {c}" for c in conditions)
+        where, params = _filter_sql(under, taken_from, taken_to)
         found: set[int] = set()
         with self._quick("filtering images") as con:
             for chunk in _chunks(wanted):

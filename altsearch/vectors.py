@@ -489,6 +489,11 @@ def _pad(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     return out_scores, out_ids
 
 
+def _nothing(queries: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, k) results with every slot empty."""
+    return np.full((queries, k), -np.inf, np.float32), np.full((queries, k), -1, np.int64)
+
+
 def _as_vectors(vecs: np.ndarray, dim: int, what: str) -> np.ndarray:
     vecs = np.ascontiguousarray(vecs, dtype=np.float32)
     if vecs.ndim != 2 or vecs.shape[1] != dim:
@@ -1099,13 +1104,10 @@ class VectorIndex:
         and returns the top k of them by their exact inner product with `refine`'s vectors;
         without it, by their PQ estimates. The other kinds hold exact vectors and ignore it.
         """
-        queries = _as_vectors(queries, self.dim, "queries")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        top = min(k, len(self))
+        queries, top = self._query_top(queries, k)
         if top == 0 or not len(queries):
-            return _pad(np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64), k)
-        wide = min(candidates_for(top, self.rerank), len(self)) if self.kind == "ivfpq" else top
+            return _nothing(len(queries), k)
+        wide = self._candidates(top)
         if allowed is not None and not isinstance(allowed, Allowed):
             allowed = Allowed(allowed)
         if allowed is not None and allowed.covers(self):
@@ -1131,14 +1133,10 @@ class VectorIndex:
         must answer it. A filter that allows a fraction f of the images leaves about f x depth times
         the candidates: enough where f >= 1 / depth. `keep` is asked about the best 2 x the candidates
         first, and about the rest only for a query that kept enough of those to get there."""
-        queries = _as_vectors(queries, self.dim, "queries")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        top = min(k, len(self))
+        queries, top = self._query_top(queries, k)
         if top == 0 or not len(queries):
-            empty = _pad(np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64), k)
-            return *empty, np.zeros(len(queries), bool)
-        wide = min(candidates_for(top, self.rerank), len(self)) if self.kind == "ivfpq" else top
+            return *_nothing(len(queries), k), np.zeros(len(queries), bool)
+        wide = self._candidates(top)
         deep = max(1, min(wide * depth, len(self)))
         with _one_thread_for_one_query(len(queries)):
             scores, ids = self._searcher(deep).search(queries, deep)
@@ -1158,7 +1156,7 @@ class VectorIndex:
                 break
         complete = mask.sum(axis=1) >= wide
         if not complete.any():
-            return *_pad(np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64), k), complete
+            return *_nothing(len(queries), k), complete
         found = np.full((len(queries), wide), -1, np.int64)
         found_scores = np.full((len(queries), wide), -np.inf, np.float32)
         for row in range(len(queries)):
@@ -1167,6 +1165,17 @@ class VectorIndex:
         if self.kind == "ivfpq" and refine is not None:
             found_scores, found = rerank(queries, found, top, refine)
         return *_pad(found_scores[:, :top], found[:, :top], k), complete
+
+    def _query_top(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, int]:
+        """A search's queries, checked, and the top it can give (k, or fewer in a smaller index)."""
+        queries = _as_vectors(queries, self.dim, "queries")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        return queries, min(k, len(self))
+
+    def _candidates(self, top: int) -> int:
+        """The candidates a search for the best ``top`` takes: those an ivfpq re-ranks, else ``top``."""
+        return min(candidates_for(top, self.rerank), len(self)) if self.kind == "ivfpq" else top
 
     def _search_allowed(self, queries: np.ndarray, k: int, allowed: Allowed) -> tuple[np.ndarray, np.ndarray]:
         selector = allowed.selector()  # `allowed` holds it and its bitmap until the search returns

@@ -274,27 +274,12 @@ def measure_warm(folder: Path, model: dict, args: argparse.Namespace) -> dict:
     return out
 
 
-def _exact_top(query: np.ndarray, stored: np.ndarray, ids: np.ndarray, rows: int, k: int,
-               leave_out: int = -1) -> list[int]:
-    """The ids of the k best of the first ``rows`` stored vectors for ``query`` but ``leave_out`` (brute
-    force, 100,000 at a time)."""
-    best_scores, best_ids = np.empty(0, np.float32), np.empty(0, np.int64)
-    for start in range(0, rows, 100_000):
-        scores = np.asarray(stored[start:min(rows, start + 100_000)]) @ query
-        scores[ids[start:start + len(scores)] == leave_out] = -np.inf
-        best_scores = np.concatenate([best_scores, scores])
-        best_ids = np.concatenate([best_ids, ids[start:start + len(scores)]])
-        keep = np.argsort(-best_scores, kind="stable")[:k]
-        best_scores, best_ids = best_scores[keep], best_ids[keep]
-    return best_ids.tolist() + [-1] * (k - len(best_ids))
-
-
 def measure_filtered(folder: Path, model: dict, args: argparse.Namespace) -> list[dict]:
     """Queries with a date filter, the first time with it and repeated, against the same query unfiltered."""
     from altsearch import Engine
 
     from altsearch import engine as engine_module
-    from altsearch.vectors import recall_at_k
+    from altsearch.vectors import exact_search, recall_at_k
 
     rows = []
     stored_ids = np.load(folder.parent / f"{folder.name}-ids.npy")  # image j (row j) was taken at T0 + 60 j
@@ -319,8 +304,9 @@ def measure_filtered(folder: Path, model: dict, args: argparse.Namespace) -> lis
             # with a filter new to the engine, against a brute-force search of the rows it allows
             # (and the same with the filter's ids read first, as an engine did before it tried the search first)
             allowed_rows = round(n * share)
-            exact, got, got_read = [], [], []
-            for i, j in enumerate(np.random.default_rng(allowed_rows).choice(n, args.catch_up_rounds)):
+            picks = np.random.default_rng(allowed_rows).choice(n, args.catch_up_rounds)
+            got, got_read = [], []
+            for i, j in enumerate(picks):
                 for depth, into in ((engine_module.POST_FILTER_DEPTH, got), (0, got_read)):
                     new = (100 + 2 * i + (depth == 0)) * 1e-3  # a filter new to the engine, as above
                     where = {"taken_from": T0, "taken_to": T0 + 60.0 * allowed_rows - 59.5 + new}
@@ -330,8 +316,11 @@ def measure_filtered(folder: Path, model: dict, args: argparse.Namespace) -> lis
                     finally:
                         engine_module.POST_FILTER_DEPTH = real_depth
                     into.append([h.id for h in hits] + [-1] * (args.k - len(hits)))
-                exact.append(_exact_top(np.asarray(stored[j]), stored, stored_ids, allowed_rows, args.k,
-                                        leave_out=stored_ids[j]))
+            # the brute force reads the mapped rows in place, once for all the queries; each query's own
+            # image is left out, as the engine leaves it out
+            _, best = exact_search(np.asarray(stored[picks]), stored_ids[:allowed_rows], stored[:allowed_rows],
+                                   args.k + 1)
+            exact = [[h for h in row if h != stored_ids[j]][:args.k] for row, j in zip(best.tolist(), picks)]
             matched = len(engine.store.catalog.filter_ids(**where))  # the same images every round
             row = {"share": share, "matched": matched, **{f"{w}_p50_ms": _ms(v) for w, v in times.items()},
                    "first_recall": recall_at_k(np.array(exact), np.array(got), args.k),
