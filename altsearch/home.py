@@ -21,6 +21,15 @@ def home() -> Path:
     return Path(data) / "altsearch"
 
 
+def cache_dir() -> Path:
+    """Files altsearch can always rebuild: ``$ALTSEARCH_HOME/cache`` when that is set, else
+    ``$XDG_CACHE_HOME/altsearch`` (~/.cache/altsearch)."""
+    if os.environ.get("ALTSEARCH_HOME"):
+        return home() / "cache"
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(cache) / "altsearch"
+
+
 def index_dir(name_or_path: str | os.PathLike | None = None) -> Path:
     """A bare name (``photos``) means ``<home>/indexes/photos``; anything path-like is used as given."""
     if name_or_path is None:

@@ -8,7 +8,8 @@ on a 32-d subspace, of the model's dimension), then the vector file through ``En
 
 The model is ``--model tiny`` (the tests' tiny random checkpoint: the encoder costs ~1 ms, so what
 search and the catalogue add shows; 24-d vectors), ``tiny768`` (the same towers projecting to
-AltCLIP's 768 dimensions: search, catching up and storage at the real vector size), ``full`` (a
+AltCLIP's 768 dimensions: search, catching up and storage at the real vector size), ``tiny-xlmr``
+(tiny768 with the real XLM-R tokenizer from ../shared/data/xlm-roberta), ``full`` (a
 random checkpoint of the full BAAI/AltCLIP architecture, 3.46 GB, written by
 benchmarks/bench_model.py's writer, with the real XLM-R tokenizer from ../shared/data/xlm-roberta)
 or a checkpoint folder.
@@ -36,9 +37,13 @@ or a checkpoint folder.
    answers them and with the filter's ids read first (``POST_FILTER_DEPTH`` set to 0), the baseline.
 4. Cold, fresh processes, median of ``--cold-repeats`` with the kinds interleaved, wall and CPU
    seconds: ``python -c "import torch"`` (the floor of any PyTorch tool), ``python -m altsearch
-   search TEXT --index DIR --json`` (ours) and a naive script (``transformers`` AltCLIPModel
-   .from_pretrained + XLMRobertaTokenizer.from_pretrained + get_text_features + numpy brute force
-   over the .npy copy); ratio = naive / ours (above 1: ours answers sooner). Then where a cold
+   search TEXT --index DIR --json`` (ours), the same with ``ALTSEARCH_PIECE_TABLE=0`` (the whole
+   tokenizer model built, as before the piece table; the answers must be the same) and a naive script
+   (``transformers`` AltCLIPModel.from_pretrained + XLMRobertaTokenizer.from_pretrained +
+   get_text_features + numpy brute force over the .npy copy); ratios = whole / ours and naive / ours
+   (above 1: ours answers sooner). One ``altsearch search`` with an empty cache is timed apart before
+   the rounds: the first query with a tokenizer file on a machine writes its piece table. Use
+   ``--model tiny-xlmr`` or ``full`` for the real tokenizer's 250,002 pieces. Then where a cold
    query's time goes: one instrumented fresh process timing each step through the public API, and
    ``python -X importtime -m altsearch search ...`` per imported package.
 
@@ -77,6 +82,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkpoints come from tests/checkpoints.py and bench_model.py
 sys.path.insert(1, str(ROOT / "benchmarks"))
 from benchlib import checkpoint_folder, cpu_name, int_list, loadavg, made_before, run_in_workdir  # noqa: E402
+
+# altsearch.model.tokenizer.PIECES_ENV, spelled here: importing that module imports torch, which the
+# instrumented cold child must time itself (tests/test_bench_query.py checks the two agree)
+PIECES_ENV = "ALTSEARCH_PIECE_TABLE"
 
 # Queries made of words and characters the tiny tokenizer knows (any text works with a real model).
 QUERIES = [
@@ -240,6 +249,9 @@ def measure_warm(folder: Path, model: dict, args: argparse.Namespace) -> dict:
         if len(first) != args.k:
             raise SystemExit(f"search in {folder} returned {len(first)} hits, expected {args.k}")
         encoder = engine.model
+        # The steady state of a long-lived process, which builds the whole tokenizer model after its
+        # first tokenizer.PIECES_CALLS calls (the piece table answers those: the cold table's case).
+        encoder.tokenizer.load()
         store = engine.store
         vectors = store.vectors
         steps: dict[str, list[float]] = {name: [] for name in (
@@ -388,6 +400,11 @@ def _env(work: Path) -> dict[str, str]:
     return env
 
 
+def cache_dir_of(env: dict[str, str]) -> Path:
+    """altsearch's cache folder for processes run with ``env`` (under its ALTSEARCH_HOME)."""
+    return Path(env["ALTSEARCH_HOME"]) / "cache"
+
+
 def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     """Wall and CPU seconds (user + system) of one fresh process, and its stdout."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -403,10 +420,12 @@ def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
 
 def cold_commands(folder: Path, ckpt: Path, query: str, args: argparse.Namespace) -> dict[str, list[str]]:
     py = sys.executable
+    ours = [py, "-m", "altsearch", "search", query, "--index", str(folder), "--json", "-k", str(args.k),
+            "--device", args.device]
     cmds = {
         "torch": [py, "-c", "import torch"],
-        "ours": [py, "-m", "altsearch", "search", query, "--index", str(folder), "--json", "-k", str(args.k),
-                 "--device", args.device],
+        "ours": ours,
+        "whole": ["env", f"{PIECES_ENV}=0", *ours],
         "help": [py, "-m", "altsearch", "--help"],
     }
     if not args.skip_naive:
@@ -421,6 +440,9 @@ def measure_cold(folder: Path, ckpt: Path, args: argparse.Namespace, work: Path)
     wall: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
     overlap = []
+    # The first query with a tokenizer file on this machine writes its piece table (timed apart).
+    shutil.rmtree(cache_dir_of(env), ignore_errors=True)
+    first_s, _, _ = _run(cold_commands(folder, ckpt, QUERIES[0], args)["ours"], env)
     for r in range(args.cold_repeats):
         query = QUERIES[r % len(QUERIES)]
         outputs = {}
@@ -431,6 +453,8 @@ def measure_cold(folder: Path, ckpt: Path, args: argparse.Namespace, work: Path)
         ours = [h["id"] for h in json.loads(outputs["ours"])]
         if len(ours) != args.k:
             raise SystemExit(f"the CLI returned {len(ours)} hits, expected {args.k}")
+        if json.loads(outputs["whole"]) != json.loads(outputs["ours"]):
+            raise SystemExit("the CLI answered differently with the whole tokenizer model")
         if "naive" in outputs:
             naive = json.loads(outputs["naive"])
             overlap.append(len(set(ours) & set(naive["ids"])) / args.k)
@@ -438,6 +462,8 @@ def measure_cold(folder: Path, ckpt: Path, args: argparse.Namespace, work: Path)
     out = {f"{name}_s": statistics.median(v) for name, v in wall.items() if not name.endswith("_mib")}
     out.update({f"{name}_cpu_s": statistics.median(v) for name, v in cpu.items()})
     out["runs"] = wall
+    out["first_s"] = first_s
+    out["whole_ratio"] = out["whole_s"] / out["ours_s"]
     if overlap:
         out["naive_maxrss_mib"] = statistics.median(wall["naive_maxrss_mib"])
         out["overlap"] = statistics.mean(overlap)
@@ -579,15 +605,20 @@ def render(report: dict) -> str:
                          f"{f['first_p50_ms']:.1f} | {f['repeated_p50_ms']:.1f} | {f['first_ratio']:.2f} | "
                          f"{f['repeated_ratio']:.2f} | {f['first_recall']:.3f} | {f['ids_read_recall']:.3f} |")
     lines += ["", f"cold text query (fresh processes, median of {report['cold_repeats']}; seconds)", "",
-              "| vectors | `import torch` | CPU s | ours: `altsearch search` | CPU s | naive (transformers + numpy) "
-              "| CPU s | naive / ours | in CPU s | same top-k | `altsearch --help` |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| vectors | `import torch` | CPU s | ours: `altsearch search` | CPU s | whole tokenizer model | CPU s "
+              "| whole / ours | naive (transformers + numpy) | CPU s | naive / ours | in CPU s | same top-k "
+              "| `altsearch --help` |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         c = r["cold"]
         naive = (f"{c['naive_s']:.2f} | {c['naive_cpu_s']:.2f} | {c['ratio']:.2f} | {c['cpu_ratio']:.2f} | "
                  f"{c['overlap']:.0%}" if "naive_s" in c else "- | - | - | - | -")
         lines.append(f"| {r['n']:,} | {c['torch_s']:.2f} | {c['torch_cpu_s']:.2f} | {c['ours_s']:.2f} | "
-                     f"{c['ours_cpu_s']:.2f} | {naive} | {c['help_s']:.2f} |")
+                     f"{c['ours_cpu_s']:.2f} | {c['whole_s']:.2f} | {c['whole_cpu_s']:.2f} | {c['whole_ratio']:.2f} | "
+                     f"{naive} | {c['help_s']:.2f} |")
+    lines += ["", f"ours: the tokenizer's piece table read from the cache; whole tokenizer model: the same with "
+                  f"{PIECES_ENV}=0; the first query on a machine (it writes the table): "
+              + ", ".join(f"{r['cold']['first_s']:.2f} s at {r['n']:,} vectors" for r in report["rows"])]
     for r in report["rows"]:
         b = r["breakdown"]
         lines += ["", f"where a cold query's time goes ({r['n']:,} vectors; one instrumented process, public API; "
@@ -622,7 +653,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                 "temporary folder, removed)")
     p.add_argument("--sizes", type=int_list(1), default=[10_000, 1_000_000],
                    help="index sizes in vectors (default: 10000,1000000)")
-    p.add_argument("--model", default="tiny", help="tiny, tiny768, full or a checkpoint folder (default: tiny)")
+    p.add_argument("--model", default="tiny",
+                   help="tiny, tiny768, tiny-xlmr, full or a checkpoint folder (default: tiny)")
     p.add_argument("--queries", type=int, default=50, help="warm queries per index (default: 50)")
     p.add_argument("--catch-up-rounds", type=int, default=5,
                    help="queries after another connection's commit, each way, and filtered queries of "

@@ -74,7 +74,7 @@ def library_parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, help="cache for the checkpoint and the libraries (kept; default: a "
                                                 "temporary folder, removed)")
-    p.add_argument("--model", default="tiny768", help="tiny, tiny768, full or a checkpoint folder (default: tiny768)")
+    p.add_argument("--model", default="tiny768", help="tiny, tiny768, tiny-xlmr, full or a checkpoint folder (default: tiny768)")
     p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     return p
 
@@ -128,21 +128,28 @@ def cpu_name(cpuinfo: str | None = None) -> str:
     return f"{name} ({'; '.join(details)})" if details else name
 
 
-TINY_DIMS = {"tiny": 24, "tiny768": 768}  # --model choices: the tests' tiny towers, projected to this many dimensions
+TINY_DIMS = {"tiny": 24, "tiny768": 768, "tiny-xlmr": 768}  # --model choices: the tests' tiny towers, projected
+REAL_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "xlm-roberta" / "tokenizer.json"
 
 
 def checkpoint_folder(choice: str, work: Path) -> Path:
     """The checkpoint folder for a ``--model`` option: "tiny" (the tests' tiny random AltCLIP),
     "tiny768" (the same towers projecting to AltCLIP's 768 dimensions: what search and storage cost
-    at the real size, with an encoder that costs milliseconds) and "full" (random weights with the
-    full BAAI/AltCLIP architecture, bench_model.py's writer) are written once into `work`; anything
-    else is a checkpoint folder."""
+    at the real size, with an encoder that costs milliseconds), "tiny-xlmr" (tiny768 with the real
+    XLM-R tokenizer of ../shared: what the tokenizer costs a cold query) and "full" (random weights
+    with the full BAAI/AltCLIP architecture, bench_model.py's writer) are written once into `work`;
+    anything else is a checkpoint folder."""
     if choice in TINY_DIMS:
         from tests.checkpoints import write_checkpoint
 
         folder = work / f"{choice}-altclip"
+        tokenizer = None
+        if choice == "tiny-xlmr":
+            if not REAL_TOKENIZER.is_file():
+                raise SystemExit(f"--model tiny-xlmr needs the XLM-R tokenizer at {REAL_TOKENIZER}")
+            tokenizer = REAL_TOKENIZER.read_text(encoding="utf-8")
         if not (folder / "config.json").is_file():
-            write_checkpoint(folder, seed=0, projection_dim=TINY_DIMS[choice])
+            write_checkpoint(folder, seed=0, projection_dim=TINY_DIMS[choice], tokenizer_json=tokenizer)
         return folder
     if choice == "full":
         from bench_model import write_checkpoint as write_full
@@ -150,5 +157,6 @@ def checkpoint_folder(choice: str, work: Path) -> Path:
         return write_full(work / "full-altclip", tiny=False)
     folder = Path(choice).expanduser()
     if not (folder / "config.json").is_file():
-        raise SystemExit(f"--model: no checkpoint (config.json) in {folder}; use tiny, tiny768, full or a folder")
+        raise SystemExit(f"--model: no checkpoint (config.json) in {folder}; use tiny, tiny768, tiny-xlmr, full "
+                         "or a folder")
     return folder

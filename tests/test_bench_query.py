@@ -62,6 +62,17 @@ def test_catch_up_leaves_the_cached_folder_as_it_was(bench, tmp_path, tiny_check
         assert saved.header.generation == cat.generation and len(saved) == 1200  # no catch-up on the next open
 
 
+def test_the_whole_tokenizer_baseline_turns_the_piece_table_off(bench, tmp_path):
+    import argparse
+
+    from altsearch.model.tokenizer import PIECES_ENV
+
+    assert bench.PIECES_ENV == PIECES_ENV  # spelled out in the script, which must not import torch early
+    args = argparse.Namespace(k=3, device="cpu", skip_naive=True)
+    cmds = bench.cold_commands(tmp_path, tmp_path, "sea", args)
+    assert cmds["whole"] == ["env", f"{PIECES_ENV}=0", *cmds["ours"]]
+
+
 def test_import_summary_counts_top_level_imports_once_and_groups_by_package(bench):
     stderr = "\n".join([
         "import time: self [us] | cumulative | imported package",
@@ -104,6 +115,8 @@ def test_tiny_run_prints_warm_and_cold_tables_against_their_baselines(tmp_path):
     assert warm["towers_loaded"] == steps["towers_loaded"] == ["text"]  # a text query never reads the vision tower
     assert warm["searched_on"] == "cpu" and "| flat, on cpu |" in proc.stdout
     assert cold["ratio"] == pytest.approx(cold["naive_s"] / cold["ours_s"])
+    assert cold["whole_ratio"] == pytest.approx(cold["whole_s"] / cold["ours_s"]) and cold["first_s"] > 0
+    assert "whole tokenizer model" in proc.stdout and "writes the table" in proc.stdout
     assert cold["overlap"] >= 0.9  # both answer from the same vectors with the same weights
     assert all(cold[f"{name}_s"] > 0 for name in ("torch", "ours", "help", "naive"))
     assert set(steps["steps"]) >= {"load the text tower", "load the tokenizer", "open the catalogue"}

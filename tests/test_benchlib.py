@@ -57,6 +57,21 @@ def test_the_tiny_checkpoints_give_vectors_of_the_dimension_named(tmp_path):
             lib.checkpoint_folder("tiny-768", tmp_path)
 
 
+def test_tiny_xlmr_has_the_real_tokenizer(tmp_path, real_tokenizer_json):
+    """--model tiny-xlmr: tiny768 with the real 250,002-piece tokenizer (what it costs a cold query)."""
+    from altsearch import load_model
+    from altsearch.model.tokenizer import Tokenizer
+
+    with bench_script("benchlib") as lib:
+        folder = lib.checkpoint_folder("tiny-xlmr", tmp_path)
+        assert (folder / "tokenizer.json").read_text(encoding="utf-8") == real_tokenizer_json
+        model = load_model(folder)
+        assert model.config.text.vocab_size == model.tokenizer.vocab_size == 250_002
+        whole = Tokenizer.from_file(folder / "tokenizer.json")
+        assert model.tokenizer.encode(["海边的日落"])[0].tolist() == whole.encode(["海边的日落"])[0].tolist()
+        assert model.encode_text(["海边的日落"]).shape == (1, 768)
+
+
 def test_a_thing_made_once_is_reused_only_when_complete_and_made_alike(tmp_path):
     """made_before: the spec file, written last, says a workdir's library or index is complete; a spec
     of other settings, or a folder gone, means making it again, and the stale spec is removed first

@@ -68,6 +68,21 @@ def test_search_json_is_ranked_objects(indexed, run):
         assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
 
 
+def test_a_search_answers_from_the_tokenizers_piece_table_as_from_the_whole_model(indexed, run, monkeypatch):
+    """The first search writes the tokenizer's piece table to the cache; the next ones read it. Every
+    answer is the one the whole tokenizer model gives (ALTSEARCH_PIECE_TABLE=0)."""
+    from altsearch.home import cache_dir
+    from altsearch.model.tokenizer import PIECES_ENV
+
+    index, _ = indexed
+    queries = ("海边的日落", "sunset over the sea", "red car 猫 + snow - night")
+    answers = [run("search", q, "--index", index, "-k", "5", "--json").stdout for q in queries]
+    assert len(list((cache_dir() / "tokenizers").glob("*.pieces"))) == 1
+    assert [run("search", q, "--index", index, "-k", "5", "--json").stdout for q in queries] == answers
+    monkeypatch.setenv(PIECES_ENV, "0")
+    assert [run("search", q, "--index", index, "-k", "5", "--json").stdout for q in queries] == answers
+
+
 def test_an_older_altsearchs_flat_vector_file_is_passed_over_then_deleted(indexed, run):
     """A flat index has no file: the search builds it from the catalogue beside the model load. A
     vectors.faiss that an older altsearch saved for it (here with other vectors, and a header that

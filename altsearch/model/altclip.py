@@ -160,8 +160,9 @@ class Model:
     def tokenizer(self):
         with self._lock:
             if self._tokenizer is None:
-                from .tokenizer import Tokenizer
-                self._tokenizer = Tokenizer.from_dir(self.path, max_length=self.max_length)
+                from .tokenizer import PIECES_ENV, Tokenizer
+                pieces = os.environ.get(PIECES_ENV, "1") != "0"
+                self._tokenizer = Tokenizer.from_dir(self.path, max_length=self.max_length, pieces=pieces)
                 if self._tokenizer.vocab_size > self.config.text.vocab_size:
                     raise ModelError(f"{self.path}: tokenizer has {self._tokenizer.vocab_size} ids but the "
                                      f"text tower only {self.config.text.vocab_size} embeddings")

@@ -8,6 +8,10 @@ is right-padded with ``<pad>`` to its longest row: the ids of transformers 5's
 Whitespace is split as sentencepiece splits it, so trailing or only whitespace adds no token (a
 hub tokenizer.json run as-is would add a "▁"; see ``_split_whitespace_first``).
 
+Building the whole Unigram model (250,002 pieces) takes ``tokenizers`` about half a second, which a
+one-query process need not pay: :meth:`Tokenizer.from_dir` starts from a piece table cached for the
+tokenizer file (:mod:`.pieces`), which encodes a few texts with the same ids.
+
 A model folder normally ships ``tokenizer.json``. Folders that only carry the SentencePiece
 ``sentencepiece.bpe.model`` (BAAI/AltCLIP-m9) are converted in memory: the ``.model`` protobuf
 is read by the small wire-format reader below, so neither ``protobuf`` nor ``sentencepiece`` is
@@ -16,10 +20,13 @@ needed at run time.
 
 from __future__ import annotations
 
+import json
 import logging
 import struct
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,6 +37,9 @@ from tokenizers.models import Unigram
 
 from altsearch.errors import TokenizerError
 
+from . import pieces as P
+from .pieces import PieceTable
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 77  # what BAAI's own AltCLIP inference uses
@@ -39,66 +49,113 @@ SENTENCEPIECE_MODEL = "sentencepiece.bpe.model"
 BOS, PAD, EOS, UNK, MASK = "<s>", "<pad>", "</s>", "<unk>", "<mask>"
 METASPACE = "\u2581"
 
+PIECES_ENV = "ALTSEARCH_PIECE_TABLE"  # "0": Model builds the whole tokenizer model, as before the table
+PIECES_CALLS = 16  # encode() calls answered from the piece table before the whole model is built
+PIECES_MAX_CHARS = 4_000  # a batch of more characters builds the whole model at once
+
 
 class Tokenizer:
-    """Batches of texts -> ``(input_ids, attention_mask)`` int64 tensors for the text tower."""
+    """Batches of texts -> ``(input_ids, attention_mask)`` int64 tensors for the text tower.
 
-    def __init__(self, backend: _Backend, max_length: int = DEFAULT_MAX_LENGTH) -> None:
-        """Wrap a ``tokenizers.Tokenizer``; its padding and truncation settings are replaced."""
+    Made by :meth:`from_dir`, it answers its first calls from a :class:`~.pieces.PieceTable`
+    (the pieces each batch contains, the same ids) and builds the whole model on the
+    ``PIECES_CALLS + 1``-th call, on a batch of over ``PIECES_MAX_CHARS`` characters, or on
+    :meth:`load`: a process that asks a few queries never pays for building it.
+    """
+
+    def __init__(self, backend: _Backend | None, max_length: int = DEFAULT_MAX_LENGTH, *,
+                 pieces: PieceTable | None = None, load: Callable[[], _Backend] | None = None) -> None:
+        """Wrap a ``tokenizers.Tokenizer``; its padding and truncation settings are replaced. Or, with
+        ``backend`` None, encode from ``pieces`` until ``load()`` is called for the whole one."""
         if max_length < 3:
             raise ValueError(f"max_length must be at least 3 (<s>, one piece, </s>), got {max_length}")
-        pad_id = backend.token_to_id(PAD)
-        if pad_id is None:
-            raise TokenizerError(f"the tokenizer has no {PAD} token; it is not an XLM-R tokenizer")
-        if backend.post_processor is None:
-            raise TokenizerError(
-                f"the tokenizer adds no {BOS}/{EOS} (no post_processor); it is not an XLM-R tokenizer"
-            )
-        _split_whitespace_first(backend)
-        backend.enable_truncation(max_length=max_length, strategy="longest_first", direction="right")
-        backend.enable_padding(direction="right", pad_id=pad_id, pad_token=PAD)
-        self._backend = backend
-        self.pad_id = pad_id
         self.max_length = max_length
+        self._lock = threading.Lock()
+        self._backend: _Backend | None = None
+        self._pieces = pieces
+        self._load = load
+        self._piece_calls = 0
+        if backend is not None:
+            self._use(backend)
+            return
+        if pieces is None or load is None:
+            raise ValueError("a Tokenizer needs a backend, or pieces and a function that loads the backend")
+        _check_pipeline(pieces.shell, pieces.pad_id)
+        _split_whitespace_first(pieces.shell)
+        self.pad_id = pieces.pad_id
+        self._vocab_size = pieces.vocab_size
+
+    def _use(self, backend: _Backend) -> None:
+        pad_id = backend.token_to_id(PAD)
+        _check_pipeline(backend, pad_id)
+        self._configure(backend, pad_id)
+        self.pad_id = pad_id
+        self._vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self._backend = backend
+
+    def _configure(self, backend: _Backend, pad_id: int) -> None:
+        _split_whitespace_first(backend)
+        backend.enable_truncation(max_length=self.max_length, strategy="longest_first", direction="right")
+        backend.enable_padding(direction="right", pad_id=pad_id, pad_token=PAD)
+
+    @property
+    def whole_model(self) -> bool:
+        """Whether the whole Unigram model is built (else batches are encoded from the piece table)."""
+        return self._backend is not None
+
+    def load(self) -> Tokenizer:
+        """Build the whole model now (a long-lived process's queries then skip the piece lookup)."""
+        with self._lock:
+            if self._backend is None:
+                self._use(self._load())
+        return self
 
     @classmethod
     def from_str(
         cls, json_text: str, max_length: int = DEFAULT_MAX_LENGTH, *, source: str = "tokenizer.json text"
     ) -> Tokenizer:
         """A tokenizer from the text of a ``tokenizer.json``; ``source`` names it in errors."""
-        try:
-            backend = _Backend.from_str(json_text)
-        except Exception as exc:  # tokenizers raises a plain Exception from Rust for any bad input
-            raise TokenizerError(f"{source} is not a valid tokenizer.json: {_first_line(exc)}") from exc
-        return cls(backend, max_length)
+        return cls(_parse_backend(json_text, source), max_length)
 
     @classmethod
     def from_file(cls, path: str | Path, max_length: int = DEFAULT_MAX_LENGTH) -> Tokenizer:
-        """A tokenizer from a ``tokenizer.json`` file."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise TokenizerError(f"cannot read tokenizer file {path}: {_first_line(exc)}") from exc
-        return cls.from_str(text, max_length, source=str(path))
+        """A tokenizer from a ``tokenizer.json`` file (the whole model, built now)."""
+        return cls(_read_backend(Path(path)), max_length)
 
     @classmethod
-    def from_dir(cls, folder: str | Path, max_length: int = DEFAULT_MAX_LENGTH) -> Tokenizer:
-        """``tokenizer.json`` from ``folder``, else its ``sentencepiece.bpe.model`` converted in memory."""
+    def from_dir(cls, folder: str | Path, max_length: int = DEFAULT_MAX_LENGTH, *, pieces: bool = True) -> Tokenizer:
+        """``tokenizer.json`` from ``folder``, else its ``sentencepiece.bpe.model`` converted in memory.
+
+        With ``pieces`` (the default) the tokenizer starts from the piece table cached for that file
+        (written on first use) where the tokenizer's layout allows it: see the class docstring."""
         folder = Path(folder)
         if (folder / TOKENIZER_JSON).is_file():
-            return cls.from_file(folder / TOKENIZER_JSON, max_length)
-        if (folder / SENTENCEPIECE_MODEL).is_file():
-            log.info("no %s in %s: converting %s", TOKENIZER_JSON, folder, SENTENCEPIECE_MODEL)
-            return cls(_build_backend(_read_spm(folder / SENTENCEPIECE_MODEL)), max_length)
-        raise TokenizerError(
-            f"no tokenizer in {folder}: looked for {TOKENIZER_JSON} and {SENTENCEPIECE_MODEL}"
-        )
+            source = folder / TOKENIZER_JSON
+            load = partial(_read_backend, source)
+        elif (folder / SENTENCEPIECE_MODEL).is_file():
+            source = folder / SENTENCEPIECE_MODEL
+
+            def load() -> _Backend:
+                log.info("no %s in %s: converting %s", TOKENIZER_JSON, folder, SENTENCEPIECE_MODEL)
+                return _build_backend(_read_spm(source))
+        else:
+            raise TokenizerError(
+                f"no tokenizer in {folder}: looked for {TOKENIZER_JSON} and {SENTENCEPIECE_MODEL}"
+            )
+        if not pieces:
+            return cls(load(), max_length)
+        table, backend = _piece_table(source, load)
+        if table is None:
+            return cls(backend or load(), max_length)
+        tokenizer = cls(None, max_length, pieces=table, load=load)
+        if backend is not None:
+            tokenizer._use(backend)
+        return tokenizer
 
     @property
     def vocab_size(self) -> int:
         """Number of ids, added tokens (``<mask>``) included: 250,002 for XLM-R."""
-        return self._backend.get_vocab_size(with_added_tokens=True)
+        return self._vocab_size
 
     def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``input_ids`` and ``attention_mask``, int64 ``(B, T)``, T = longest row (at most max_length)."""
@@ -110,10 +167,91 @@ class Tokenizer:
         if not texts:
             empty = torch.zeros((0, 0), dtype=torch.int64)
             return empty, empty.clone()
-        encodings = self._backend.encode_batch(texts)
-        ids = torch.tensor([e.ids for e in encodings], dtype=torch.int64)  # (B, T)
-        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.int64)  # (B, T)
-        return ids, mask
+        backend = self._backend
+        if backend is None:
+            with self._lock:
+                if self._backend is None and (self._piece_calls >= PIECES_CALLS
+                                              or sum(map(len, texts)) > PIECES_MAX_CHARS):
+                    self._use(self._load())
+                backend = self._backend
+                self._piece_calls += backend is None
+            if backend is None:
+                try:
+                    return self._encode_from_pieces(texts)
+                except Exception as exc:  # input the whole model refuses too (a lone surrogate): its own error
+                    log.debug("encoding from the piece table failed (%s): building the whole model", exc)
+                    backend = self.load()._backend
+        return _tensors(backend.encode_batch(texts))
+
+    def _encode_from_pieces(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        backend, table = self._pieces.backend(texts)
+        self._configure(backend, self._pieces.position(self.pad_id))
+        ids, mask = _tensors(backend.encode_batch(texts))
+        return torch.from_numpy(table)[ids], mask  # the partial model's ids -> the whole model's
+
+
+def _tensors(encodings) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.tensor([e.ids for e in encodings], dtype=torch.int64)  # (B, T)
+    mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.int64)  # (B, T)
+    return ids, mask
+
+
+def _check_pipeline(backend: _Backend, pad_id: int | None) -> None:
+    if pad_id is None:
+        raise TokenizerError(f"the tokenizer has no {PAD} token; it is not an XLM-R tokenizer")
+    if backend.post_processor is None:
+        raise TokenizerError(f"the tokenizer adds no {BOS}/{EOS} (no post_processor); it is not an XLM-R tokenizer")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TokenizerError(f"cannot read tokenizer file {path}: {_first_line(exc)}") from exc
+
+
+def _parse_backend(json_text: str, source: str) -> _Backend:
+    try:
+        return _Backend.from_str(json_text)
+    except Exception as exc:  # tokenizers raises a plain Exception from Rust for any bad input
+        raise TokenizerError(f"{source} is not a valid tokenizer.json: {_first_line(exc)}") from exc
+
+
+def _read_backend(path: Path) -> _Backend:
+    return _parse_backend(_read_text(path), str(path))
+
+
+def _piece_table(source: Path, load: Callable[[], _Backend]) -> tuple[PieceTable | None, _Backend | None]:
+    """The piece table of the tokenizer in ``source``, from the cache or built (and cached) now; and
+    the whole backend where building the table needed it (a sentencepiece model is converted first).
+    (None, ...) when the tokenizer's layout does not allow a table, or its file is unreadable: the
+    caller then builds the whole model, which reports a bad file as it always did."""
+    try:
+        key, cache = P.source_key(source), P.cache_path(source)
+    except OSError:
+        return None, None
+    table = P.PieceTable.load(cache, key)
+    if table is not None:
+        return table, None
+    backend = None
+    try:
+        if source.name == TOKENIZER_JSON:
+            doc = json.loads(_read_text(source))
+        else:
+            backend = load()
+            doc = json.loads(backend.to_str())
+        table = P.PieceTable.from_document(doc)
+    except P.Unsupported as exc:
+        log.debug("no piece table for %s: %s", source, exc)
+        return None, backend
+    except Exception as exc:  # not JSON, or not a tokenizer's: the whole model's loading says what is wrong
+        log.debug("no piece table for %s: %s", source, _first_line(exc))
+        return None, backend
+    try:
+        table.save(cache, key)
+    except OSError as exc:  # a read-only home: the table still serves this process
+        log.debug("cannot cache the piece table of %s in %s: %s", source, cache, exc)
+    return table, backend
 
 
 def _split_whitespace_first(backend: _Backend) -> None:
