@@ -134,11 +134,13 @@ class _Walk:
     """One run's scan in a thread of its own (``thread``), sorting what it meets against the catalogue's
     files under the folder (``known``, emptied as they are met; what is left at the end vanished).
 
-    While no catalogued file is left to meet, a new file cannot be one of them moved, and it is handed
-    to the run at once through ``queue`` (at most ``ahead`` waiting; :data:`_END` last): a first run,
-    or one resumed past what it had committed, embeds while it scans. Other new files (``new``) and
-    changed ones (``changed``) wait for the end of the scan (``Ingestor._finish_scan``). The thread
-    touches nothing but this object; its lists are read once it has ended."""
+    A new file can only be a catalogued file moved if one not met yet has its size (a move keeps the
+    bytes). So a new file of a size no unmet catalogued file has (all of them, once every catalogued
+    file is met) is handed to the run at once through ``queue`` (at most ``ahead`` waiting; :data:`_END`
+    last): a first run, or one resumed past what it had committed (a file of it deleted meanwhile
+    included), or one over new photos beside deleted ones, embeds while it scans. Other new files
+    (``new``) and changed ones (``changed``) wait for the end of the scan (``Ingestor._finish_scan``).
+    The thread touches nothing but this object; its lists are read once it has ended."""
 
     def __init__(self, items: Iterator[FileEntry | ScanProblem], known: dict[str, tuple],
                  failed_before: set[str], ahead: int):
@@ -154,6 +156,7 @@ class _Walk:
         self.handed = 0  # new files put in the queue
         self.error: BaseException | None = None
         self.queue: queue.Queue = queue.Queue(maxsize=ahead)
+        self._sizes: np.ndarray | None = None  # sorted sizes of the unmet catalogued files, when last taken
         self._stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="altsearch-scan", daemon=True)
 
@@ -171,7 +174,7 @@ class _Walk:
                     self.failed_seen.add(item.path)
                 state = known.pop(item.path, None)
                 if state is None:
-                    if known:
+                    if self._may_be_moved(item.size):
                         self.new.append(item)
                     else:
                         self._put(_Work(item, replaces=None))
@@ -187,6 +190,19 @@ class _Walk:
             if close is not None:
                 close()
             self._put(_END)
+
+    def _may_be_moved(self, size: int) -> bool:
+        """Whether a catalogued file not met yet may have ``size``. The sizes are taken again whenever
+        half of those last taken have been met (never, for a scan that meets no new file)."""
+        known = self.known
+        if not known:
+            return False
+        if self._sizes is None or len(known) <= len(self._sizes) // 2:
+            sizes = np.fromiter((state[1] for state in known.values()), dtype=np.int64, count=len(known))
+            sizes.sort()
+            self._sizes = sizes
+        i = int(np.searchsorted(self._sizes, size))
+        return i < len(self._sizes) and int(self._sizes[i]) == size
 
     def _put(self, item: object) -> None:
         while not self._stopping.is_set():

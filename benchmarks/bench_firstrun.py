@@ -19,7 +19,9 @@ each run), as when a new batch of photos joins a library: each decoded photo is 
 the catalogue by its content hash. ``--exact-max`` lowers ``vectors.EXACT_MAX`` in the measured
 processes (as the tests do), so that a library of thousands shows what a run does beyond exact
 search, which takes over 100,000 photos otherwise. ``--scan-ms`` delays each entry of the run's scan (a network disk, where every ``stat`` is a round trip), so
-that the time a run waits for its scan shows. ``--checkout`` measures another checkout of altsearch beside
+that the time a run waits for its scan shows. ``--resume`` measures runs resumed after a crash: each
+starts from an index of the library's first half and of one more photo deleted since (made once,
+copied for each run), so the scan never meets every catalogued file. ``--checkout`` measures another checkout of altsearch beside
 this one, in the same run (before and after a change: ``git worktree add /tmp/before HEAD~1``).
 
 Run from the repository root (opt-in; tests/test_bench_firstrun.py runs a tiny configuration):
@@ -28,6 +30,7 @@ Run from the repository root (opt-in; tests/test_bench_firstrun.py runs a tiny c
     .venv/bin/python benchmarks/bench_firstrun.py --workdir /tmp/bench-firstrun --sizes 2000,20000 --exact-max 1000
     .venv/bin/python benchmarks/bench_firstrun.py --workdir /tmp/bench-firstrun --into 20000
     .venv/bin/python benchmarks/bench_firstrun.py --workdir /tmp/bench-firstrun --scan-ms 2
+    .venv/bin/python benchmarks/bench_firstrun.py --workdir /tmp/bench-firstrun --scan-ms 2 --resume
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ result = CliRunner().invoke(app, ["index", sys.argv[1], "--index", sys.argv[2], 
 assert result.exit_code == 0, result.output
 report = json.loads(result.stdout)
 done(package=altsearch.__file__, embedding_mb=embedding_mb[0], first_s=first_added[0],
-     **{k: report[k] for k in ("added", "embedded", "duplicates", "failed", "seconds")})
+     **{k: report[k] for k in ("added", "embedded", "duplicates", "failed", "removed", "seconds")})
 """
 
 
@@ -152,6 +155,50 @@ def existing_index(work: Path, n: int, ckpt: Path) -> Path:
     return index
 
 
+def resumed_index(work: Path, n: int, ckpt: Path) -> Path:
+    """``--resume``: an index of the first ``n // 2`` photos of the library of ``n`` and of one more photo
+    deleted since, as a run resumed after a crash finds it when a photo it had committed was deleted
+    meanwhile. Made by this checkout unless cached (the library's second half and its copies are moved
+    aside while it is indexed, then back, unchanged); each measured run starts from a copy of it."""
+    index = work / f"resumed-{n}-index"
+    spec_file = work / f"resumed-{n}-index.json"
+    want = {"n": n, "format": LIBRARY_FORMAT, "model": str(ckpt)}
+    if made_before(spec_file, want, index):
+        return index
+    import numpy as np
+    from PIL import Image
+
+    from altsearch import Engine
+
+    folder, _ = make_library(work, n)
+    library_spec = work / f"photos-{n}.json"
+    library_want = json.loads(library_spec.read_text())
+    library_spec.unlink()  # the library is incomplete until its second half is back
+    aside = work / f"resumed-{n}-aside"
+    shutil.rmtree(index, ignore_errors=True)
+    shutil.rmtree(aside, ignore_errors=True)
+    gone = folder / "00000" / "IMG_gone.jpg"
+    for path in sorted(folder.rglob("*.jpg")):
+        if path.parent.name == "zz-copies" or int(path.stem.split("_")[1]) >= n // 2:
+            (aside / path.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
+            path.rename(aside / path.relative_to(folder))
+    try:
+        Image.fromarray(np.full((SIDE, SIDE, 3), 128, dtype=np.uint8)).save(gone, quality=80)
+        print(f"indexing the first half of {folder} into {index} ...", flush=True)
+        with Engine.open(index, model=str(ckpt), device="cpu") as engine:
+            report = engine.index(folder, workers=0)
+    finally:
+        gone.unlink(missing_ok=True)
+        for path in sorted(aside.rglob("*.jpg")):
+            path.rename(folder / path.relative_to(aside))
+        shutil.rmtree(aside)
+        library_spec.write_text(json.dumps(library_want))
+    if report.added != n // 2 + 1:
+        raise SystemExit(f"{index}: expected {n // 2 + 1:,} files added, got {report}")
+    spec_file.write_text(json.dumps(want))
+    return index
+
+
 def measure(checkout: Path, folder: Path, index: Path, ckpt: Path, exact_max: int | None,
             base: Path | None = None, scan_ms: float = 0.0) -> dict:
     shutil.rmtree(index, ignore_errors=True)
@@ -177,22 +224,26 @@ def run(args: argparse.Namespace, work: Path) -> dict:
                                 "python": platform.python_version(), "loadavg_start": loadavg(),
                                 "date": time.strftime("%Y-%m-%d")},
                     "model": args.model, "repeats": args.repeats, "exact_max": args.exact_max, "into": args.into,
-                    "scan_ms": args.scan_ms, "rows": []}
+                    "scan_ms": args.scan_ms, "resume": args.resume, "rows": []}
     base = existing_index(work, args.into, ckpt) if args.into else None
     for n in sorted(args.sizes):
+        if args.resume:
+            base = resumed_index(work, n, ckpt)
         folder, files = make_library(work, n)
+        committed = n // 2 if args.resume else 0  # the photos the resumed run finds in its index
         runs: dict[Path, list[dict]] = {c: [] for c in checkouts}
         for _ in range(args.repeats):
             for checkout in checkouts:  # interleaved
                 print(f"indexing {files:,} files with {checkout} ...", flush=True)
                 result = measure(checkout, folder, work / "index", ckpt, args.exact_max, base, args.scan_ms)
-                expected = {"added": files, "embedded": n, "duplicates": files - n, "failed": 0}
+                expected = {"added": files - committed, "embedded": n - committed, "duplicates": files - n,
+                            "failed": 0, "removed": int(args.resume)}
                 if {k: result[k] for k in expected} != expected:
                     raise SystemExit(f"{checkout}: expected {expected}, got {result}")
                 runs[checkout].append(result)
         for checkout in checkouts:
             rs = runs[checkout]
-            row = {"n": n, "files": files, "checkout": str(checkout), "kind": rs[0]["kind"],
+            row = {"n": n, "files": files, "added": rs[0]["added"], "checkout": str(checkout), "kind": rs[0]["kind"],
                    **{key: statistics.median(r[key] for r in rs) for key in ("seconds", "wall_s", "first_s", "embedding_mb",
                                                                        "rss_mb")}}
             row["photos_per_s"] = files / row["seconds"]
@@ -202,7 +253,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         base = rows[0]
         for r in rows[1:]:
             for peak in ("embedding", "rss"):
-                r[f"{peak}_per_photo"] = (r[f"{peak}_mb"] - base[f"{peak}_mb"]) * 2**20 / (r["files"] - base["files"])
+                r[f"{peak}_per_photo"] = (r[f"{peak}_mb"] - base[f"{peak}_mb"]) * 2**20 / (r["added"] - base["added"])
     report["machine"]["loadavg_end"] = loadavg()
     print("\n" + render(report))
     return report
@@ -215,6 +266,8 @@ def render(report: dict) -> str:
         switch += f"; into an index of {report['into']:,} other photos"
     if report["scan_ms"]:
         switch += f"; each scan entry {report['scan_ms']:g} ms late (a slow disk)"
+    if report.get("resume"):
+        switch += "; resumed: each run starts from an index of the library's first half and a photo deleted since"
     lines = [f"machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}; load average {m['loadavg_start']} "
              f"at start, {m['loadavg_end']} at end; {m['date']}",
              f"model: {report['model']}; median of {report['repeats']} fresh processes each{switch}",
@@ -247,6 +300,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scan-ms", type=float, default=0.0,
                    help="delay each entry of the run's scan by this many milliseconds, as a network disk's stat "
                         "round trips do (default 0)")
+    p.add_argument("--resume", action="store_true",
+                   help="start each run from an index of the library's first half and of a photo deleted since "
+                        "(a run resumed after a crash), not from a new index")
     p.add_argument("--checkout", type=Path, action="append", default=[],
                    help="another checkout of altsearch to measure beside this one (repeatable)")
     p.add_argument("--repeats", type=int, default=1, help="fresh processes of each checkout (median; default 1)")
@@ -259,6 +315,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--repeats must be at least 1")
     if args.into < 0:
         p.error("--into must be at least 0")
+    if args.into and args.resume:
+        p.error("--into and --resume are two different starting indexes: give one")
     if args.scan_ms < 0:
         p.error("--scan-ms must be at least 0")
     return args

@@ -63,3 +63,24 @@ def test_tiny_run_embeds_each_photo_once_and_gives_the_growth_per_photo(tmp_path
     assert large["rss_per_photo"] == (large["rss_mb"] - small["rss_mb"]) * 2**20 / 315
     assert large["embedding_per_photo"] == (large["embedding_mb"] - small["embedding_mb"]) * 2**20 / 315
     assert all(0 < r["embedding_mb"] <= r["rss_mb"] and r["photos_per_s"] > 0 for r in (small, large))
+
+
+def test_resumed_runs_start_from_half_the_library_and_a_photo_deleted_since(tmp_path):
+    """--resume: each run starts from a copy of an index of the library's first half and of one photo
+    deleted since; the run adds the rest and removes that one (the script checks each run's report), and
+    the library is left whole."""
+    out = tmp_path / "report.json"
+    work = tmp_path / "work"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--sizes", "300,600", "--model", "tiny", "--resume",
+                           "--scan-ms", "2", "--workdir", str(work), "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "resumed: each run starts from an index of the library's first half" in proc.stdout
+    small, large = json.loads(out.read_text())["rows"]
+    assert (small["added"], large["added"]) == (315 - 150, 630 - 300)
+    assert large["rss_per_photo"] == (large["rss_mb"] - small["rss_mb"]) * 2**20 / (330 - 165)
+    with Engine.open(work / "resumed-600-index", create=False) as engine:
+        assert engine.stats()["images"] == 301  # copied for each run, never written to
+    folder = work / "photos-600"
+    assert len([e for e in scan(str(folder))]) == 630 and not (folder / "00000" / "IMG_gone.jpg").exists()
+    assert (work / "photos-600.json").is_file() and not (work / "resumed-600-aside").exists()

@@ -17,7 +17,7 @@ from altsearch.errors import IndexStoreError
 from altsearch.ingest import CPU_BATCH_SIZE, HASH_META, Ingestor, default_batch_size
 from altsearch.store import CATALOG_FILE
 from tests.oldformats import hash_like_before_hash_kinds
-from tests.photos import make_folder
+from tests.photos import make_folder, save_photo
 
 
 @pytest.fixture
@@ -327,16 +327,61 @@ def test_a_rerun_streams_new_files_once_every_catalogued_one_is_met(tmp_path, ti
         assert released == [True] and heard[0][1] is None
         assert (report.added, report.unchanged, report.embedded, report.moved) == (12, 14, 12, 0)
 
-        # a moved file's old path is never met: nothing is streamed, and the move is followed
+        # a moved file's old path is never met: the new file of its size waits for the end of the scan,
+        # and the move is followed
         monkeypatch.undo()
         moved = photos / "zz-later" / "zz-moved.jpg"
         shutil.move(photos / "copy-of-0.jpg", moved)
         make_folder(photos / "zz-last", 3, start=80)
         report, heard = _index_heard(engine, photos)
         assert (report.added, report.moved, report.removed, report.embedded) == (3, 1, 0, 3)
-        assert heard == [(4, 4, 4)]  # the three and broken.jpg (tried again), found once the scan was over
+        assert heard[-1] == (4, 4, 4)  # the three and broken.jpg (tried again)
         assert engine.store.catalog.get_by_path(str(moved)) is not None and engine.check() == []
     assert len(later) == 12
+
+
+def test_a_run_with_a_catalogued_file_gone_streams_new_files_of_other_sizes(tmp_path, tiny_checkpoint, photos,
+                                                                            monkeypatch):
+    """A run resumed after a committed file was deleted (or a nightly run over new photos beside deleted
+    ones) never meets every catalogued file. A move keeps a file's size, so only a new file of the size
+    of a catalogued file not met yet waits for the end of the scan (and is then followed as a move, or
+    added); the others are embedded while the scan goes on (held here until the run reports embedding)."""
+    with Engine.open(tmp_path / "index", model=str(tiny_checkpoint), device="cpu") as engine:
+        engine.index(photos, workers=0)
+        catalogued = {r.path: r.size for r in engine.store.catalog.get(engine.store.catalog.vector_ids().tolist())}
+        gone = sorted(catalogued)[3]
+        os.unlink(gone)
+        later = make_folder(photos / "zz-later", 12, start=40)
+        assert not {p.stat().st_size for p in later} & set(catalogued.values())  # no new file could be a move
+        same_size = photos / "zz-later" / "zz-same-size.jpg"  # the gone file's size, other bytes: not a move
+        data = save_photo(tmp_path / "small.jpg", seed=99, size=(48, 32)).read_bytes()
+        assert len(data) < catalogued[gone]
+        same_size.write_bytes(data + b"\0" * (catalogued[gone] - len(data)))  # padding after the JPEG's end
+        release = threading.Event()
+        released = _held_scan(monkeypatch, 14 + 10, release)
+        report, heard = _index_heard(engine, photos, release.set)
+        assert released == [True] and heard[0][1] is None  # embedding before the scan's end
+        assert (report.added, report.moved, report.removed, report.embedded) == (13, 0, 1, 13)
+        assert engine.store.catalog.get_by_path(str(same_size)) is not None
+        assert engine.store.catalog.get_by_path(gone) is None and engine.check() == []
+
+
+def test_the_scan_takes_the_sizes_of_unmet_catalogued_files_again_as_they_are_met():
+    """A size only an already met file has holds no new file back once half of those taken are met."""
+    from altsearch.ingest import _Walk
+    from altsearch.scan import FileEntry
+
+    known = {f"/p/k{i}": (i, 100 + i, 0.0) for i in range(8)}
+    walk = _Walk(iter(()), known, set(), ahead=10)
+    assert walk._may_be_moved(100) and walk._may_be_moved(107) and not walk._may_be_moved(99)
+    for i in range(3):
+        del known[f"/p/k{i}"]
+    assert walk._may_be_moved(100)  # 5 of 8 left: the sizes taken at first still hold
+    del known["/p/k3"]
+    assert not walk._may_be_moved(100) and walk._may_be_moved(107)  # 4 of 8: taken again
+    known.clear()
+    assert not walk._may_be_moved(107)
+    assert FileEntry("/p/x", 100, 0.0).size == 100
 
 
 def test_the_scan_runs_a_bounded_way_ahead_of_the_decoders(tmp_path, tiny_checkpoint, monkeypatch):
