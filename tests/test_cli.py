@@ -116,6 +116,22 @@ def test_help_and_a_mistyped_query_load_no_heavy_library(tmp_path):
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
+def test_a_text_search_reads_neither_images_nor_the_vision_tower(indexed):
+    """A cold text query imports no Pillow (the model's image settings are read on first image use) and
+    no numpy.ma (pulled in by np.unique): each is milliseconds of every `altsearch search`."""
+    index, _ = indexed
+    code = ("import json, sys\n"
+            "from typer.testing import CliRunner\n"
+            "from altsearch.cli import app\n"
+            "result = CliRunner().invoke(app, ['search', 'sunset over the sea', '--index', sys.argv[1], '--json'])\n"
+            "assert result.exit_code == 0, result.output\n"
+            "print(json.dumps([len(json.loads(result.stdout)), sorted({'PIL', 'numpy.ma', 'altsearch.model.preprocess',"
+            " 'altsearch.decode'} & set(sys.modules))]))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(index)], capture_output=True, text=True, cwd=ROOT,
+                          check=True)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [8, []], proc.stdout + proc.stderr
+
+
 def test_a_rerun_with_nothing_to_embed_does_not_import_torch(indexed, run):
     """A nightly re-run over an unchanged library: no torch (about 2 s of a cold start), no model load."""
     index, photos = indexed

@@ -99,7 +99,6 @@ class Model:
         self.quantize = quantize
         self.quantized_layers: dict[str, int] = {}
         self.config = files.config
-        self.preprocess_config = files.preprocess_config
         self.max_length = min(max_length or DEFAULT_MAX_LENGTH, self.config.text.max_tokens)
         self._files = files.tensors
         with torch.device("meta"):
@@ -119,6 +118,11 @@ class Model:
     @property
     def dimension(self) -> int:
         return self.config.projection_dim
+
+    @property
+    def preprocess_config(self):
+        """The image preprocessing settings (read on first use: a text query never imports Pillow)."""
+        return self.files.preprocess_config
 
     @property
     def fingerprint(self) -> str:

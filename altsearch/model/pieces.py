@@ -133,8 +133,9 @@ class PieceTable:
     def backend(self, texts: Sequence[str]) -> tuple[_Backend, np.ndarray]:
         """A ``tokenizers.Tokenizer`` that encodes ``texts`` with this tokenizer's pipeline and the
         pieces they contain, and the table from its ids to the whole model's ids."""
-        found = self._find(self._pretokens(texts))
-        table = np.concatenate([self._reserved, np.setdiff1d(found, self._reserved)])
+        reserved = self._reserved.tolist()
+        found = [i for i in self._find(self._pretokens(texts)) if i not in reserved]  # (np.setdiff1d imports numpy.ma)
+        table = np.array(reserved + found, dtype=np.int64)
         vocab = [(self._piece(i), float(self._scores[i])) for i in table.tolist()]
         backend = _Backend(Unigram(vocab, self._unk_position, False))
         shell = self.shell
@@ -176,12 +177,12 @@ class PieceTable:
                 out.update((part.strip(_WHITESPACE), part.lstrip(_WHITESPACE), part.rstrip(_WHITESPACE)))
         return out
 
-    def _find(self, pretokens: Iterable[str]) -> np.ndarray:
-        """The ids of the pieces equal to a substring of one of ``pretokens``."""
+    def _find(self, pretokens: Iterable[str]) -> list[int]:
+        """The ids of the pieces equal to a substring of one of ``pretokens``, ascending."""
         longest = self._longest
         subs = {p[i:j] for p in pretokens for i in range(len(p)) for j in range(i + 1, min(len(p), i + longest) + 1)}
         if not subs:
-            return np.zeros(0, dtype=np.int64)
+            return []
         encoded = [s.encode("utf-8") for s in subs]
         crc = np.fromiter((zlib.crc32(b) for b in encoded), dtype=np.uint32, count=len(encoded))
         lo = np.searchsorted(self._hashes, crc, "left")
@@ -193,7 +194,7 @@ class PieceTable:
                 i = int(order[h])
                 if blob[offsets[i]:offsets[i + 1]] == encoded[k]:
                     found.append(i)
-        return np.array(sorted(found), dtype=np.int64)
+        return sorted(found)
 
     def _piece(self, i: int) -> str:
         return self._blob[self._offsets[i]:self._offsets[i + 1]].decode("utf-8")

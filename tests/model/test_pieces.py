@@ -301,3 +301,21 @@ def test_copied_folder_keeps_working(tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
     assert not Tokenizer.from_dir(copy).whole_model and len(cache_files()) == 2
+
+
+def test_threads_encoding_at_once_across_the_switch_get_the_whole_models_ids(tmp_path, monkeypatch):
+    """A server's threads share one tokenizer: the calls from the table and the one that builds the
+    whole model (on the 9th call here) may overlap; every answer stays the whole model's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = folder_with(tmp_path, tiny_tokenizer_json())
+    Tokenizer.from_dir(folder)  # writes the table
+    monkeypatch.setattr(T, "PIECES_CALLS", 8)
+    tok, whole = Tokenizer.from_dir(folder), Tokenizer.from_file(folder / "tokenizer.json")
+    vocab = [p for p, _ in json.loads(tiny_tokenizer_json())["model"]["vocab"]]
+    texts = random_texts(seed=7, n=64, vocab=vocab)
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda t: tok.encode([t])[0], texts))
+    assert tok.whole_model
+    for text, ids in zip(texts, got):
+        assert torch.equal(ids, whole.encode([text])[0]), repr(text)
