@@ -268,10 +268,13 @@ def _template_ids(post_processor: dict | None) -> list[int]:
 
 
 def source_key(path: Path) -> dict:
-    """What identifies a tokenizer file's contents for the cache: its real path, size and mtime."""
+    """What identifies a tokenizer file's contents for the cache: its real path, inode, size, and
+    modification and change times (a file replaced by another of the same size, its mtime copied over
+    with ``cp -p``, still has a new change time)."""
     real = path.resolve()
     st = real.stat()
-    return {"path": str(real), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"path": str(real), "inode": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns}
 
 
 def cache_path(path: Path) -> Path:

@@ -225,6 +225,24 @@ def test_a_changed_tokenizer_file_is_not_served_from_the_old_table(tmp_path):
     assert torch.equal(after, Tokenizer.from_file(path).encode(["sunset"])[0])
 
 
+def test_a_file_replaced_by_one_of_the_same_size_and_mtime_is_not_served_from_the_old_table(tmp_path):
+    """As `cp -p` of another tokenizer of the same size leaves it: only the change time tells."""
+    doc = json.loads(tiny_tokenizer_json())
+    folder = folder_with(tmp_path, doc)
+    path = folder / "tokenizer.json"
+    before = Tokenizer.from_dir(folder).encode(["sunset"])[0]
+    st = path.stat()
+    for piece in doc["model"]["vocab"]:
+        if piece[0] == "\u2581sunset":
+            piece[0] = "\u2581sunsex"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    after = Tokenizer.from_dir(folder).encode(["sunset"])[0]
+    assert not torch.equal(before, after)
+    assert torch.equal(after, Tokenizer.from_file(path).encode(["sunset"])[0])
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garble", "empty"])
 def test_a_damaged_table_is_rebuilt(tmp_path, damage):
     folder = folder_with(tmp_path, tiny_tokenizer_json())
