@@ -14,7 +14,9 @@ Generated from `altsearch --help` by `python -m altsearch.clidoc > docs/cli.md`;
 Every command exits 0 on success and non-zero with a one-line `error: ...` on stderr otherwise
 (`index` exits 130 when interrupted, after committing the finished work). `--json` prints
 machine-readable output on stdout. The index is chosen with `--index NAME_OR_FOLDER` or the
-`ALTSEARCH_INDEX` variable; `ALTSEARCH_HOME` moves the home of named indexes.
+`ALTSEARCH_INDEX` variable; `ALTSEARCH_HOME` moves the home of named indexes, and altsearch's cache
+(the tokenizer's piece table, otherwise in `$XDG_CACHE_HOME/altsearch` or `~/.cache/altsearch`) to
+`$ALTSEARCH_HOME/cache`.
 
 `index` ends with what the run did: files added, updated, moved, removed (gone from the folder),
 unchanged and failed. A failed file that was indexed before (changed since into something that
