@@ -8,10 +8,10 @@ caught up from the catalogue on the next open, see :mod:`altsearch.store`).
 A file whose content is already in the index (a byte-identical duplicate, or a file that was moved or
 renamed) reuses the stored vector: the model runs once per distinct content.
 
-The scan runs in a thread of its own (:class:`_Walk`). Once every file the catalogue holds under the folder
-has been met, a new file cannot be one of them moved, and it goes to the decoders at once: a first run, or
-one resumed past what it committed, embeds while it scans. Changed files, new ones met before that, moves,
-deletions and touched files are settled when the scan is over (``Ingestor._finish_scan``).
+The scan runs in a thread of its own (:class:`_Walk`). A new file can only be a catalogued file moved if
+one the scan has not met yet has its size; any other new file goes to the decoders at once: a first run,
+or one resumed past what it committed, embeds while it scans. Changed files, new ones that may be moved
+ones, moves, deletions and touched files are settled when the scan is over (``Ingestor._finish_scan``).
 
 The pipeline: decode workers (:class:`~altsearch.decode.DecodePool`) keep one batch plus two files per
 worker decoded ahead of the model, so a batch is ready when the model asks for it. With ``overlap``

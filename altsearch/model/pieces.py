@@ -62,7 +62,7 @@ class PieceTable:
         self.meta = meta
         self.vocab_size: int = meta["vocab_size"]
         self.pad_id: int | None = meta["pad_id"]
-        self._reserved = np.asarray(meta["reserved"], dtype=np.int64)
+        self._reserved: list[int] = meta["reserved"]  # ascending; the first ids of every partial model
         self._longest: int = meta["longest"]  # characters of the longest piece
         self._added: list[dict] = meta["added"]
         self._unk_position: int | None = meta["unk_position"]
@@ -72,7 +72,7 @@ class PieceTable:
 
     def position(self, piece_id: int) -> int:
         """Where a reserved piece (an added token, <unk>, <pad>) sits in every partial model."""
-        return int(np.searchsorted(self._reserved, piece_id))
+        return self._reserved.index(piece_id)
 
     # -- building --------------------------------------------------------------------------
 
@@ -109,13 +109,14 @@ class PieceTable:
         reserved = sorted({t["id"] for t in added} | {int(np.argmin(scores))}
                           | {i for i in (unk, pad) if i is not None})
         position = {i: n for n, i in enumerate(reserved)}
+        unk_position = position.get(unk)
         specials = _template_ids(doc.get("post_processor"))
         if any(position.get(i) != i for i in specials):
             raise Unsupported("the post-processor's special ids are not the first pieces")
 
         shell = dict(doc)
         shell["model"] = {**model, "vocab": [[pieces[i], float(scores[i])] for i in reserved],
-                          "unk_id": position.get(unk) if unk is not None else None}
+                          "unk_id": unk_position}
         shell["added_tokens"] = [{**t, "id": position[t["id"]]} for t in doc.get("added_tokens") or []]
         shell["truncation"] = shell["padding"] = None
         encoded = [p.encode("utf-8") for p in pieces]
@@ -125,7 +126,7 @@ class PieceTable:
         order = np.argsort(crc, kind="stable").astype(np.int32)
         meta = {"vocab_size": len(pieces), "pad_id": pad, "reserved": reserved,
                 "longest": max(len(p) for p in pieces), "added": added,
-                "unk_position": position.get(unk) if unk is not None else None, "shell": json.dumps(shell)}
+                "unk_position": unk_position, "shell": json.dumps(shell)}
         return cls(blob=b"".join(encoded), offsets=offsets, scores=scores, hashes=crc[order], order=order, meta=meta)
 
     # -- the partial model -----------------------------------------------------------------
@@ -133,9 +134,8 @@ class PieceTable:
     def backend(self, texts: Sequence[str]) -> tuple[_Backend, np.ndarray]:
         """A ``tokenizers.Tokenizer`` that encodes ``texts`` with this tokenizer's pipeline and the
         pieces they contain, and the table from its ids to the whole model's ids."""
-        reserved = self._reserved.tolist()
-        found = [i for i in self._find(self._pretokens(texts)) if i not in reserved]  # (np.setdiff1d imports numpy.ma)
-        table = np.array(reserved + found, dtype=np.int64)
+        found = [i for i in self._find(self._pretokens(texts)) if i not in self._reserved]  # (np.setdiff1d imports numpy.ma)
+        table = np.array(self._reserved + found, dtype=np.int64)
         vocab = [(self._piece(i), float(self._scores[i])) for i in table.tolist()]
         backend = _Backend(Unigram(vocab, self._unk_position, False))
         shell = self.shell

@@ -224,8 +224,9 @@ def _read_backend(path: Path) -> _Backend:
 def _piece_table(source: Path, load: Callable[[], _Backend]) -> tuple[PieceTable | None, _Backend | None]:
     """The piece table of the tokenizer in ``source``, from the cache or built (and cached) now; and
     the whole backend where building the table needed it (a sentencepiece model is converted first).
-    (None, ...) when the tokenizer's layout does not allow a table, or its file is unreadable: the
-    caller then builds the whole model, which reports a bad file as it always did."""
+    (None, the whole backend or None) when the tokenizer's layout does not allow a table, or its file
+    is unreadable or invalid: a tokenizer.json already read is parsed into the whole model here (a bad
+    one raises the TokenizerError it always did); else the caller loads it."""
     try:
         key, cache = P.source_key(source), P.cache_path(source)
     except OSError:
@@ -233,19 +234,19 @@ def _piece_table(source: Path, load: Callable[[], _Backend]) -> tuple[PieceTable
     table = P.PieceTable.load(cache, key)
     if table is not None:
         return table, None
-    backend = None
+    backend = text = None
     try:
         if source.name == TOKENIZER_JSON:
-            doc = json.loads(_read_text(source))
+            text = _read_text(source)
+            doc = json.loads(text)
         else:
             backend = load()
             doc = json.loads(backend.to_str())
         table = P.PieceTable.from_document(doc)
-    except P.Unsupported as exc:
-        log.debug("no piece table for %s: %s", source, exc)
-        return None, backend
-    except Exception as exc:  # not JSON, or not a tokenizer's: the whole model's loading says what is wrong
+    except Exception as exc:  # a layout it cannot serve (Unsupported), not JSON, or not a tokenizer's
         log.debug("no piece table for %s: %s", source, _first_line(exc))
+        if backend is None and text is not None:  # the whole model from the text read (its errors as ever)
+            backend = _parse_backend(text, str(source))
         return None, backend
     try:
         table.save(cache, key)

@@ -292,13 +292,18 @@ def unsupported_layouts() -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("layout", sorted(unsupported_layouts()))
-def test_unsupported_layouts_build_the_whole_model(tmp_path, layout):
+def test_unsupported_layouts_build_the_whole_model(tmp_path, layout, monkeypatch):
     doc = unsupported_layouts()[layout]
     with pytest.raises(P.Unsupported):
         P.PieceTable.from_document(doc)
     folder = folder_with(tmp_path, doc)
+    reads = []
+    real_read = T._read_text
+    monkeypatch.setattr(T, "_read_text", lambda path: reads.append(path) or real_read(path))
     tok = Tokenizer.from_dir(folder)
     assert tok.whole_model and cache_files() == []
+    assert reads == [folder / "tokenizer.json"]  # read once: the whole model is parsed from the same text
+    monkeypatch.undo()
     assert torch.equal(tok.encode(["red car"])[0], Tokenizer.from_file(folder / "tokenizer.json").encode(["red car"])[0])
 
 
