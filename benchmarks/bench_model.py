@@ -8,6 +8,7 @@ architecture, then measures both implementations with the same dtype, device and
   after two warm-up batches);
 - texts/s: text features of 32 short mixed Chinese/English queries, tokenized once (ours through
   ``Model.text_features``, which on CUDA replays a CUDA graph recorded on the second warm-up);
+- one query: the first of them alone, a batch of one (what a search encodes), median milliseconds;
 - import and load time, each load in a fresh subprocess with the checkpoint evicted from the page
   cache first (``--warm-cache`` keeps it): ours with both towers and text-only, transformers'
   ``from_pretrained`` (which always loads both);
@@ -256,6 +257,7 @@ class Runner:
                                          towers=towers, quantize=self.job.get("quantize"))
             self.image_fn = self.model.image_features
             self.text_fn = self.model.text_features
+            self.result["linear"] = self.model.linear_kernel
         else:
             from transformers import AltCLIPModel
 
@@ -322,6 +324,9 @@ class Runner:
         self.result.update(text_times=times, texts_per_s=len(ids) / statistics.median(times),
                            cpu_s_per_text=statistics.median(cpu) / len(ids), tokens=int(ids.shape[1]))
         np.save(out / f"{impl}_text.npy", feats.float().cpu().numpy())
+        n = int(mask[0].sum())  # one search query: a batch of one short text
+        times, cpu, _ = self.timed(lambda: self.text_fn(ids[:1, :n], mask[:1, :n]), max(repeats, 5))
+        self.result.update(query_times=times, query_ms=1000 * statistics.median(times), query_tokens=n)
 
 
 def _tensor(out):
@@ -387,6 +392,8 @@ def rows(ours_both: dict, ours_text: dict, theirs: dict, diffs: dict, batch: int
         (f"images/s (batch {batch}, median)", ours_both["images_per_s"], theirs["images_per_s"], tp, "{:.3f}"),
         (f"texts/s (batch {len(QUERIES)} x {theirs['tokens']} tokens, median)", ours_both["texts_per_s"],
          theirs["texts_per_s"], tp, "{:.2f}"),
+        (f"one text query (batch 1 x {theirs['query_tokens']} tokens, median ms)", ours_both["query_ms"],
+         theirs["query_ms"], tm, "{:.1f}"),
         ("import time, torch included (s)", ours_both["import_s"], theirs["import_s"], tm, "{:.2f}"),
         ("load, both towers (s)", ours_both["load_s"], theirs["load_s"], tm, "{:.2f}"),
         ("load, text tower only (s) [theirs: both]", ours_text["load_s"], theirs["load_s"], tm, "{:.2f}"),
@@ -420,6 +427,8 @@ def int8_rows(int8: dict, fp32: dict, drift: dict, batch: int) -> list[tuple]:
         # CPU time barely depends on what else runs: the fairer ratio on a shared machine.
         ("CPU seconds per image (median batch)", int8["cpu_s_per_image"], fp32["cpu_s_per_image"], tm, "{:.2f}"),
         ("CPU seconds per text (median batch)", int8["cpu_s_per_text"], fp32["cpu_s_per_text"], tm, "{:.3f}"),
+        (f"one text query (batch 1 x {int8['query_tokens']} tokens, median ms)", int8["query_ms"],
+         fp32["query_ms"], tm, "{:.1f}"),
         ("load, both towers, quantisation included (s)", int8["load_s"], fp32["load_s"], tm, "{:.2f}"),
         ("cosine to fp32, image embeddings: min", drift["image"][0], None, None, "{:.5f}"),
         ("cosine to fp32, image embeddings: mean", drift["image"][1], None, None, "{:.5f}"),
@@ -453,6 +462,7 @@ def render(table: list[tuple], info: dict, int8: list[tuple] | None = None) -> s
         f"load average {info['loadavg_start']} (start) -> {info['loadavg_end']} (end)",
         f"CPU share of the timed batches (1.00: the cores were ours): altsearch {info['cpu_share'][0]:.2f}, "
         f"transformers {info['cpu_share'][1]:.2f}",
+        f"altsearch's Linear layers: {info['linear']} (fp32 CPU: onednn unless ALTSEARCH_ONEDNN=0)",
         "ratio: throughput ours/theirs, time and memory theirs/ours",
         "", *out])
 
@@ -502,7 +512,8 @@ def benchmark(args: argparse.Namespace, work: Path) -> dict:
              for kind in ("image", "text")}
     info.update(threads=res["theirs"]["threads"], device=args.device, dtype=args.dtype, cold=cold,
                 checkpoint="tiny random" if args.tiny else "random, BAAI/AltCLIP architecture (864M parameters)",
-                loadavg_end=_loadavg(), cpu_share=(res["ours_both"]["cpu_share"], res["theirs"]["cpu_share"]))
+                loadavg_end=_loadavg(), cpu_share=(res["ours_both"]["cpu_share"], res["theirs"]["cpu_share"]),
+                linear=res["ours_both"]["linear"])
     table = rows(res["ours_both"], res["ours_text"], res["theirs"], diffs, args.batch)
     report = {"machine": info, "runs": res, "max_abs_diff": diffs,
               "table": [{"metric": m, "altsearch": a, "transformers": b, "ratio": None if f is None else f(a, b)}

@@ -49,27 +49,30 @@ def test_streamed_checkpoint_is_the_hub_layout_and_loads_strictly(bench, tmp_pat
 
 def test_ratio_above_one_always_means_altsearch_is_better(bench):
     ours = {"images_per_s": 2.0, "texts_per_s": 10.0, "import_s": 0.1, "load_s": 1.0,
-            "first_query_s": 0.5, "maxrss_mib": 1000.0}
+            "first_query_s": 0.5, "maxrss_mib": 1000.0, "query_ms": 100.0}
     theirs = {"images_per_s": 1.0, "texts_per_s": 5.0, "import_s": 0.4, "load_s": 3.0,
-              "first_query_s": 0.5, "maxrss_mib": 4000.0, "tokens": 12}
+              "first_query_s": 0.5, "maxrss_mib": 4000.0, "tokens": 12, "query_ms": 250.0, "query_tokens": 5}
     table = bench.rows(ours, ours, theirs, {"image": 1e-6, "text": 2e-6}, batch=8)
     ratios = {metric: f(a, b) for metric, a, b, f, _ in table if f is not None}
     assert ratios["images/s (batch 8, median)"] == 2.0
     assert ratios["peak RSS, text load + 1 query (MiB)"] == 4.0
     assert ratios["load, both towers (s)"] == 3.0
     assert ratios["load + first text query (s)"] == 3.5 / 1.5
+    assert ratios["one text query (batch 1 x 5 tokens, median ms)"] == 2.5
     assert all(r > 1 for r in ratios.values())
 
 
 def test_int8_rows_compare_against_fp32_and_report_the_drift(bench):
     int8 = {"images_per_s": 3.0, "texts_per_s": 20.0, "load_s": 2.0, "tokens": 12, "cpu_s_per_image": 1.0,
-            "cpu_s_per_text": 0.1}
-    fp32 = {"images_per_s": 2.0, "texts_per_s": 10.0, "load_s": 1.0, "cpu_s_per_image": 2.0, "cpu_s_per_text": 0.2}
+            "cpu_s_per_text": 0.1, "query_ms": 80.0, "query_tokens": 5}
+    fp32 = {"images_per_s": 2.0, "texts_per_s": 10.0, "load_s": 1.0, "cpu_s_per_image": 2.0, "cpu_s_per_text": 0.2,
+            "query_ms": 40.0}
     table = bench.int8_rows(int8, fp32, {"image": (0.995, 0.998), "text": (0.99, 0.997)}, batch=8)
     ratios = {metric: f(a, b) for metric, a, b, f, _ in table if f is not None}
     assert ratios["images/s (batch 8, median)"] == 1.5
     assert ratios["CPU seconds per image (median batch)"] == 2.0  # half the CPU time: 2x better
     assert ratios["load, both towers, quantisation included (s)"] == 0.5  # slower load: below 1
+    assert ratios["one text query (batch 1 x 5 tokens, median ms)"] == 0.5
     drift = {metric: a for metric, a, b, f, _ in table if f is None}
     assert drift["cosine to fp32, image embeddings: min"] == 0.995
 
@@ -89,7 +92,8 @@ def test_tiny_run_compares_both_implementations(tmp_path):
         capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for needle in ("metric", "altsearch", "transformers", "images/s", "texts/s", "peak RSS",
-                   "load, text tower only", "max |ours - theirs|", "machine:", "torch",
+                   "load, text tower only", "max |ours - theirs|", "machine:", "torch", "one text query",
+                   "altsearch's Linear layers:",
                    'quantize="int8"', "altsearch int8", "cosine to fp32"):
         assert needle in proc.stdout, needle
     report = json.loads(out.read_text())
@@ -100,6 +104,8 @@ def test_tiny_run_compares_both_implementations(tmp_path):
     drift = report["int8"]["cosine_min_mean"]
     assert drift["image"][0] >= 0.99 and drift["text"][0] >= 0.99  # the int8 path ran and stayed close
     assert report["runs"]["ours_int8"]["images_per_s"] > 0
+    assert report["runs"]["ours_both"]["linear"] in ("onednn", "torch")
+    assert report["runs"]["ours_int8"]["linear"] == "int8"
     runs = report["runs"]
     assert runs["ours_text"]["maxrss_mib"] > 0 and runs["theirs"]["images_per_s"] > 0
     assert not (tmp_path / "work" / "checkpoint").exists()  # no --keep: the checkpoint is removed

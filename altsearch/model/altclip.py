@@ -295,7 +295,18 @@ class Model:
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
             "quantize": self.quantize and {"mode": self.quantize, "engine": Q.engine(),
                                            "quantized_linear_layers": dict(self.quantized_layers)},
+            "linear": self.linear_kernel,
         }
+
+    @property
+    def linear_kernel(self) -> str:
+        """What the towers' Linear layers multiply with: ``"int8"`` (``quantize``), ``"onednn"`` (float32
+        on an x86-64 CPU, :mod:`.layers`) or ``"torch"`` (torch's own: cuBLAS on CUDA, BLAS on CPU)."""
+        if self.quantize:
+            return self.quantize
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            return L.onednn.kernel()
+        return "torch"
 
     def __repr__(self) -> str:
         quant = f", quantize={self.quantize!r}" if self.quantize else ""

@@ -1,0 +1,129 @@
+"""Linear's CPU product through oneDNN: the same numbers as F.linear, used where it can be, and
+torch's own product wherever it cannot (another CPU, a kernel that is missing or wrong, autograd)."""
+
+from __future__ import annotations
+
+import logging
+import platform
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from altsearch import load_model
+from altsearch.model import layers as L
+
+X86 = platform.machine().lower() in {"x86_64", "amd64"} and torch.backends.mkldnn.is_available()
+needs_x86 = pytest.mark.skipif(not X86, reason="oneDNN's linear kernel is used on x86-64 only")
+
+TEXTS = ["a cat", "海边的日落", "一只猫 a dog on the beach at night", "red car"]
+
+
+def _linear(n_in: int = 40, n_out: int = 24, bias: bool = True) -> L.Linear:
+    torch.manual_seed(0)
+    lin = L.Linear(n_in, n_out, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n_out, n_in))
+        if bias:
+            lin.bias.copy_(torch.randn(n_out))
+    return lin.requires_grad_(False)
+
+
+def _ops(fn) -> dict[str, int]:
+    """How many times each operator ran during ``fn()``."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key: e.count for e in prof.key_averages()}
+
+
+@needs_x86
+def test_float32_cpu_linear_runs_onednn_with_the_same_numbers(monkeypatch):
+    x = torch.randn(3, 9, 40)[:, 1:8]  # a strided view, as attention's sliced queries
+    for bias in (True, False):
+        lin = _linear(bias=bias)
+        with torch.inference_mode():
+            lin(x)  # the kernel's check runs on first use
+            ops = _ops(lambda: lin(x))
+            got = lin(x)
+            assert ops.get("mkldnn::_linear_pointwise") == 1 and "aten::addmm" not in ops, ops
+            monkeypatch.setenv(L.ONEDNN_ENV, "0")
+            ops = _ops(lambda: lin(x))
+            want = lin(x)
+            monkeypatch.delenv(L.ONEDNN_ENV)
+        assert "mkldnn::_linear_pointwise" not in ops, ops
+        assert got.shape == want.shape == (3, 7, 24)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+
+
+@needs_x86
+def test_model_towers_run_onednn_and_embed_as_torch_does(tiny_checkpoint, monkeypatch):
+    model = load_model(tiny_checkpoint, device="cpu", towers=["text", "vision"])
+    assert model.info()["linear"] == "onednn"
+    n_linear = sum(isinstance(m, L.Linear) for m in model.module.text_model.modules()) + 1  # + projection
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+    model.encode_text(TEXTS[:1])
+    ops = _ops(lambda: model.encode_text(TEXTS[:1]))
+    assert ops.get("mkldnn::_linear_pointwise") == n_linear, ops
+    text, image = model.encode_text(TEXTS), model.encode_pixels(pixels)
+    monkeypatch.setenv(L.ONEDNN_ENV, "0")
+    assert model.info()["linear"] == "torch"
+    assert "mkldnn::_linear_pointwise" not in _ops(lambda: model.encode_text(TEXTS[:1]))
+    np.testing.assert_allclose(text, model.encode_text(TEXTS), atol=2e-6)
+    np.testing.assert_allclose(image, model.encode_pixels(pixels), atol=2e-6)
+
+
+def test_grad_mode_keeps_torch_product_and_its_gradients():
+    lin = _linear().requires_grad_(True)
+    x = torch.randn(5, 40, requires_grad=True)
+    ops = _ops(lambda: lin(x).sum().backward())
+    assert "mkldnn::_linear_pointwise" not in ops
+    torch.testing.assert_close(lin.weight.grad, x.detach().sum(0).expand(24, 40))
+    torch.testing.assert_close(x.grad, lin.weight.detach().sum(0).expand(5, 40))
+
+
+def test_other_dtypes_and_devices_keep_torch_product():
+    lin = _linear().to(torch.bfloat16)
+    with torch.inference_mode():
+        ops = _ops(lambda: lin(torch.randn(4, 40, dtype=torch.bfloat16)))
+    assert "mkldnn::_linear_pointwise" not in ops
+
+
+def test_probe_refuses_a_wrong_missing_or_foreign_kernel(caplog):
+    real = F.linear
+
+    def wrong(x, w, b, *_):
+        return real(x, w, None)  # drops the bias
+
+    def right(x, w, b, *_):
+        return real(x, w, b)
+
+    def missing():
+        raise AttributeError("no such op")
+
+    with caplog.at_level(logging.WARNING):
+        assert L.OneDNN(machine="x86_64", load=lambda: wrong).find() is None
+    assert "disagrees" in caplog.text
+    assert L.OneDNN(machine="x86_64", load=missing).find() is None
+    assert L.OneDNN(machine="aarch64", load=lambda: right).find() is None
+    found = L.OneDNN(machine="x86_64", load=lambda: right)
+    if torch.backends.mkldnn.is_available():
+        assert found.find() is right and found.kernel() == "onednn"
+
+
+def test_a_refused_kernel_leaves_linear_on_torch(monkeypatch):
+    calls = []
+
+    def raising(*args):
+        calls.append(args)
+        raise RuntimeError("unsupported")
+
+    monkeypatch.setattr(L, "onednn", L.OneDNN(machine="x86_64", load=lambda: raising))
+    lin = _linear()
+    x = torch.randn(2, 40)
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
+    assert L.onednn.kernel() == "torch"
+    assert len(calls) <= 1  # the check, never a forward pass
