@@ -59,6 +59,9 @@ def test_ratio_above_one_always_means_altsearch_is_better(bench):
     assert ratios["load, both towers (s)"] == 3.0
     assert ratios["load + first text query (s)"] == 3.5 / 1.5
     assert ratios["one text query (batch 1 x 5 tokens, median ms)"] == 2.5
+    assert not any("packed" in metric for metric in ratios)  # nothing packed: no row
+    packed = bench.rows({**ours, "query_packed_ms": 50.0, "pack_s": 1.5}, ours, theirs, {"image": 0, "text": 0}, batch=8)
+    assert [f(a, b) for m, a, b, f, _ in packed if "packed" in m] == [5.0]
     assert all(r > 1 for r in ratios.values())
 
 
@@ -105,6 +108,8 @@ def test_tiny_run_compares_both_implementations(tmp_path):
     assert drift["image"][0] >= 0.99 and drift["text"][0] >= 0.99  # the int8 path ran and stayed close
     assert report["runs"]["ours_int8"]["images_per_s"] > 0
     assert report["runs"]["ours_both"]["linear"] in ("onednn", "torch")
+    if report["runs"]["ours_both"]["linear"] == "onednn":  # then a long-lived process packs: timed too
+        assert report["runs"]["ours_both"]["query_packed_ms"] > 0 and "text weights packed" in proc.stdout
     assert report["runs"]["ours_int8"]["linear"] == "int8"
     runs = report["runs"]
     assert runs["ours_text"]["maxrss_mib"] > 0 and runs["theirs"]["images_per_s"] > 0

@@ -114,6 +114,9 @@ def test_tiny_run_prints_warm_and_cold_tables_against_their_baselines(tmp_path):
     assert 0 < warm["encoder_p50_ms"] and warm["search_p50_ms"] <= warm["search_p95_ms"]
     assert warm["towers_loaded"] == steps["towers_loaded"] == ["text"]  # a text query never reads the vision tower
     assert warm["searched_on"] == "cpu" and "| flat, on cpu |" in proc.stdout
+    assert "steady state:" in proc.stdout
+    if warm["packed_layers"]:  # oneDNN runs here (x86-64): the warm queries ran on packed text weights
+        assert warm["packed_layers"]["text"] > 0 and warm["pack_s"] > 0 and "weights packed in" in proc.stdout
     assert cold["ratio"] == pytest.approx(cold["naive_s"] / cold["ours_s"])
     assert cold["whole_ratio"] == pytest.approx(cold["whole_s"] / cold["ours_s"]) and cold["first_s"] > 0
     assert "whole tokenizer model" in proc.stdout and "writes the table" in proc.stdout

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 TOWERS = ("text", "vision")
 TOWER_MODULES = {"text": "text_model", "vision": "vision_model"}
+PROJECTIONS = {"text": "text_projection", "vision": "visual_projection"}
+PACK_CALLS = 16  # CPU text encodings after which the text tower's weights are packed (Model.pack)
 
 
 class AltCLIP(nn.Module):
@@ -110,6 +112,9 @@ class Model:
         self._tokenizer = None
         self._normalizer = None
         self._text_graphs = None  # CUDA graphs of the text tower (graphs.TextGraphs), made on first use
+        self.pack_calls: int | None = PACK_CALLS
+        self.packed_layers: dict[str, int] = {}
+        self._text_calls = 0
         self.load_seconds: dict[str, float] = {}
         self._load_parts(["scale"])
 
@@ -159,6 +164,40 @@ class Model:
                 self._loaded.add(part)
                 self.load_seconds[part] = time.perf_counter() - t0
                 log.debug("loaded %s tower of %s in %.2fs", part, self.path, self.load_seconds[part])
+
+    def pack(self, towers: Sequence[str] = ("text",)) -> "Model":
+        """Copy the towers' float32 Linear weights into oneDNN's blocked layout (CPU only; loads a
+        tower first if needed): one text query then runs about 1.4x faster on the CPUs measured, for
+        the weights' size in memory (1.2 GB for the full-size text tower) and a second or two once.
+        A process does it by itself for the text tower on its ``pack_calls``-th CPU text encoding
+        (16; None: never) where the copy takes at most a quarter of the memory available, so a
+        one-off query never pays for it. Nothing happens on a GPU, with
+        ``quantize`` or where oneDNN is not used (``packed_layers`` stays empty)."""
+        self.load(towers)
+        with self._lock:
+            for part in towers:
+                if part in self.packed_layers or self.linear_kernel != "onednn":
+                    continue
+                t0 = time.perf_counter()
+                n = sum(L.pack_linears(getattr(self.module, name))
+                        for name in (TOWER_MODULES[part], PROJECTIONS[part]))
+                if n:
+                    self.packed_layers[part] = n
+                    self.load_seconds[f"{part}_pack"] = time.perf_counter() - t0
+                    log.debug("packed %d Linear weights of the %s tower in %.2fs", n, part, time.perf_counter() - t0)
+        return self
+
+    def _pack_if_room(self, part: str) -> None:
+        """:meth:`pack` unless the copy would take more than a quarter of the memory still available."""
+        from ..sysmem import available_memory
+
+        need = sum(L.linear_bytes(getattr(self.module, name)) for name in (TOWER_MODULES[part], PROJECTIONS[part]))
+        free = available_memory()
+        if free is not None and need * 4 > free:
+            log.info("not packing the %s tower's weights: %d MB would be more than a quarter of the %d MB "
+                     "available", part, need >> 20, free >> 20)
+            return
+        self.pack([part])
 
     @property
     def tokenizer(self):
@@ -210,6 +249,10 @@ class Model:
             feats = self._text_graphs(ids, mask)
             if feats is not None:
                 return feats
+        if self.device.type == "cpu" and self.pack_calls is not None:
+            self._text_calls += 1
+            if self._text_calls == self.pack_calls:
+                self._pack_if_room("text")
         with self._heap():
             return self.module.text_features(ids, mask)
 
@@ -295,7 +338,7 @@ class Model:
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
             "quantize": self.quantize and {"mode": self.quantize, "engine": Q.engine(),
                                            "quantized_linear_layers": dict(self.quantized_layers)},
-            "linear": self.linear_kernel,
+            "linear": self.linear_kernel, "packed_linear_layers": dict(self.packed_layers),
         }
 
     @property

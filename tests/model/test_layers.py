@@ -127,3 +127,71 @@ def test_a_refused_kernel_leaves_linear_on_torch(monkeypatch):
         torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
     assert L.onednn.kernel() == "torch"
     assert len(calls) <= 1  # the check, never a forward pass
+
+
+# --- packed weights --------------------------------------------------------------------------------
+
+
+def _text_linears(model) -> list[L.Linear]:
+    return [m for m in [*model.module.text_model.modules(), model.module.text_projection] if isinstance(m, L.Linear)]
+
+
+@needs_x86
+def test_pack_copies_the_text_weights_and_gives_the_same_vectors(tiny_checkpoint):
+    model = load_model(tiny_checkpoint, device="cpu")
+    model.pack_calls = None
+    want = model.encode_text(TEXTS)
+    assert model.pack().packed_layers == {"text": len(_text_linears(model))}
+    assert all(m.packed is not None and m.packed.is_mkldnn for m in _text_linears(model))
+    assert all(m.packed is None for m in model.module.vision_model.modules() if isinstance(m, L.Linear))
+    np.testing.assert_allclose(model.encode_text(TEXTS), want, atol=2e-6)
+    assert model.info()["packed_linear_layers"] == model.packed_layers
+    assert "text_pack" in model.load_seconds
+
+
+@needs_x86
+def test_a_process_packs_on_its_nth_text_encoding_when_memory_allows(tiny_checkpoint, monkeypatch):
+    from altsearch import sysmem
+
+    model = load_model(tiny_checkpoint, device="cpu")
+    model.pack_calls = 3
+    for _ in range(2):
+        model.encode_text(TEXTS[:1])
+    assert model.packed_layers == {}  # a one-off query never pays for the copy
+    model.encode_text(TEXTS[:1])
+    assert model.packed_layers == {"text": len(_text_linears(model))}
+
+    tight = load_model(tiny_checkpoint, device="cpu")
+    tight.pack_calls = 1
+    need = L.linear_bytes(tight.module.text_model) + L.linear_bytes(tight.module.text_projection)
+    monkeypatch.setattr(sysmem, "available_memory", lambda: 4 * need - 1)
+    tight.encode_text(TEXTS[:1])
+    assert tight.packed_layers == {}  # the copy would take over a quarter of what is left
+    monkeypatch.setattr(sysmem, "available_memory", lambda: 4 * need)
+    tight._text_calls = 0
+    tight.encode_text(TEXTS[:1])
+    assert tight.packed_layers == {"text": len(_text_linears(tight))}
+
+
+def test_pack_does_nothing_where_onednn_is_not_used(tiny_checkpoint, monkeypatch):
+    int8 = load_model(tiny_checkpoint, device="cpu", quantize="int8")
+    assert int8.pack().packed_layers == {}
+    monkeypatch.setenv(L.ONEDNN_ENV, "0")
+    plain = load_model(tiny_checkpoint, device="cpu")
+    assert plain.pack().packed_layers == {} and plain.linear_kernel == "torch"
+
+
+@needs_x86
+def test_packed_weights_that_disagree_are_dropped(monkeypatch, caplog):
+    real = torch.ops.mkldnn._linear_pointwise
+
+    def off_when_packed(x, w, b, *rest):
+        y = real(x, w, b, *rest)
+        return y + 1 if w.is_mkldnn else y
+
+    monkeypatch.setattr(L, "onednn", L.OneDNN(machine="x86_64", load=lambda: off_when_packed))
+    block = torch.nn.Sequential(_linear(), _linear(24, 24))
+    with caplog.at_level(logging.WARNING):
+        assert L.pack_linears(block) == 0
+    assert "not packing" in caplog.text
+    assert all(m.packed is None for m in block)
