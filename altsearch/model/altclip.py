@@ -167,7 +167,7 @@ class Model:
 
     def pack(self, towers: Sequence[str] = ("text",)) -> "Model":
         """Copy the towers' float32 Linear weights into oneDNN's blocked layout (CPU only; loads a
-        tower first if needed): one text query then runs about 1.4x faster on the CPUs measured, for
+        tower first if needed): one text query then runs 1.3-1.4x faster on the CPU measured, for
         the weights' size in memory (1.2 GB for the full-size text tower) and a second or two once.
         A process does it by itself for the text tower on its ``pack_calls``-th CPU text encoding
         (16; None: never) where the copy takes at most a quarter of the memory available, so a
@@ -179,19 +179,21 @@ class Model:
                 if part in self.packed_layers or self.linear_kernel != "onednn":
                     continue
                 t0 = time.perf_counter()
-                n = sum(L.pack_linears(getattr(self.module, name))
-                        for name in (TOWER_MODULES[part], PROJECTIONS[part]))
+                n = L.pack_linears(*self._tower_and_projection(part))
                 if n:
                     self.packed_layers[part] = n
                     self.load_seconds[f"{part}_pack"] = time.perf_counter() - t0
                     log.debug("packed %d Linear weights of the %s tower in %.2fs", n, part, time.perf_counter() - t0)
         return self
 
+    def _tower_and_projection(self, part: str) -> tuple[nn.Module, nn.Module]:
+        return getattr(self.module, TOWER_MODULES[part]), getattr(self.module, PROJECTIONS[part])
+
     def _pack_if_room(self, part: str) -> None:
         """:meth:`pack` unless the copy would take more than a quarter of the memory still available."""
         from ..sysmem import available_memory
 
-        need = sum(L.linear_bytes(getattr(self.module, name)) for name in (TOWER_MODULES[part], PROJECTIONS[part]))
+        need = L.linear_bytes(*self._tower_and_projection(part))
         free = available_memory()
         if free is not None and need * 4 > free:
             log.info("not packing the %s tower's weights: %d MB would be more than a quarter of the %d MB "

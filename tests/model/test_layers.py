@@ -163,7 +163,7 @@ def test_a_process_packs_on_its_nth_text_encoding_when_memory_allows(tiny_checkp
 
     tight = load_model(tiny_checkpoint, device="cpu")
     tight.pack_calls = 1
-    need = L.linear_bytes(tight.module.text_model) + L.linear_bytes(tight.module.text_projection)
+    need = L.linear_bytes(tight.module.text_model, tight.module.text_projection)
     monkeypatch.setattr(sysmem, "available_memory", lambda: 4 * need - 1)
     tight.encode_text(TEXTS[:1])
     assert tight.packed_layers == {}  # the copy would take over a quarter of what is left
@@ -193,5 +193,26 @@ def test_packed_weights_that_disagree_are_dropped(monkeypatch, caplog):
     block = torch.nn.Sequential(_linear(), _linear(24, 24))
     with caplog.at_level(logging.WARNING):
         assert L.pack_linears(block) == 0
-    assert "not packing" in caplog.text
+    assert "not packing" in caplog.text and "differ" in caplog.text
     assert all(m.packed is None for m in block)
+
+
+@needs_x86
+def test_a_weight_that_cannot_be_packed_leaves_the_query_answered(tiny_checkpoint, monkeypatch):
+    model = load_model(tiny_checkpoint, device="cpu")
+    model.pack_calls = 1
+    real = torch.ops.mkldnn._reorder_linear_weight
+    calls = []
+
+    def fails_on_the_third(w, batch):
+        calls.append(w.shape)
+        if len(calls) == 3:
+            raise RuntimeError("unsupported layout")
+        return real(w, batch)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", fails_on_the_third)
+    got = model.encode_text(TEXTS)  # the call that packs
+    assert len(calls) == 3 and model.packed_layers == {}
+    assert all(m.packed is None for m in _text_linears(model))  # the first two were dropped too
+    monkeypatch.setenv(L.ONEDNN_ENV, "0")
+    np.testing.assert_allclose(got, model.encode_text(TEXTS), atol=2e-6)
