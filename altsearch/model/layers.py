@@ -70,7 +70,7 @@ class OneDNN:
             op = self._load()
             with torch.inference_mode():
                 ok = _check_onednn(op)
-        except (AttributeError, RuntimeError) as e:
+        except (AttributeError, RuntimeError, TypeError) as e:  # another torch may name or shape it otherwise
             log.debug("oneDNN linear unavailable: %s", e)
             return None
         if not ok:
@@ -145,7 +145,7 @@ def pack_linears(*modules: nn.Module) -> int:
                         raise RuntimeError("its products differ from the plain weight's")
                     checked.add(tuple(w.shape))
                 m.packed = packed
-    except RuntimeError as e:  # a query that would have packed still gets its answer, unpacked
+    except (RuntimeError, TypeError) as e:  # a query that would have packed still gets its answer, unpacked
         log.warning("not packing Linear weights for oneDNN: %s", e)
         for m in layers:
             m.packed = None
