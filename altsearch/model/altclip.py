@@ -182,8 +182,8 @@ class Model:
                 n = L.pack_linears(*self._tower_and_projection(part))
                 if n:
                     self.packed_layers[part] = n
-                    self.load_seconds[f"{part}_pack"] = time.perf_counter() - t0
-                    log.debug("packed %d Linear weights of the %s tower in %.2fs", n, part, time.perf_counter() - t0)
+                    self.load_seconds[f"{part}_pack"] = seconds = time.perf_counter() - t0
+                    log.debug("packed %d Linear weights of the %s tower in %.2fs", n, part, seconds)
         return self
 
     def _tower_and_projection(self, part: str) -> tuple[nn.Module, nn.Module]:

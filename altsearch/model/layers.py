@@ -31,16 +31,17 @@ ONEDNN_ENV = "ALTSEARCH_ONEDNN"  # "0": every Linear runs F.linear
 _X86 = {"x86_64", "amd64", "x64"}
 
 
+def _same_product(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Whether two float32 products agree to rounding (another kernel's summation order)."""
+    return got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def _check_onednn(op) -> bool:
     """Whether ``op`` computes what ``F.linear`` computes, on a strided input, with and without bias."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 10, 40, generator=g)[:, ::3]  # (3, 4, 40), not contiguous
     w, b = torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
-    for bias in (b, None):
-        got, want = op(x, w, bias, "none", [], ""), F.linear(x, w, bias)
-        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
-            return False
-    return True
+    return all(_same_product(op(x, w, bias, "none", [], ""), F.linear(x, w, bias)) for bias in (b, None))
 
 
 class OneDNN:
@@ -78,9 +79,13 @@ class OneDNN:
             return None
         return op
 
+    def active(self):
+        """The checked kernel unless ``ALTSEARCH_ONEDNN=0`` is set now, else None."""
+        return None if os.environ.get(ONEDNN_ENV) == "0" else self.find()
+
     def kernel(self) -> str:
         """What a float32 CPU Linear runs now: ``"onednn"`` or ``"torch"``."""
-        return "onednn" if os.environ.get(ONEDNN_ENV) != "0" and self.find() is not None else "torch"
+        return "torch" if self.active() is None else "onednn"
 
 
 onednn = OneDNN()
@@ -95,9 +100,8 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if (x.dtype is torch.float32 and w.dtype is torch.float32 and x.device.type == "cpu"
-                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-                and os.environ.get(ONEDNN_ENV) != "0"):
-            op = onednn.find()
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+            op = onednn.active()
             if op is not None:
                 packed = self.packed
                 return op(x, w if packed is None else packed, self.bias, "none", [], "")
@@ -124,7 +128,7 @@ def pack_linears(*modules: nn.Module) -> int:
     in a process that answers many queries, not in a one-off. Each shape's first copy is checked
     against the plain weight; a mismatch, or a weight oneDNN cannot copy, packs nothing.
     """
-    if os.environ.get(ONEDNN_ENV) == "0" or (op := onednn.find()) is None:
+    if (op := onednn.active()) is None:
         return 0
     try:
         reorder = torch.ops.mkldnn._reorder_linear_weight
@@ -140,8 +144,7 @@ def pack_linears(*modules: nn.Module) -> int:
                 packed = reorder(w, None)
                 if tuple(w.shape) not in checked:
                     x = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(0))
-                    got, want = op(x, packed, m.bias, "none", [], ""), op(x, w, m.bias, "none", [], "")
-                    if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+                    if not _same_product(op(x, packed, m.bias, "none", [], ""), op(x, w, m.bias, "none", [], "")):
                         raise RuntimeError("its products differ from the plain weight's")
                     checked.add(tuple(w.shape))
                 m.packed = packed
